@@ -1,0 +1,254 @@
+"""A site's local trainer: plain PyTorch and MONAI, no Flower import.
+
+It runs without a federation (and is tested that way); ``client/app.py`` only adapts Flower
+messages to it. It handles epochs, AdamW with weight decay, a learning-rate schedule across the
+federated run, early stopping on the site's validation split, class-weighted loss or balanced
+sampling, MONAI augmentation, the FedProx proximal term, and mixed precision (CUDA fp16 or bf16,
+CPU bf16 when asked).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from common.config import ClientConfig
+from common.errors import ConfigError
+from common.tasks import MetricStates, Task
+
+
+class SampleDataset(Dataset[dict[str, Any]]):
+    """Images and labels held in memory, each sample passed through ``transform``."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: Any | None = None
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = {"image": self.images[index], "label": self.labels[index]}
+        if self.transform is not None:
+            sample = self.transform(sample)
+            image = sample["image"]
+            # MONAI returns MetaTensors; the model and collation need plain tensors.
+            sample["image"] = (image.as_tensor() if hasattr(image, "as_tensor") else image).float()
+        return sample
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What one round of local training produced."""
+
+    num_examples: int
+    train_loss: float
+    epochs_run: int
+    validation_loss: float
+    stopped_early: bool
+
+
+def learning_rate_at(
+    base: float, schedule: str, server_round: int, num_rounds: int, progress: float
+) -> float:
+    """The learning rate for a step.
+
+    ``cosine`` decays from ``base`` to 1 % of it over the whole federated run; ``cyclic``
+    restarts the cosine every round (SGDR-style warm restarts); ``constant`` keeps ``base``.
+    ``progress`` is the fraction of this round's local steps already taken.
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        total = max(num_rounds, 1)
+        position = (max(server_round, 1) - 1 + progress) / total
+    elif schedule == "cyclic":
+        position = progress
+    else:
+        raise ConfigError(f"unknown lr-schedule {schedule!r}")
+    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(position, 1.0))))
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LocalTrainer:
+    """Trains and evaluates one site's model on the site's own data."""
+
+    def __init__(
+        self,
+        task: Task,
+        config: ClientConfig,
+        train_images: torch.Tensor,
+        train_labels: torch.Tensor,
+        validation_images: torch.Tensor,
+        validation_labels: torch.Tensor,
+        device: torch.device | None = None,
+    ) -> None:
+        if len(train_labels) == 0:
+            raise ValueError("the site has no training samples")
+        self.task = task
+        self.config = config
+        self.device = device or select_device()
+        self.train_labels = train_labels
+        transform = task.augmentation() if config.augment else None
+        if transform is not None and hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=config.seed)
+        self.train_set = SampleDataset(train_images, train_labels, transform)
+        self.validation_set = SampleDataset(validation_images, validation_labels)
+        self.autocast_dtype = _autocast_dtype(config.precision, self.device)
+
+    def fit(
+        self,
+        model: nn.Module,
+        *,
+        server_round: int = 1,
+        num_rounds: int = 1,
+        proximal_mu: float = 0.0,
+    ) -> FitResult:
+        """Train ``model`` in place for up to ``local_epochs`` epochs.
+
+        After each epoch the validation loss is measured; training stops when it has not improved
+        for ``early_stopping_patience`` epochs and the best epoch's weights are kept.
+        """
+        cfg = self.config
+        model.to(self.device)
+        global_params = (
+            [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+        )
+        loss_function = self.task.loss_function(
+            self.train_labels, balance=cfg.class_balancing == "weighted-loss"
+        ).to(self.device)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        loader = self._train_loader(server_round)
+        steps_per_epoch = len(loader)
+        total_steps = steps_per_epoch * cfg.local_epochs
+        scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
+
+        best_loss, best_state, epochs_without_gain = math.inf, None, 0
+        loss_sum, loss_count, epochs_run, step = 0.0, 0, 0, 0
+        validation_loss = math.nan
+        for _epoch in range(cfg.local_epochs):
+            model.train()
+            for batch in loader:
+                lr = learning_rate_at(
+                    cfg.learning_rate, cfg.lr_schedule, server_round, num_rounds,
+                    step / max(total_steps, 1),
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = _to_device(batch, self.device)
+                with self._autocast():
+                    loss = self.task.train_step(model, batch, loss_function)
+                if global_params is not None:
+                    loss = loss + _proximal_term(model, global_params, proximal_mu)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                n = len(batch["label"])
+                loss_sum += float(loss.detach()) * n
+                loss_count += n
+                step += 1
+            epochs_run += 1
+            validation_loss = self.evaluate(model).compute().get("loss", math.nan)
+            if not math.isfinite(validation_loss) or validation_loss < best_loss - 1e-6:
+                best_loss, epochs_without_gain = validation_loss, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                epochs_without_gain += 1
+                if epochs_without_gain >= cfg.early_stopping_patience:
+                    break
+        stopped_early = epochs_run < cfg.local_epochs
+        if best_state is not None and math.isfinite(best_loss):
+            model.load_state_dict(best_state)
+            validation_loss = best_loss
+        return FitResult(
+            num_examples=len(self.train_set),
+            train_loss=loss_sum / max(loss_count, 1),
+            epochs_run=epochs_run,
+            validation_loss=validation_loss,
+            stopped_early=stopped_early,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: SampleDataset | None = None) -> MetricStates:
+        """Metric states of ``model`` on ``dataset`` (the validation split by default)."""
+        dataset = dataset if dataset is not None else self.validation_set
+        model.to(self.device).eval()
+        states = self.task.new_states()
+        loader = DataLoader(dataset, batch_size=self.config.batch_size * 2, shuffle=False)
+        for batch in loader:
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                self.task.eval_step(model, batch, states)
+        return states
+
+    def _train_loader(self, server_round: int) -> DataLoader[dict[str, Any]]:
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + server_round)
+        # A batch of one breaks BatchNorm; drop a last batch of one sample.
+        drop_last = len(self.train_set) % self.config.batch_size == 1
+        if self.config.class_balancing == "sampler":
+            sampler = WeightedRandomSampler(
+                self.task.sample_weights(self.train_labels).double(),
+                num_samples=len(self.train_set),
+                replacement=True,
+                generator=generator,
+            )
+            return DataLoader(
+                self.train_set, batch_size=self.config.batch_size, sampler=sampler,
+                drop_last=drop_last,
+            )
+        return DataLoader(
+            self.train_set, batch_size=self.config.batch_size, shuffle=True,
+            generator=generator, drop_last=drop_last,
+        )
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.float16
+    # auto: fp16 mixed precision on CUDA; fp32 on CPU, where bf16 autocast is opt-in.
+    return torch.float16 if device.type == "cuda" else None
+
+
+def _proximal_term(model: nn.Module, global_params: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx (Li et al., 2020): mu/2 * ||w - w_global||^2."""
+    squared = sum(
+        ((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
+    )
+    return 0.5 * mu * squared  # type: ignore[return-value]
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }

@@ -1,0 +1,1 @@
+"""Shared models, tasks, metrics, configuration and synthetic data."""

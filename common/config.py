@@ -1,0 +1,194 @@
+"""Typed run configuration: one frozen dataclass per app, built once from ``run_config``.
+
+``run_config`` is ``[tool.flwr.app.config]`` plus ``--run-config`` overrides. Keys are spelled with
+hyphens (``num-rounds``); fields with underscores (``num_rounds``). Both apps receive the same
+run config, so a key is known when either app declares it; a key neither declares, or one an app
+needs but is missing, raises with the key's name. Nothing deeper than the app reads
+``run_config[...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from common.errors import ConfigError
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What both sides need to build the same network."""
+
+    task: str
+    model: str
+    spatial_dims: int
+    image_size: int
+    num_classes: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """The coordinator's ServerApp configuration."""
+
+    task: str
+    model: str
+    spatial_dims: int
+    image_size: int
+    num_classes: int
+    seed: int
+    strategy: str
+    num_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_sites: int
+    proximal_mu: float
+    server_learning_rate: float
+    round_timeout_s: float
+    experiment_name: str
+    run_key: str
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return _project(self, ModelConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """A site ClientApp's training configuration (site facts come from ``node_config``)."""
+
+    task: str
+    model: str
+    spatial_dims: int
+    image_size: int
+    num_classes: int
+    seed: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    lr_schedule: str
+    early_stopping_patience: int
+    class_balancing: str
+    augment: bool
+    precision: str
+    synthetic_samples_per_site: int
+    validation_fraction: float
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return _project(self, ModelConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("lr-schedule", self.lr_schedule, ("cosine", "cyclic", "constant"))
+        _check_choice(
+            "class-balancing", self.class_balancing, ("weighted-loss", "sampler", "none")
+        )
+        _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_positive("local-epochs", self.local_epochs)
+        _check_positive("batch-size", self.batch_size)
+        _check_positive("learning-rate", self.learning_rate)
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(
+                f"validation-fraction must lie in (0, 1), got {self.validation_fraction}"
+            )
+
+
+APP_CONFIGS: tuple[type, ...] = (ServerConfig, ClientConfig)
+
+
+def known_keys() -> set[str]:
+    """Every run-config key some app declares, hyphenated."""
+    return {_key(f.name) for cls in APP_CONFIGS for f in dataclasses.fields(cls)}
+
+
+def from_run_config(cls: type[ConfigT], run_config: Mapping[str, Any]) -> ConfigT:
+    """Build the app's frozen config from a Flower ``run_config``.
+
+    Raises
+    ------
+    ConfigError
+        If a key is unknown to every app, a key ``cls`` needs is missing, or a value has the
+        wrong type.
+    """
+    unknown = sorted(set(run_config) - known_keys())
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}")
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = _key(f.name)
+        if key not in run_config:
+            raise ConfigError(f"missing run-config key: {key}")
+        values[f.name] = _coerce(key, run_config[key], hints[f.name])
+    return cls(**values)
+
+
+def load_toml_config(path: Path) -> dict[str, Any]:
+    """Read run-config overrides from a TOML file (top-level keys, or a ``[config]`` table)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    table = data.get("config", data)
+    unknown = sorted(set(table) - known_keys())
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {path}: {', '.join(unknown)}")
+    return dict(table)
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults of ``[tool.flwr.app.config]`` in the project's pyproject.toml."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    data = tomllib.loads(pyproject.read_text())
+    return dict(data["tool"]["flwr"]["app"]["config"])
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"run-config key {key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"run-config key {key} must be an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"run-config key {key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"run-config key {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {annotation!r} for {key}")
+
+
+def _project(config: Any, cls: type[ConfigT]) -> ConfigT:
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"run-config key {key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"run-config key {key} must be positive, got {value}")

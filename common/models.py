@@ -1,0 +1,288 @@
+"""Classification networks by name: one registry, ``build_model(name, ...)`` and ``list_models()``.
+
+Modelled on timm's ``_registry.py`` / ``_factory.py``. Each entry is a short factory over a MONAI
+network, with MONAI's argument names (``spatial_dims``, ``in_channels``, ``out_channels``). Every
+model returns raw logits of shape ``(N, out_channels)``, works in 2D and 3D, and is built with
+random weights: nothing is ever downloaded.
+
+Stems
+-----
+MONAI 1.6's ``ResNet`` defaults to a 7x7 stride-1 first convolution followed by a stride-2 max
+pool, so ``layer1`` runs at half the input resolution and the network downsamples 16x, not 32x as
+in the original ResNet (He et al. 2016). On the 64-128 px images RadFL trains on, that makes every
+residual stage four times (2D) or eight times (3D) costlier. Measured with
+``python -m simulations.bench_stems`` (2D, batch 16, 1 channel, 2 classes, forward + backward,
+2 CPU threads, median of 3 after 1 warm-up, this repository's 2-core CPU machine):
+
+=========  =====  ========================  ======================  =======
+model      px     MONAI default (7x7 s1)    chosen (7x7 s2)         speed-up
+=========  =====  ========================  ======================  =======
+resnet18   64     526 ms  (30 img/s)        108 ms  (148 img/s)     4.9x
+resnet18   128    2165 ms  (7 img/s)        411 ms  (39 img/s)      5.3x
+resnet50   64     1967 ms  (8 img/s)        420 ms  (38 img/s)      4.7x
+resnet50   128    7947 ms  (2 img/s)        1591 ms  (10 img/s)     5.0x
+=========  =====  ========================  ======================  =======
+
+A 3x3 stride-1 stem without max pool (the CIFAR variant) was also tried: resnet18 at 64 px took
+about 1600 ms, 3x the MONAI default and 14x the chosen stem, too slow for CPU simulations.
+RadFL's ResNets therefore use the original stem, :data:`RESNET_STEM`: 7x7 stride 2, then a
+stride-2 max pool, for a 32x downsampling (64 px -> 2x2, 128 px -> 4x4 final feature map), the
+same total stride as DenseNet-121 and EfficientNet-B0 below. MONAI's own ``ResNetFeatures``
+(MedicalNet) uses the same stride-2 stem in 3D. A caller can still pass ``conv1_t_size``,
+``conv1_t_stride`` or ``no_max_pool`` to :func:`build_model` to override it.
+
+MONAI's ``DenseNet121`` already has the original stem (7x7 stride 2 + stride-2 max pool) and
+``EfficientNetBN("efficientnet-b0")`` the original 3x3 stride-2 stem; neither needs a change.
+EfficientNet's TensorFlow-style "same" padding is computed once for its 224 px design size; on
+other sizes it still runs, with at most one pixel of asymmetric padding per strided layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar
+
+import torch
+from monai.networks.layers import Conv, Norm, Pool
+from monai.networks.nets import DenseNet121, EfficientNetBN, resnet18, resnet34, resnet50
+from torch import nn
+
+from common.errors import ConfigError, RegistryError
+
+__all__ = ["RESNET_STEM", "ModelFactory", "SmallCNN", "build_model", "list_models", "register_model"]
+
+#: First-convolution settings RadFL's ResNets use, in MONAI ``ResNet`` argument names.
+RESNET_STEM: Final[dict[str, Any]] = {"conv1_t_size": 7, "conv1_t_stride": 2, "no_max_pool": False}
+
+_SPATIAL_DIMS: Final[tuple[int, ...]] = (2, 3)
+
+
+class ModelFactory(Protocol):
+    """A function that builds one registered network with random weights."""
+
+    def __call__(
+        self, *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+    ) -> nn.Module: ...
+
+
+_FactoryT = TypeVar("_FactoryT", bound=ModelFactory)
+
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[_FactoryT], _FactoryT]:
+    """Register a model factory under ``name``.
+
+    Parameters
+    ----------
+    name
+        Public name of the model, as passed to :func:`build_model`. One name per model.
+
+    Returns
+    -------
+    Callable
+        A decorator that records the factory and returns it unchanged.
+
+    Raises
+    ------
+    RegistryError
+        If ``name`` is empty or already registered.
+    """
+    if not isinstance(name, str) or not name:
+        raise RegistryError(f"register_model: name must be a non-empty string, got {name!r}")
+
+    def decorator(factory: _FactoryT) -> _FactoryT:
+        if name in _REGISTRY:
+            raise RegistryError(f"register_model: model name {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Return the registered model names, sorted.
+
+    Returns
+    -------
+    list[str]
+        Every name :func:`build_model` accepts.
+    """
+    return sorted(_REGISTRY)
+
+
+def build_model(
+    name: str,
+    *,
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model with random weights.
+
+    Parameters
+    ----------
+    name
+        A name from :func:`list_models`.
+    spatial_dims
+        2 for images, 3 for volumes.
+    in_channels
+        Number of input channels (1 for most radiology images).
+    out_channels
+        Number of logits per sample (the number of classes).
+    **kwargs
+        Further arguments for the underlying MONAI network, in MONAI's names
+        (for example ``conv1_t_stride`` for a ResNet, ``dropout_prob`` for DenseNet-121).
+
+    Returns
+    -------
+    torch.nn.Module
+        A network mapping ``(N, in_channels, *spatial)`` to logits of shape ``(N, out_channels)``.
+
+    Raises
+    ------
+    RegistryError
+        If ``name`` is not registered; the message lists the known names.
+    ConfigError
+        If ``spatial_dims`` is not 2 or 3, ``in_channels`` or ``out_channels`` is not a positive
+        integer, or ``pretrained`` is passed (weights are never downloaded).
+    """
+    if name not in _REGISTRY:
+        known = ", ".join(list_models())
+        raise RegistryError(f"build_model: unknown model name {name!r}; known names: {known}")
+    if spatial_dims not in _SPATIAL_DIMS:
+        raise ConfigError(f"build_model: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    for arg_name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"build_model: {arg_name} must be a positive integer, got {value!r}")
+    if "pretrained" in kwargs:
+        raise ConfigError(
+            "build_model: pretrained is not supported; RadFL models start from random weights"
+        )
+    return _REGISTRY[name](
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs
+    )
+
+
+def _resnet_kwargs(
+    spatial_dims: int, in_channels: int, out_channels: int, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    # RESNET_STEM first so that a caller's conv1_t_* / no_max_pool override it.
+    return {
+        **RESNET_STEM,
+        **kwargs,
+        "spatial_dims": spatial_dims,
+        "n_input_channels": in_channels,
+        "num_classes": out_channels,
+    }
+
+
+@register_model("resnet18")
+def _build_resnet18(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    return resnet18(
+        pretrained=False, **_resnet_kwargs(spatial_dims, in_channels, out_channels, kwargs)
+    )
+
+
+@register_model("resnet34")
+def _build_resnet34(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    return resnet34(
+        pretrained=False, **_resnet_kwargs(spatial_dims, in_channels, out_channels, kwargs)
+    )
+
+
+@register_model("resnet50")
+def _build_resnet50(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    return resnet50(
+        pretrained=False, **_resnet_kwargs(spatial_dims, in_channels, out_channels, kwargs)
+    )
+
+
+@register_model("densenet121")
+def _build_densenet121(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    return DenseNet121(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        pretrained=False,
+        **kwargs,
+    )
+
+
+@register_model("efficientnet-b0")
+def _build_efficientnet_b0(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    return EfficientNetBN(
+        "efficientnet-b0",
+        pretrained=False,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=out_channels,
+        **kwargs,
+    )
+
+
+class SmallCNN(nn.Module):
+    """A few strided conv + batch norm + ReLU blocks, global average pooling and a linear layer.
+
+    Meant for tests and quick simulations, not for accuracy.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    in_channels
+        Number of input channels.
+    out_channels
+        Number of logits per sample.
+    channels
+        Width of each block; each block halves the spatial size.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: tuple[int, ...] = (16, 32, 64),
+    ) -> None:
+        super().__init__()
+        if not channels:
+            raise ConfigError("SmallCNN: channels must name at least one block width")
+        conv_type = Conv[Conv.CONV, spatial_dims]
+        norm_type = Norm[Norm.BATCH, spatial_dims]
+        layers: list[nn.Module] = []
+        width_in = in_channels
+        for width in channels:
+            layers += [
+                conv_type(width_in, width, kernel_size=3, stride=2, padding=1, bias=False),
+                norm_type(width),
+                nn.ReLU(inplace=True),
+            ]
+            width_in = width
+        self.features = nn.Sequential(*layers)
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.fc = nn.Linear(width_in, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits of shape ``(N, out_channels)`` for ``x`` of shape ``(N, C, *spatial)``."""
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register_model("small-cnn")
+def _build_small_cnn(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    return SmallCNN(
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs
+    )

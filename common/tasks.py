@@ -1,0 +1,170 @@
+"""Tasks by name: each knows its model family, loss, train and eval steps and metric states.
+
+Server, client and simulation code ask the task and never branch on its name, so a new task
+(segmentation, detection: issue #5) is a new class registered here, nothing else.
+
+A batch is a MONAI-style dictionary: ``{"image": (N, C, *spatial), "label": ...}``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Protocol
+
+import torch
+from monai import transforms as mt
+from torch import nn
+
+from common.config import ModelConfig
+from common.errors import RegistryError
+from common.metrics import CLASSIFICATION_METRICS, ClassificationStates, MetricInfo
+from common.models import build_model
+
+Batch = dict[str, torch.Tensor]
+
+
+class MetricStates(Protocol):
+    """Summable metric states (see ``common.metrics``)."""
+
+    def to_record(self) -> dict[str, list[float]]: ...
+
+    def add_record(self, record: Mapping[str, object]) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+class Task(ABC):
+    """One kind of radiology learning problem."""
+
+    name: ClassVar[str]
+    #: The validation metric that picks the best global model.
+    primary_metric: ClassVar[str]
+    metrics: ClassVar[dict[str, MetricInfo]]
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    def build_model(self) -> nn.Module:
+        """A fresh network for this task, seeded by the run's seed."""
+        torch.manual_seed(self.config.seed)
+        return build_model(
+            self.config.model,
+            spatial_dims=self.config.spatial_dims,
+            in_channels=1,
+            out_channels=self.output_channels(),
+        )
+
+    @abstractmethod
+    def output_channels(self) -> int:
+        """Number of output channels of the network."""
+
+    @abstractmethod
+    def loss_function(self, train_labels: torch.Tensor | None, balance: bool) -> nn.Module:
+        """The training loss; ``balance`` weights classes by inverse frequency in ``train_labels``."""
+
+    @abstractmethod
+    def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights that balance the classes, for a weighted sampler."""
+
+    @abstractmethod
+    def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
+        """Forward a batch and return the loss to minimise (no backward here)."""
+
+    @abstractmethod
+    def new_states(self) -> MetricStates:
+        """Empty metric states."""
+
+    @abstractmethod
+    def eval_step(self, model: nn.Module, batch: Batch, states: MetricStates) -> None:
+        """Forward a batch in eval mode and add it to ``states``."""
+
+    def pool(self, records: Iterable[Mapping[str, object]]) -> MetricStates:
+        """Sum the metric states sent by several sites."""
+        states = self.new_states()
+        for record in records:
+            states.add_record(record)
+        return states
+
+    def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """Random MONAI transforms applied to each training sample dictionary."""
+        return mt.Identityd(keys=["image"])
+
+
+class ClassificationTask(Task):
+    """Binary or multi-class image classification (class 0: no finding)."""
+
+    name = "classification"
+    primary_metric = "auc"
+    metrics = CLASSIFICATION_METRICS
+
+    def output_channels(self) -> int:
+        return self.config.num_classes
+
+    def loss_function(self, train_labels: torch.Tensor | None, balance: bool) -> nn.Module:
+        if not balance or train_labels is None:
+            return nn.CrossEntropyLoss()
+        return nn.CrossEntropyLoss(weight=self._class_weights(train_labels))
+
+    def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        return self._class_weights(labels)[labels]
+
+    def _class_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(labels, minlength=self.config.num_classes).float()
+        # Classes absent at this site get weight 0 rather than infinity.
+        return torch.where(counts > 0, labels.numel() / (len(counts) * counts.clamp(min=1)), 0.0)
+
+    def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
+        logits = model(batch["image"])
+        return loss_function(logits.float(), batch["label"])
+
+    def new_states(self) -> ClassificationStates:
+        return ClassificationStates(self.config.num_classes)
+
+    def eval_step(self, model: nn.Module, batch: Batch, states: MetricStates) -> None:
+        logits = model(batch["image"]).float()
+        states.update(torch.softmax(logits, dim=1), batch["label"])  # type: ignore[attr-defined]
+
+    def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        size = (self.config.image_size,) * self.config.spatial_dims
+        crop = tuple(max(8, int(round(s * 0.875))) for s in size)
+        return mt.Compose(
+            [
+                mt.RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+                mt.RandRotated(keys="image", range_x=0.26, prob=0.5, padding_mode="border"),
+                mt.RandZoomd(keys="image", min_zoom=0.9, max_zoom=1.1, prob=0.5, padding_mode="edge"),
+                mt.RandSpatialCropd(keys="image", roi_size=crop, random_size=False),
+                mt.Resized(keys="image", spatial_size=size),
+                mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                mt.RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.5),
+            ]
+        )
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Register a task class under its ``name``; a duplicate name raises."""
+    if cls.name in _TASKS:
+        raise RegistryError(f"task {cls.name!r} is already registered")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_task(config: ModelConfig) -> Task:
+    """The task named by ``config.task``, bound to that model configuration."""
+    try:
+        cls = _TASKS[config.task]
+    except KeyError:
+        raise RegistryError(
+            f"unknown task {config.task!r}; known tasks: {', '.join(list_tasks())}"
+        ) from None
+    return cls(config)
+
+
+register_task(ClassificationTask)

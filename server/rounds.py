@@ -1,0 +1,127 @@
+"""Per-round bookkeeping of the ServerApp: pooled metrics from summed states, progress, best model.
+
+Flower calls the aggregation functions with the replies of one round and then ``evaluate_fn``
+with the round number; the recorder keeps what the aggregators computed until that call, then
+logs it to MLflow at the round's step.
+"""
+
+from __future__ import annotations
+
+import math
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from common import messages as keys
+from common.tasks import Task
+from server import tracking
+
+POOLED = "pooled"
+TRAIN = "train"
+SITE = "site"
+
+
+def reply_site_name(record: RecordDict) -> str:
+    site = record.config_records.get(keys.SITE)
+    return str(site[keys.SITE_NAME]) if site is not None and keys.SITE_NAME in site else "unknown"
+
+
+def _metric_record(record: RecordDict) -> MetricRecord:
+    return record.metric_records[keys.METRICS]
+
+
+class RoundRecorder:
+    """Pools evaluation states, logs every round to the active MLflow run, keeps the best model."""
+
+    def __init__(self, task: Task, num_rounds: int) -> None:
+        self.task = task
+        self.num_rounds = num_rounds
+        self.primary = task.metrics[task.primary_metric]
+        self.pending: dict[str, float] = {}
+        self.site_status: dict[str, str] = {}
+        self.best_value: float | None = None
+        self.best_round: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.rounds_completed = 0
+
+    # Flower's train_metrics_aggr_fn
+    def aggregate_train(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        total = sum(float(_metric_record(r)[weighted_by_key]) for r in records)
+        weighted_loss = sum(
+            float(_metric_record(r)[keys.TRAIN_LOSS]) * float(_metric_record(r)[weighted_by_key])
+            for r in records
+        )
+        out = {f"{TRAIN}/loss": weighted_loss / total if total else math.nan,
+               f"{TRAIN}/num-examples": total, f"{TRAIN}/sites": float(len(records))}
+        for record in records:
+            name = reply_site_name(record)
+            metrics = _metric_record(record)
+            out[f"{SITE}/{name}/train-loss"] = float(metrics[keys.TRAIN_LOSS])
+            out[f"{SITE}/{name}/num-examples"] = float(metrics[weighted_by_key])
+            self.site_status[name] = "trained"
+        self.pending.update(out)
+        self.rounds_completed += 1
+        return MetricRecord(out)
+
+    # Flower's evaluate_metrics_aggr_fn
+    def aggregate_evaluate(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        pooled = self.task.pool(_metric_record(r) for r in records).compute()
+        out = {f"{POOLED}/{name}": value for name, value in pooled.items()}
+        out[f"{POOLED}/num-examples"] = float(
+            sum(float(_metric_record(r)[weighted_by_key]) for r in records)
+        )
+        for record in records:
+            name = reply_site_name(record)
+            per_site = self.task.pool([_metric_record(record)]).compute()
+            out.update({f"{SITE}/{name}/{metric}": value for metric, value in per_site.items()})
+            self.site_status[name] = "evaluated"
+        self.pending.update(out)
+        return MetricRecord(out)
+
+    # Flower's evaluate_fn: called at round 0 and after each round
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        metrics, self.pending = self.pending, {}
+        tracking.log_metrics(metrics, step=server_round)
+        value = metrics.get(f"{POOLED}/{self.task.primary_metric}", math.nan)
+        self._log_progress(server_round, metrics, value)
+        self.site_status = {}
+        if math.isfinite(value) and (
+            self.best_value is None
+            or (value > self.best_value if self.primary.higher_is_better else value < self.best_value)
+        ):
+            self.best_value, self.best_round = value, server_round
+            self.best_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        return None
+
+    def _log_progress(self, server_round: int, metrics: dict[str, Any], value: float) -> None:
+        sites = ", ".join(
+            f"{name}: {status}"
+            + _fmt(metrics.get(f"{SITE}/{name}/{self.task.primary_metric}"), self.task.primary_metric)
+            for name, status in sorted(self.site_status.items())
+        )
+        if not self.site_status:
+            log(WARNING, "[radfl] round %d/%d: no site replied", server_round, self.num_rounds)
+            return
+        log(
+            INFO,
+            "[radfl] round %d/%d: train loss %.4f | pooled %s %.4f, loss %.4f | %s",
+            server_round,
+            self.num_rounds,
+            metrics.get(f"{TRAIN}/loss", math.nan),
+            self.task.primary_metric,
+            value,
+            metrics.get(f"{POOLED}/loss", math.nan),
+            sites,
+        )
+
+
+def _fmt(value: Any, name: str) -> str:
+    if value is None or not np.isfinite(value):
+        return ""
+    return f" ({name} {value:.3f})"

@@ -1,0 +1,109 @@
+"""Aggregation strategies by name, each a thin layer over Flower's own.
+
+FedAvg (McMahan et al., 2017), FedProx (Li et al., 2020), FedAdam and FedYogi (Reddi et al.,
+2021), FedAvgM (Hsu et al., 2019), FedMedian and FedTrimmedAvg (Yin et al., 2018).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from common.config import ServerConfig
+from common.errors import RegistryError
+
+MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
+
+
+class AverageBuffersMixin:
+    """Server optimisers (FedAdam, FedYogi) step only floating-point parameters.
+
+    Flower's FedOpt applies its adaptive step to every array, BatchNorm running variances and
+    batch counters included, which can make a variance negative. Here those buffers take the
+    plain sample-weighted average instead, and every array keeps its original dtype.
+    """
+
+    weighted_by_key: str
+    buffer_keys: frozenset[str] = frozenset()
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is None:
+            return arrays, metrics
+        valid = [m.content for m in replies if not m.has_error()]
+        averaged = aggregate_arrayrecords(valid, self.weighted_by_key)
+        reference = valid[0]["arrays"]
+        fixed = ArrayRecord()
+        for key in arrays:
+            dtype = reference[key].numpy().dtype
+            source = averaged if key in self.buffer_keys else arrays
+            fixed[key] = Array(np.asarray(source[key].numpy()).astype(dtype, copy=False))
+        return fixed, metrics
+
+
+class FedAdam(AverageBuffersMixin, flwr_strategy.FedAdam):
+    """FedAdam with BatchNorm buffers averaged."""
+
+
+class FedYogi(AverageBuffersMixin, flwr_strategy.FedYogi):
+    """FedYogi with BatchNorm buffers averaged."""
+
+
+StrategyFactory = Callable[[ServerConfig, dict[str, Any]], flwr_strategy.FedAvg]
+
+_STRATEGIES: dict[str, StrategyFactory] = {
+    "fedavg": lambda cfg, common: flwr_strategy.FedAvg(**common),
+    "fedprox": lambda cfg, common: flwr_strategy.FedProx(**common, proximal_mu=cfg.proximal_mu),
+    "fedadam": lambda cfg, common: FedAdam(**common, eta=cfg.server_learning_rate),
+    "fedyogi": lambda cfg, common: FedYogi(**common, eta=cfg.server_learning_rate),
+    "fedavgm": lambda cfg, common: flwr_strategy.FedAvgM(
+        **common, server_learning_rate=1.0, server_momentum=0.9
+    ),
+    "fedmedian": lambda cfg, common: flwr_strategy.FedMedian(**common),
+    "fedtrimmedavg": lambda cfg, common: flwr_strategy.FedTrimmedAvg(**common, beta=0.2),
+}
+
+
+def list_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def build_strategy(
+    config: ServerConfig,
+    *,
+    buffer_keys: Iterable[str] = (),
+    train_metrics_aggr_fn: MetricsAggregator | None = None,
+    evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
+) -> flwr_strategy.FedAvg:
+    """The strategy ``config.strategy`` names, configured from the run config.
+
+    ``buffer_keys`` names the model's non-trainable state (BatchNorm statistics), which server
+    optimisers average instead of stepping.
+    """
+    try:
+        factory = _STRATEGIES[config.strategy]
+    except KeyError:
+        raise RegistryError(
+            f"unknown strategy {config.strategy!r}; known: {', '.join(list_strategies())}"
+        ) from None
+    common = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_sites,
+        "min_evaluate_nodes": config.min_sites,
+        "min_available_nodes": config.min_sites,
+        "train_metrics_aggr_fn": train_metrics_aggr_fn,
+        "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
+    }
+    strategy = factory(config, common)
+    if isinstance(strategy, AverageBuffersMixin):
+        strategy.buffer_keys = frozenset(buffer_keys)
+    return strategy

@@ -1,0 +1,135 @@
+"""MLflow tracking of a federated run, on the coordinator only (sites never talk to MLflow).
+
+One MLflow run per federated run: the configuration as params; per round the training loss, the
+pooled evaluation metrics (computed from the summed metric states of all sites) and each site's
+own metrics; at the end the best and final global models as artifacts and the final model in
+the model registry.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI``; without it, an embedded SQLite store
+``mlflow.db`` in the working directory, with artifacts in ``mlartifacts/`` beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from common.config import ServerConfig
+
+RUN_KEY_TAG = "radfl.run-key"
+MODE_TAG = "radfl.mode"
+BEST_ROUND_TAG = "radfl.best-round"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, or the embedded SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, creating it (with a local artifact folder for SQLite stores)."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return str(mlflow.create_experiment(name, artifact_location=artifact_location))
+
+
+def registered_model_name(config: ServerConfig) -> str:
+    return f"radfl-{config.task}-{config.model}-{config.spatial_dims}d"
+
+
+@contextmanager
+def start_run(
+    config: ServerConfig, *, mode: str, run_name: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """Start the MLflow run of a federated (or centralized) run, logging its config."""
+    experiment_id = ensure_experiment(config.experiment_name)
+    tags = {MODE_TAG: mode}
+    if config.run_key:
+        tags[RUN_KEY_TAG] = config.run_key
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        params = dataclasses.asdict(config)
+        params.pop("run_key")
+        mlflow.log_params(params)
+        yield run
+
+
+def log_metrics(metrics: Mapping[str, float], step: int) -> None:
+    """Log finite metrics at ``step``; NaN (undefined, e.g. AUC without positives) is skipped."""
+    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    if finite:
+        mlflow.log_metrics(finite, step=step)
+
+
+def log_models(
+    model: torch.nn.Module,
+    *,
+    final_state: Mapping[str, torch.Tensor],
+    best_state: Mapping[str, torch.Tensor] | None,
+    best_round: int | None,
+    config: ServerConfig,
+    register_as: str | None,
+) -> None:
+    """Log best and final weights as artifacts, and the final model (registered if asked)."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name, state in (("final", final_state), ("best", best_state)):
+            if state is None:
+                continue
+            path = Path(folder) / f"{name}.pt"
+            torch.save(dict(state), path)
+            mlflow.log_artifact(str(path), artifact_path="weights")
+        info = {
+            "task": config.task,
+            "model": config.model,
+            "spatial_dims": config.spatial_dims,
+            "num_classes": config.num_classes,
+            "image_size": config.image_size,
+            "best_round": best_round,
+        }
+        info_path = Path(folder) / "model.json"
+        info_path.write_text(json.dumps(info, indent=2))
+        mlflow.log_artifact(str(info_path), artifact_path="weights")
+    if best_round is not None:
+        mlflow.set_tag(BEST_ROUND_TAG, str(best_round))
+    model.load_state_dict(dict(final_state))
+    common_package = Path(__file__).resolve().parent.parent / "common"
+    example = np.zeros((1, 1) + (config.image_size,) * config.spatial_dims, dtype=np.float32)
+    mlflow.pytorch.log_model(
+        model.cpu().eval(),
+        name="final-model",
+        input_example=example,
+        registered_model_name=register_as,
+        # Given explicitly: inferring requirements would import the model in a subprocess.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"],
+        code_paths=[str(common_package)],
+    )
+
+
+def find_run(run_key: str, experiment_name: str) -> Any | None:
+    """The MLflow run tagged with ``run_key`` (as ``radfl simulate`` finds the run it launched)."""
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    client = MlflowClient()
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'"
+    )
+    return runs[0] if runs else None
