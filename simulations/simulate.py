@@ -1,0 +1,165 @@
+"""``radfl simulate``: the whole federation on one machine through Flower's simulation engine.
+
+It starts a private SuperLink (see ``local_superlink``), submits the app in this repository with
+``flwr run``, shows progress as rounds finish, and ends with a summary read back from the MLflow
+run, so every number printed can be found in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.config import ServerConfig, default_run_config, from_run_config, load_toml_config
+from common.errors import RadFLError
+from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
+from simulations.summary import print_summary
+
+APP_DIR = Path(__file__).resolve().parent.parent
+# Lines shown without --verbose: RadFL's progress, Flower's round headers, errors and the
+# boxed messages the Flower CLI prints.
+PROGRESS_MARKERS = ("[radfl]", "[ROUND", "ERROR", "Error", "Traceback", "Exception", "│", "╰")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=int, default=3, help="number of simulated hospitals")
+    parser.add_argument("--rounds", type=int, help="federated rounds (run config num-rounds)")
+    parser.add_argument("--model", help="model name, see `radfl models`")
+    parser.add_argument("--strategy", help="aggregation strategy name")
+    parser.add_argument("--seed", type=int, help="seed of data, model and training")
+    parser.add_argument("--config", type=Path, help="TOML file of run-config overrides")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="one run-config override, e.g. --set local-epochs=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(".radfl"),
+        help="folder for the simulation's Flower state and logs (default .radfl)",
+    )
+    parser.add_argument(
+        "--cpus-per-site", type=int, default=1, help="CPU cores each simulated site may use"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show Flower's full log")
+
+
+def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config values this invocation sets, validated against the app's schema."""
+    overrides: dict[str, Any] = {}
+    if args.config is not None:
+        overrides.update(load_toml_config(args.config))
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RadFLError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = _parse_value(value.strip())
+    named = {"num-rounds": args.rounds, "model": args.model, "strategy": args.strategy,
+             "seed": args.seed}
+    overrides.update({k: v for k, v in named.items() if v is not None})
+    overrides["min-sites"] = args.sites
+    overrides.setdefault("run-key", uuid.uuid4().hex)
+    # Validate now, not inside the simulation: a typo fails here, naming the key.
+    from_run_config(ServerConfig, {**default_run_config(), **overrides})
+    return overrides
+
+
+def simulate(args: argparse.Namespace) -> int:
+    overrides = run_config_overrides(args)
+    config = from_run_config(ServerConfig, {**default_run_config(), **overrides})
+    workdir = args.workdir.resolve()
+    env = simulation_env(workdir)
+    print(
+        f"RadFL simulation: {args.sites} sites, {config.num_rounds} rounds, {config.model}, "
+        f"{config.strategy}, seed {config.seed}; tracking to {env['MLFLOW_TRACKING_URI']}",
+        flush=True,
+    )
+    started = time.monotonic()
+    with LocalSuperLink(workdir / "flwr-home", env) as superlink:
+        command = [
+            "flwr", "run", str(APP_DIR), CONNECTION_NAME, "--stream",
+            "--run-config", format_run_config(overrides),
+            "--federation-config",
+            f"num-supernodes={args.sites} client-resources-num-cpus={args.cpus_per_site}",
+        ]
+        returncode = _stream(command, env, verbose=args.verbose)
+        if returncode != 0:
+            print(f"flwr run exited with {returncode}; SuperLink log: {superlink.log_path}")
+    wall_time_s = time.monotonic() - started
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    return print_summary(config, wall_time_s=wall_time_s)
+
+
+def simulation_env(workdir: Path) -> dict[str, str]:
+    env = os.environ.copy()
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
+    env["FLWR_HOME"] = str(workdir / "flwr-home")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    # Flower would otherwise build a fresh environment per run and resolve a CUDA torch into it.
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    return env
+
+
+def format_run_config(values: Mapping[str, Any]) -> str:
+    """``--run-config`` syntax: space-separated TOML ``key=value`` pairs."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, str):
+            parts.append(f"{key}={_toml_string(value)}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip("'\"")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOG_PREFIX = re.compile(r"^(?:(?:DEBUG|INFO|WARNING|ERROR)\s*:(?:flwr:)?\s*)")
+
+
+def _stream(command: list[str], env: dict[str, str], *, verbose: bool) -> int:
+    """Run ``command``, echoing progress lines (all lines with ``verbose``)."""
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=APP_DIR,
+    )
+    assert process.stdout is not None  # guaranteed by stdout=PIPE
+    seen: set[str] = set()
+    for line in process.stdout:
+        text = line.rstrip()
+        if verbose:
+            print(text, flush=True)
+            continue
+        # Flower logs each line through two handlers; show each message once.
+        message = _LOG_PREFIX.sub("", _ANSI.sub("", text)).rstrip()
+        if any(marker in text for marker in PROGRESS_MARKERS) and message not in seen:
+            seen.add(message)
+            print(message, flush=True)
+    return process.wait()

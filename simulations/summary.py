@@ -1,0 +1,70 @@
+"""The end-of-run summary, read back from MLflow so that every number printed is traceable."""
+
+from __future__ import annotations
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from common.config import ServerConfig
+from common.tasks import get_task
+from server import tracking
+from server.rounds import POOLED, SITE, TRAIN
+
+
+def round_table(run_id: str, metric_names: list[str]) -> pd.DataFrame:
+    """One row per round, one column per metric, from the run's metric histories."""
+    client = MlflowClient(tracking.tracking_uri())
+    columns = {}
+    for name in metric_names:
+        history = client.get_metric_history(run_id, name)
+        columns[name] = {m.step: m.value for m in history}
+    table = pd.DataFrame(columns)
+    table.index.name = "round"
+    return table.sort_index()
+
+
+def site_table(run_id: str, metric: str) -> pd.DataFrame:
+    """Each site's ``metric`` at each round (columns: sites)."""
+    client = MlflowClient(tracking.tracking_uri())
+    run = client.get_run(run_id)
+    names = sorted(
+        key for key in run.data.metrics if key.startswith(f"{SITE}/") and key.endswith(f"/{metric}")
+    )
+    table = round_table(run_id, names)
+    table.columns = [name.split("/")[1] for name in names]
+    return table
+
+
+def print_summary(config: ServerConfig, *, wall_time_s: float) -> int:
+    """Print the summary of the run tagged ``config.run_key``; 0 if it finished, else 1."""
+    run = tracking.find_run(config.run_key, config.experiment_name)
+    if run is None:
+        print(f"No MLflow run was recorded (run key {config.run_key}); the simulation failed early.")
+        return 1
+    task = get_task(config.model_config)
+    primary = task.primary_metric
+    rounds = round_table(
+        run.info.run_id, [f"{TRAIN}/loss", f"{POOLED}/{primary}", f"{POOLED}/loss",
+                          f"{POOLED}/accuracy", f"{POOLED}/sensitivity", f"{POOLED}/specificity"]
+    )
+    sites = site_table(run.info.run_id, primary)
+    status = run.info.status
+    print()
+    print(f"Pooled validation metrics per round (MLflow run {run.info.run_id}):")
+    print(rounds.to_string(float_format=lambda v: f"{v:.4f}"))
+    if not sites.empty:
+        print()
+        print(f"Per-site validation {primary} per round:")
+        print(sites.to_string(float_format=lambda v: f"{v:.4f}"))
+    final = rounds[f"{POOLED}/{primary}"].dropna() if f"{POOLED}/{primary}" in rounds else None
+    print()
+    if final is not None and len(final):
+        print(f"Final pooled {primary}: {final.iloc[-1]:.4f} (best {final.max():.4f})")
+    print(f"Wall time: {wall_time_s:.1f} s")
+    print(f"MLflow: {tracking.tracking_uri()}  experiment '{config.experiment_name}'  "
+          f"run {run.info.run_id}  status {status}")
+    print(f"Browse: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    complete = status == "FINISHED" and len(rounds) == config.num_rounds
+    if not complete:
+        print(f"The run did not complete: status {status}, {len(rounds)} of {config.num_rounds} rounds.")
+    return 0 if complete else 1

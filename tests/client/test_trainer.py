@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+
+from client.site import synthetic_site
+from client.trainer import LocalTrainer, learning_rate_at
+from common.config import ClientConfig, default_run_config, from_run_config
+from common.tasks import get_task
+
+
+def _config(**overrides):
+    values = {
+        **default_run_config(),
+        "model": "small-cnn",
+        "image-size": 32,
+        "batch-size": 8,
+        "synthetic-samples-per-site": 40,
+        "augment": False,
+    }
+    values.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return from_run_config(ClientConfig, values)
+
+
+def _trainer(config):
+    task = get_task(config.model_config)
+    site = synthetic_site(0, 2, config)
+    trainer = LocalTrainer(
+        task, config, site.train_images, site.train_labels,
+        site.validation_images, site.validation_labels, device=torch.device("cpu"),
+    )
+    return task, trainer
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_fit_trains_and_reports_samples_not_batches():
+    config = _config(local_epochs=2, early_stopping_patience=5)
+    task, trainer = _trainer(config)
+    model = task.build_model()
+    before = _flat(model).clone()
+    result = trainer.fit(model)
+    assert result.num_examples == len(trainer.train_set) > config.batch_size
+    assert result.epochs_run == 2
+    assert math.isfinite(result.train_loss)
+    assert not torch.equal(before, _flat(model))
+
+
+def test_training_reduces_training_loss_on_fixed_data():
+    config = _config(local_epochs=1, learning_rate=0.003, lr_schedule="constant")
+    task, trainer = _trainer(config)
+    model = task.build_model()
+    first = trainer.fit(model, server_round=1).train_loss
+    for r in range(2, 7):
+        last = trainer.fit(model, server_round=r).train_loss
+    assert last < first
+
+
+def test_early_stopping_restores_best_epoch():
+    # A learning rate this large makes validation loss worse after the first epoch.
+    config = _config(local_epochs=6, early_stopping_patience=1, learning_rate=5.0,
+                     lr_schedule="constant")
+    task, trainer = _trainer(config)
+    model = task.build_model()
+    result = trainer.fit(model)
+    assert result.stopped_early and result.epochs_run < 6
+    assert trainer.evaluate(model).compute()["loss"] == pytest.approx(result.validation_loss)
+
+
+def test_proximal_term_keeps_weights_near_global_model():
+    config = _config(local_epochs=2, learning_rate=0.01, lr_schedule="constant")
+    task, trainer = _trainer(config)
+    start = task.build_model()
+    global_weights = _flat(start).clone()
+    free, prox = task.build_model(), task.build_model()
+    trainer.fit(free, proximal_mu=0.0)
+    trainer.fit(prox, proximal_mu=100.0)
+    assert torch.norm(_flat(prox) - global_weights) < torch.norm(_flat(free) - global_weights)
+
+
+def test_balanced_sampler_and_augmentation_run():
+    config = _config(class_balancing="sampler", augment=True)
+    task, trainer = _trainer(config)
+    result = trainer.fit(task.build_model())
+    assert result.num_examples == len(trainer.train_set)
+
+
+def test_bf16_autocast_on_cpu_gives_finite_loss():
+    config = _config(precision="bf16")
+    task, trainer = _trainer(config)
+    assert math.isfinite(trainer.fit(task.build_model()).train_loss)
+
+
+def test_empty_site_is_refused():
+    config = _config()
+    task = get_task(config.model_config)
+    empty = torch.zeros((0, 1, 32, 32))
+    with pytest.raises(ValueError, match="no training samples"):
+        LocalTrainer(task, config, empty, torch.zeros(0, dtype=torch.long), empty,
+                     torch.zeros(0, dtype=torch.long))
+
+
+def test_learning_rate_schedules():
+    assert learning_rate_at(1.0, "constant", 3, 5, 0.5) == 1.0
+    assert learning_rate_at(1.0, "cosine", 1, 4, 0.0) == pytest.approx(1.0)
+    assert learning_rate_at(1.0, "cosine", 4, 4, 1.0) == pytest.approx(0.01)
+    midway = learning_rate_at(1.0, "cosine", 3, 4, 0.0)
+    assert midway == pytest.approx(0.01 + 0.99 * 0.5)
+    # Cyclic restarts every round.
+    assert learning_rate_at(1.0, "cyclic", 3, 4, 0.0) == pytest.approx(1.0)
+
+
+def test_site_split_is_patient_disjoint_and_deterministic():
+    config = _config()
+    a, b = synthetic_site(1, 3, config), synthetic_site(1, 3, config)
+    assert torch.equal(a.train_images, b.train_images)
+    total = len(a.train_labels) + len(a.validation_labels)
+    assert len(a.validation_labels) == round(config.validation_fraction * total)

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from common.config import (
+    ClientConfig,
+    ServerConfig,
+    default_run_config,
+    from_run_config,
+    load_toml_config,
+)
+from common.errors import ConfigError
+
+
+def test_defaults_build_both_app_configs():
+    run_config = default_run_config()
+    server = from_run_config(ServerConfig, run_config)
+    client = from_run_config(ClientConfig, run_config)
+    assert server.num_rounds == run_config["num-rounds"]
+    assert client.batch_size == run_config["batch-size"]
+    assert server.model_config == client.model_config
+
+
+def test_unknown_key_raises_with_its_name():
+    run_config = {**default_run_config(), "num-round": 3}
+    with pytest.raises(ConfigError, match="num-round"):
+        from_run_config(ServerConfig, run_config)
+
+
+def test_missing_key_raises_with_its_name():
+    run_config = default_run_config()
+    del run_config["local-epochs"]
+    from_run_config(ServerConfig, run_config)  # the server does not need it
+    with pytest.raises(ConfigError, match="local-epochs"):
+        from_run_config(ClientConfig, run_config)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("num-rounds", "three"), ("num-rounds", 2.5), ("augment", "maybe"), ("model", 3)],
+)
+def test_wrong_type_raises_with_key_name(key, value):
+    run_config = {**default_run_config(), key: value}
+    with pytest.raises(ConfigError, match=key):
+        from_run_config(ServerConfig if key != "augment" else ClientConfig, run_config)
+
+
+def test_bad_choice_raises():
+    with pytest.raises(ConfigError, match="lr-schedule"):
+        from_run_config(ClientConfig, {**default_run_config(), "lr-schedule": "step"})
+
+
+def test_config_is_frozen():
+    config = from_run_config(ServerConfig, default_run_config())
+    with pytest.raises(AttributeError):
+        config.num_rounds = 5  # type: ignore[misc]
+
+
+def test_toml_overrides(tmp_path: Path):
+    path = tmp_path / "run.toml"
+    path.write_text('[config]\nnum-rounds = 5\nmodel = "small-cnn"\n')
+    assert load_toml_config(path) == {"num-rounds": 5, "model": "small-cnn"}
+    path.write_text("num-roundz = 5\n")
+    with pytest.raises(ConfigError, match="num-roundz"):
+        load_toml_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_toml_config(tmp_path / "missing.toml")

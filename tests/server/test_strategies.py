@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.config import ServerConfig, default_run_config, from_run_config
+from common.errors import RegistryError
+from server.strategies import FedAdam, build_strategy, list_strategies
+
+
+def _config(**overrides):
+    return from_run_config(ServerConfig, {**default_run_config(), **overrides})
+
+
+def _arrays(weight: float, running_var: float, batches: int) -> ArrayRecord:
+    return ArrayRecord(
+        {
+            "w": Array(np.array([weight], dtype=np.float32)),
+            "bn.running_var": Array(np.array([running_var], dtype=np.float32)),
+            "bn.num_batches_tracked": Array(np.array(batches, dtype=np.int64)),
+        }
+    )
+
+
+def _reply(weight: float, running_var: float, num_examples: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": _arrays(weight, running_var, 4),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0}),
+        }
+    )
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_every_strategy_builds_by_name(name):
+    strategy = build_strategy(_config(strategy=name))
+    assert strategy.min_available_nodes == _config().min_sites
+
+
+def test_unknown_strategy_raises_with_known_names():
+    with pytest.raises(RegistryError, match="fedavg"):
+        build_strategy(_config(strategy="fedsomething"))
+
+
+def test_fedavg_weights_by_num_examples():
+    strategy = build_strategy(_config(strategy="fedavg"))
+    arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 1.0, 10), _reply(4.0, 4.0, 30)])
+    # (1*10 + 4*30) / 40 = 3.25
+    assert arrays["w"].numpy()[0] == pytest.approx(3.25)
+
+
+def test_fedadam_averages_buffers_and_keeps_dtypes():
+    strategy = build_strategy(
+        _config(strategy="fedadam", **{"server-learning-rate": 0.5}),
+        buffer_keys=["bn.running_var", "bn.num_batches_tracked"],
+    )
+    assert isinstance(strategy, FedAdam)
+    current = _arrays(0.0, 1.0, 0)
+    strategy.current_arrays = {k: v.numpy() for k, v in current.items()}
+    arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 2.0, 10), _reply(1.0, 4.0, 30)])
+    # Buffers: the plain weighted average (2*10 + 4*30) / 40 = 3.5, not an Adam step.
+    assert arrays["bn.running_var"].numpy()[0] == pytest.approx(3.5)
+    assert arrays["bn.num_batches_tracked"].numpy().dtype == np.int64
+    # Trainable weights took an Adam step towards the average (positive, at most eta-sized).
+    step = arrays["w"].numpy()[0]
+    assert 0.0 < step <= 0.5 + 1e-6
+    assert arrays["w"].numpy().dtype == np.float32
+
+
+def test_fedprox_sends_proximal_mu():
+    strategy = build_strategy(_config(strategy="fedprox", **{"proximal-mu": 0.3}))
+    assert strategy.proximal_mu == pytest.approx(0.3)
+
+
+def test_site_config_record_does_not_break_aggregation():
+    strategy = build_strategy(_config(strategy="fedavg"))
+    replies = [_reply(1.0, 1.0, 10), _reply(3.0, 1.0, 10)]
+    for i, reply in enumerate(replies):
+        reply.content["site"] = ConfigRecord({"site-name": f"site-{i}"})
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays["w"].numpy()[0] == pytest.approx(2.0)
