@@ -12,34 +12,37 @@ pool, so ``layer1`` runs at half the input resolution and the network downsample
 in the original ResNet (He et al. 2016). On the 64-128 px images RadFL trains on, that makes every
 residual stage four times (2D) or eight times (3D) costlier. Measured with
 ``python -m simulations.bench_stems`` (2D, batch 16, 1 channel, 2 classes, forward + backward,
-2 CPU threads, median of 3 after 1 warm-up, this repository's 2-core CPU machine):
+2 CPU threads on a shared 2-core VM, median of 3 after 1 warm-up, the two stems interleaved):
 
-=========  =====  ========================  ======================  =======
-model      px     MONAI default (7x7 s1)    chosen (7x7 s2)         speed-up
-=========  =====  ========================  ======================  =======
-resnet18   64     526 ms  (30 img/s)        108 ms  (148 img/s)     4.9x
-resnet18   128    2165 ms  (7 img/s)        411 ms  (39 img/s)      5.3x
-resnet50   64     1967 ms  (8 img/s)        420 ms  (38 img/s)      4.7x
-resnet50   128    7947 ms  (2 img/s)        1591 ms  (10 img/s)     5.0x
-=========  =====  ========================  ======================  =======
+========  ===  =====================  =====================  ========
+model     px   MONAI default 7x7 s1   chosen 7x7 s2 + pool   speed-up
+========  ===  =====================  =====================  ========
+resnet18  64   359 ms, 45 img/s       103 ms, 156 img/s      3.5x
+resnet18  128  1557 ms, 10 img/s      356 ms, 45 img/s       4.4x
+resnet50  64   967 ms, 17 img/s       336 ms, 48 img/s       2.9x
+resnet50  128  4965 ms, 3 img/s       1038 ms, 15 img/s      4.8x
+========  ===  =====================  =====================  ========
 
-A 3x3 stride-1 stem without max pool (the CIFAR variant) was also tried: resnet18 at 64 px took
-about 1600 ms, 3x the MONAI default and 14x the chosen stem, too slow for CPU simulations.
-RadFL's ResNets therefore use the original stem, :data:`RESNET_STEM`: 7x7 stride 2, then a
-stride-2 max pool, for a 32x downsampling (64 px -> 2x2, 128 px -> 4x4 final feature map), the
-same total stride as DenseNet-121 and EfficientNet-B0 below. MONAI's own ``ResNetFeatures``
-(MedicalNet) uses the same stride-2 stem in 3D. A caller can still pass ``conv1_t_size``,
-``conv1_t_stride`` or ``no_max_pool`` to :func:`build_model` to override it.
+Without interleaving, absolute times on that VM varied up to 3x between runs; two interleaved
+runs agreed within 15% per cell and gave speed-ups of 2.9x-4.8x. Two other stems were timed
+once on resnet18 at 64 px: 3x3 stride 1 without max pool (the CIFAR variant, 8x downsampling)
+took about 1600 ms, 3x the MONAI default; 3x3 stride 2 without max pool (16x) about 370 ms, 3x
+the chosen stem. RadFL's ResNets therefore use the original stem,
+:data:`RESNET_STEM`: 7x7 stride 2, then a stride-2 max pool, for a 32x downsampling (64 px ->
+2x2, 128 px -> 4x4 final feature map), the same total stride as DenseNet-121 and EfficientNet-B0
+below. MONAI's own ``ResNetFeatures`` (MedicalNet) uses the same stride-2 stem in 3D. A caller
+can still pass ``conv1_t_size``, ``conv1_t_stride`` or ``no_max_pool`` to :func:`build_model`.
 
 MONAI's ``DenseNet121`` already has the original stem (7x7 stride 2 + stride-2 max pool) and
 ``EfficientNetBN("efficientnet-b0")`` the original 3x3 stride-2 stem; neither needs a change.
 EfficientNet's TensorFlow-style "same" padding is computed once for its 224 px design size; on
-other sizes it still runs, with at most one pixel of asymmetric padding per strided layer.
+other sizes it still runs, with the padding of a strided layer at most one pixel off "same".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Final, Protocol, TypeVar
 
 import torch
@@ -49,10 +52,19 @@ from torch import nn
 
 from common.errors import ConfigError, RegistryError
 
-__all__ = ["RESNET_STEM", "ModelFactory", "SmallCNN", "build_model", "list_models", "register_model"]
+__all__ = [
+    "RESNET_STEM",
+    "ModelFactory",
+    "SmallCNN",
+    "build_model",
+    "list_models",
+    "register_model",
+]
 
 #: First-convolution settings RadFL's ResNets use, in MONAI ``ResNet`` argument names.
-RESNET_STEM: Final[dict[str, Any]] = {"conv1_t_size": 7, "conv1_t_stride": 2, "no_max_pool": False}
+RESNET_STEM: Final[Mapping[str, Any]] = MappingProxyType(
+    {"conv1_t_size": 7, "conv1_t_stride": 2, "no_max_pool": False}
+)
 
 _SPATIAL_DIMS: Final[tuple[int, ...]] = (2, 3)
 

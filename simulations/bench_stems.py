@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any, Final
 
 import torch
@@ -19,61 +20,82 @@ from torch import nn
 from common.models import RESNET_STEM, build_model
 
 #: MONAI 1.6 ``ResNet`` defaults, spelled out so the comparison does not depend on RadFL's choice.
-MONAI_DEFAULT_STEM: Final[dict[str, Any]] = {
+MONAI_DEFAULT_STEM: Final[Mapping[str, Any]] = {
     "conv1_t_size": 7,
     "conv1_t_stride": 1,
     "no_max_pool": False,
 }
 
 
-def time_train_step_ms(
-    model: nn.Module,
+def _train_step_ms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    nn.functional.cross_entropy(model(images), labels).backward()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def time_train_steps_ms(
+    models: dict[str, nn.Module],
     *,
     batch_size: int,
     image_size_px: int,
     num_warmup: int,
     num_repeats: int,
-) -> float:
-    """Return the median wall time of one forward + backward pass, in milliseconds.
+) -> dict[str, float]:
+    """Return the median wall time of one forward + backward pass of each model, in milliseconds.
+
+    The models take turns within each repeat, so that a slow spell of a shared machine slows
+    all of them alike instead of biasing one.
 
     Parameters
     ----------
-    model
-        A 2D classifier taking one input channel and giving two logits.
+    models
+        2D classifiers taking one input channel and giving two logits, by label.
     batch_size
         Images per batch.
     image_size_px
         Height and width of each image.
     num_warmup
-        Untimed passes first (allocator and kernel selection).
+        Untimed rounds first (allocator and kernel selection).
     num_repeats
-        Timed passes; the median is returned.
+        Timed rounds; the median is returned.
 
     Returns
     -------
-    float
-        Median time per batch in milliseconds.
+    dict[str, float]
+        Median time per batch in milliseconds, by the labels of ``models``.
+
+    Raises
+    ------
+    ValueError
+        If ``num_repeats`` is below 1 or ``num_warmup`` is negative.
     """
     if num_repeats < 1:
         raise ValueError(f"num_repeats must be at least 1, got {num_repeats}")
+    if num_warmup < 0:
+        raise ValueError(f"num_warmup must not be negative, got {num_warmup}")
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 1, image_size_px, image_size_px, generator=generator)
     labels = torch.randint(0, 2, (batch_size,), generator=generator)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    times_ms: list[float] = []
-    for step in range(num_warmup + num_repeats):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        loss_fn(model(images), labels).backward()
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        if step >= num_warmup:
-            times_ms.append(elapsed_ms)
-    return statistics.median(times_ms)
+    for model in models.values():
+        model.train()
+    times_ms: dict[str, list[float]] = {label: [] for label in models}
+    for round_index in range(num_warmup + num_repeats):
+        for label, model in models.items():
+            elapsed_ms = _train_step_ms(model, images, labels)
+            if round_index >= num_warmup:
+                times_ms[label].append(elapsed_ms)
+    return {label: statistics.median(values) for label, values in times_ms.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the stem timing table."""
+    """Print the stem timing table.
+
+    Parameters
+    ----------
+    argv
+        Command-line arguments; ``sys.argv[1:]`` when None.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -87,24 +109,28 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"forward+backward, 2D, batch {args.batch_size}, 1 channel, 2 classes, "
         f"{torch.get_num_threads()} threads, median of {args.num_repeats} "
-        f"after {args.num_warmup} warm-up"
+        f"after {args.num_warmup} warm-up, stems interleaved"
     )
     header = f"{'model':<10}{'px':>5}  {'stem':<22}{'ms/batch':>10}{'img/s':>9}{'speed-up':>10}"
     print(header)
     print("-" * len(header))
     for model_name in ("resnet18", "resnet50"):
         for image_size_px in (64, 128):
-            baseline_ms: float | None = None
-            for stem_name, stem in stems.items():
-                model = build_model(model_name, spatial_dims=2, in_channels=1, out_channels=2, **stem)
-                ms = time_train_step_ms(
-                    model,
-                    batch_size=args.batch_size,
-                    image_size_px=image_size_px,
-                    num_warmup=args.num_warmup,
-                    num_repeats=args.num_repeats,
+            models = {
+                stem_name: build_model(
+                    model_name, spatial_dims=2, in_channels=1, out_channels=2, **stem
                 )
-                baseline_ms = ms if baseline_ms is None else baseline_ms
+                for stem_name, stem in stems.items()
+            }
+            medians_ms = time_train_steps_ms(
+                models,
+                batch_size=args.batch_size,
+                image_size_px=image_size_px,
+                num_warmup=args.num_warmup,
+                num_repeats=args.num_repeats,
+            )
+            baseline_ms = medians_ms["monai-default 7x7 s1"]
+            for stem_name, ms in medians_ms.items():
                 images_per_s = args.batch_size / (ms / 1000.0)
                 print(
                     f"{model_name:<10}{image_size_px:>5}  {stem_name:<22}{ms:>10.0f}"
