@@ -143,7 +143,7 @@ def _lesions(grid: torch.Tensor, labels: torch.Tensor, generator: torch.Generato
     stretch = torch.ones(n, dims)
     stretch[:, 0] = 1.0 + 0.6 * (labels.float() - 1).clamp(min=0)
     d2 = (((g - center) / _per_image(stretch, dims)) ** 2).sum(1)
-    contrast = 0.22 + 0.1 * torch.rand(n, generator=generator).view_as(kind)
+    contrast = 0.15 + 0.1 * torch.rand(n, generator=generator).view_as(kind)
     return (labels > 0).float().view_as(kind) * contrast * torch.exp(-d2 / (2 * radius**2))
 
 
