@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,12 +22,12 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
     task, trainer, model = _prepare(msg, context)
-    config = msg.content[keys.CONFIG]
+    config: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     result = trainer.fit(
         model,
-        server_round=int(config.get(keys.SERVER_ROUND, 1)),
-        num_rounds=int(config.get(keys.NUM_ROUNDS, 1)),
-        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)),
+        server_round=int(keys.scalar(config, keys.SERVER_ROUND, 1)),
+        num_rounds=int(keys.scalar(config, keys.NUM_ROUNDS, 1)),
+        proximal_mu=keys.scalar(config, keys.PROXIMAL_MU, 0.0),
     )
     metrics = MetricRecord(
         {
@@ -42,9 +45,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; reply metric states."""
     task, trainer, model = _prepare(msg, context)
     states = trainer.evaluate(model)
-    metrics = MetricRecord(
-        {keys.NUM_EXAMPLES: len(trainer.validation_set), **states.to_record()}
-    )
+    metrics = MetricRecord({keys.NUM_EXAMPLES: len(trainer.validation_set), **states.to_record()})
     return _reply(msg, context, metrics)
 
 
@@ -53,10 +54,14 @@ def _prepare(msg: Message, context: Context) -> tuple[Task, LocalTrainer, torch.
     task = get_task(config.model_config)
     site: SiteSplits = load_site(context.node_config, config)
     model = task.build_model()
-    model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+    model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
     trainer = LocalTrainer(
-        task, config, site.train_images, site.train_labels,
-        site.validation_images, site.validation_labels,
+        task,
+        config,
+        site.train_images,
+        site.train_labels,
+        site.validation_images,
+        site.validation_labels,
     )
     return task, trainer, model
 

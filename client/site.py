@@ -56,8 +56,13 @@ def load_site(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSplit
             "'num-partitions' (a simulated site)"
         )
     index, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    key = (index, count, config.model_config, config.synthetic_samples_per_site,
-           config.validation_fraction)
+    key = (
+        index,
+        count,
+        config.model_config,
+        config.synthetic_samples_per_site,
+        config.validation_fraction,
+    )
     if key not in _CACHE:
         _CACHE[key] = synthetic_site(index, count, config)
     return _CACHE[key]

@@ -148,7 +148,10 @@ class LocalTrainer:
             model.train()
             for batch in loader:
                 lr = learning_rate_at(
-                    cfg.learning_rate, cfg.lr_schedule, server_round, num_rounds,
+                    cfg.learning_rate,
+                    cfg.lr_schedule,
+                    server_round,
+                    num_rounds,
                     step / max(total_steps, 1),
                 )
                 for group in optimizer.param_groups:
@@ -206,18 +209,23 @@ class LocalTrainer:
         drop_last = len(self.train_set) % self.config.batch_size == 1
         if self.config.class_balancing == "sampler":
             sampler = WeightedRandomSampler(
-                self.task.sample_weights(self.train_labels).double(),
+                self.task.sample_weights(self.train_labels).double().tolist(),
                 num_samples=len(self.train_set),
                 replacement=True,
                 generator=generator,
             )
             return DataLoader(
-                self.train_set, batch_size=self.config.batch_size, sampler=sampler,
+                self.train_set,
+                batch_size=self.config.batch_size,
+                sampler=sampler,
                 drop_last=drop_last,
             )
         return DataLoader(
-            self.train_set, batch_size=self.config.batch_size, shuffle=True,
-            generator=generator, drop_last=drop_last,
+            self.train_set,
+            batch_size=self.config.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=drop_last,
         )
 
     def _autocast(self) -> AbstractContextManager[Any]:

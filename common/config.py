@@ -87,9 +87,7 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         _check_choice("lr-schedule", self.lr_schedule, ("cosine", "cyclic", "constant"))
-        _check_choice(
-            "class-balancing", self.class_balancing, ("weighted-loss", "sampler", "none")
-        )
+        _check_choice("class-balancing", self.class_balancing, ("weighted-loss", "sampler", "none"))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_positive("local-epochs", self.local_epochs)
         _check_positive("batch-size", self.batch_size)
@@ -186,7 +184,9 @@ def _project(config: Any, cls: type[ConfigT]) -> ConfigT:
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"run-config key {key} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(
+            f"run-config key {key} must be one of {', '.join(choices)}; got {value!r}"
+        )
 
 
 def _check_positive(key: str, value: float) -> None:

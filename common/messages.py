@@ -1,5 +1,12 @@
 """Keys of the records exchanged between the ServerApp and site ClientApps: one place for all."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
 ARRAYS = "arrays"
 """ArrayRecord: model weights, both directions."""
 CONFIG = "config"
@@ -18,3 +25,38 @@ SITE_NAME = "site-name"
 SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-rounds"
 PROXIMAL_MU = "proximal-mu"
+
+
+def array_record(content: RecordDict, key: str = ARRAYS) -> ArrayRecord:
+    """The ArrayRecord under ``key``; a missing or mistyped record names the key."""
+    record = content.get(key)
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"message has no ArrayRecord {key!r}")
+    return record
+
+
+def metric_record(content: RecordDict, key: str = METRICS) -> MetricRecord:
+    """The MetricRecord under ``key``; a missing or mistyped record names the key."""
+    record = content.get(key)
+    if not isinstance(record, MetricRecord):
+        raise ValueError(f"message has no MetricRecord {key!r}")
+    return record
+
+
+def config_record(content: RecordDict, key: str) -> ConfigRecord | None:
+    record = content.get(key)
+    return record if isinstance(record, ConfigRecord) else None
+
+
+def scalar(record: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """A single number from a record; a missing key without default, or a list, raises."""
+    if key not in record:
+        if default is None:
+            raise ValueError(f"record has no value {key!r}")
+        return default
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(
+            f"record value {key!r} must be a single number, got {type(value).__name__}"
+        )
+    return float(value)

@@ -92,7 +92,9 @@ class ClassificationStates:
                 f"got {p.shape} and {t.shape}"
             )
         if t.size and (t.min() < 0 or t.max() >= self.num_classes):
-            raise ValueError(f"target values must lie in [0, {self.num_classes}), got {t.min()}..{t.max()}")
+            raise ValueError(
+                f"target values must lie in [0, {self.num_classes}), got {t.min()}..{t.max()}"
+            )
         bins = np.clip((p * self.num_bins).astype(np.int64), 0, self.num_bins - 1)
         for c in range(self.num_classes):
             is_c = (t == c).astype(np.int64)

@@ -92,7 +92,6 @@ def make_site(
     kinds = torch.randint(1, num_classes, (n,), generator=generator)
     labels = torch.where(has_finding, kinds, torch.zeros_like(kinds))
 
-    shape = (image_size,) * spatial_dims
     grid = torch.stack(
         torch.meshgrid(*[torch.linspace(-1, 1, image_size)] * spatial_dims, indexing="ij")
     )  # (D, *shape)

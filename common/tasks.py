@@ -61,7 +61,7 @@ class Task(ABC):
 
     @abstractmethod
     def loss_function(self, train_labels: torch.Tensor | None, balance: bool) -> nn.Module:
-        """The training loss; ``balance`` weights classes by inverse frequency in ``train_labels``."""
+        """The training loss; ``balance`` weights classes by their inverse frequency."""
 
     @abstractmethod
     def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Task(ABC):
 
     def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """Random MONAI transforms applied to each training sample dictionary."""
-        return mt.Identityd(keys=["image"])
+        return mt.Compose([])
 
 
 class ClassificationTask(Task):
@@ -132,7 +132,9 @@ class ClassificationTask(Task):
             [
                 mt.RandFlipd(keys="image", prob=0.5, spatial_axis=0),
                 mt.RandRotated(keys="image", range_x=0.26, prob=0.5, padding_mode="border"),
-                mt.RandZoomd(keys="image", min_zoom=0.9, max_zoom=1.1, prob=0.5, padding_mode="edge"),
+                mt.RandZoomd(
+                    keys="image", min_zoom=0.9, max_zoom=1.1, prob=0.5, padding_mode="edge"
+                ),
                 mt.RandSpatialCropd(keys="image", roi_size=crop, random_size=False),
                 mt.Resized(keys="image", spatial_size=size),
                 mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -26,12 +26,11 @@ SITE = "site"
 
 
 def reply_site_name(record: RecordDict) -> str:
-    site = record.config_records.get(keys.SITE)
+    site = keys.config_record(record, keys.SITE)
     return str(site[keys.SITE_NAME]) if site is not None and keys.SITE_NAME in site else "unknown"
 
 
-def _metric_record(record: RecordDict) -> MetricRecord:
-    return record.metric_records[keys.METRICS]
+_metric_record = keys.metric_record
 
 
 class RoundRecorder:
@@ -42,7 +41,7 @@ class RoundRecorder:
         self.num_rounds = num_rounds
         self.primary = task.metrics[task.primary_metric]
         self.pending: dict[str, float] = {}
-        self.site_status: dict[str, str] = {}
+        self.site_status: dict[str, list[str]] = {}
         self.best_value: float | None = None
         self.best_round: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -50,37 +49,41 @@ class RoundRecorder:
 
     # Flower's train_metrics_aggr_fn
     def aggregate_train(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-        total = sum(float(_metric_record(r)[weighted_by_key]) for r in records)
+        total = sum(keys.scalar(_metric_record(r), weighted_by_key) for r in records)
         weighted_loss = sum(
-            float(_metric_record(r)[keys.TRAIN_LOSS]) * float(_metric_record(r)[weighted_by_key])
+            keys.scalar(_metric_record(r), keys.TRAIN_LOSS)
+            * keys.scalar(_metric_record(r), weighted_by_key)
             for r in records
         )
-        out = {f"{TRAIN}/loss": weighted_loss / total if total else math.nan,
-               f"{TRAIN}/num-examples": total, f"{TRAIN}/sites": float(len(records))}
+        out: dict[str, float] = {
+            f"{TRAIN}/loss": weighted_loss / total if total else math.nan,
+            f"{TRAIN}/num-examples": total,
+            f"{TRAIN}/sites": float(len(records)),
+        }
         for record in records:
             name = reply_site_name(record)
             metrics = _metric_record(record)
-            out[f"{SITE}/{name}/train-loss"] = float(metrics[keys.TRAIN_LOSS])
-            out[f"{SITE}/{name}/num-examples"] = float(metrics[weighted_by_key])
-            self.site_status[name] = "trained"
+            out[f"{SITE}/{name}/train-loss"] = keys.scalar(metrics, keys.TRAIN_LOSS)
+            out[f"{SITE}/{name}/num-examples"] = keys.scalar(metrics, weighted_by_key)
+            self.site_status.setdefault(name, []).append("trained")
         self.pending.update(out)
         self.rounds_completed += 1
-        return MetricRecord(out)
+        return _to_record(out)
 
     # Flower's evaluate_metrics_aggr_fn
     def aggregate_evaluate(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         pooled = self.task.pool(_metric_record(r) for r in records).compute()
         out = {f"{POOLED}/{name}": value for name, value in pooled.items()}
-        out[f"{POOLED}/num-examples"] = float(
-            sum(float(_metric_record(r)[weighted_by_key]) for r in records)
+        out[f"{POOLED}/num-examples"] = sum(
+            keys.scalar(_metric_record(r), weighted_by_key) for r in records
         )
         for record in records:
             name = reply_site_name(record)
             per_site = self.task.pool([_metric_record(record)]).compute()
             out.update({f"{SITE}/{name}/{metric}": value for metric, value in per_site.items()})
-            self.site_status[name] = "evaluated"
+            self.site_status.setdefault(name, []).append("evaluated")
         self.pending.update(out)
-        return MetricRecord(out)
+        return _to_record(out)
 
     # Flower's evaluate_fn: called at round 0 and after each round
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -93,7 +96,11 @@ class RoundRecorder:
         self.site_status = {}
         if math.isfinite(value) and (
             self.best_value is None
-            or (value > self.best_value if self.primary.higher_is_better else value < self.best_value)
+            or (
+                value > self.best_value
+                if self.primary.higher_is_better
+                else value < self.best_value
+            )
         ):
             self.best_value, self.best_round = value, server_round
             self.best_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
@@ -101,8 +108,10 @@ class RoundRecorder:
 
     def _log_progress(self, server_round: int, metrics: dict[str, Any], value: float) -> None:
         sites = ", ".join(
-            f"{name}: {status}"
-            + _fmt(metrics.get(f"{SITE}/{name}/{self.task.primary_metric}"), self.task.primary_metric)
+            f"{name}: {'+'.join(status)}"
+            + _fmt(
+                metrics.get(f"{SITE}/{name}/{self.task.primary_metric}"), self.task.primary_metric
+            )
             for name, status in sorted(self.site_status.items())
         )
         if not self.site_status:
@@ -119,6 +128,10 @@ class RoundRecorder:
             metrics.get(f"{POOLED}/loss", math.nan),
             sites,
         )
+
+
+def _to_record(values: dict[str, float]) -> MetricRecord:
+    return MetricRecord(cast(dict[str, int | float | list[int] | list[float]], values))
 
 
 def _fmt(value: Any, name: str) -> str:

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import ServerConfig
 from common.errors import RegistryError
+from common.messages import array_record
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -40,7 +41,7 @@ class AverageBuffersMixin:
             return arrays, metrics
         valid = [m.content for m in replies if not m.has_error()]
         averaged = aggregate_arrayrecords(valid, self.weighted_by_key)
-        reference = valid[0]["arrays"]
+        reference = array_record(valid[0])
         fixed = ArrayRecord()
         for key in arrays:
             dtype = reference[key].numpy().dtype

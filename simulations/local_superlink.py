@@ -8,6 +8,7 @@ process when the simulation ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,14 +63,25 @@ class LocalSuperLink:
             "insecure = true\n"
         )
         command = [
-            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.flwr_home / "state.db"),
+            "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.flwr_home / "state.db"),
             "--disable-runtime-dependency-installation",
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         deadline = time.monotonic() + self.startup_timeout_s
@@ -108,10 +120,8 @@ class LocalSuperLink:
             os.killpg(pgid, signal.SIGKILL)
             self.process.wait()
         # Children (the simulation process, Ray) share the group; make sure none is left.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def _healthy(self) -> bool:
         try:

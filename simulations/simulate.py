@@ -37,11 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed of data, model and training")
     parser.add_argument("--config", type=Path, help="TOML file of run-config overrides")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="one run-config override, e.g. --set local-epochs=2 (repeatable)",
     )
     parser.add_argument(
-        "--workdir", type=Path, default=Path(".radfl"),
+        "--workdir",
+        type=Path,
+        default=Path(".radfl"),
         help="folder for the simulation's Flower state and logs (default .radfl)",
     )
     parser.add_argument(
@@ -60,8 +65,12 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not sep:
             raise RadFLError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = _parse_value(value.strip())
-    named = {"num-rounds": args.rounds, "model": args.model, "strategy": args.strategy,
-             "seed": args.seed}
+    named = {
+        "num-rounds": args.rounds,
+        "model": args.model,
+        "strategy": args.strategy,
+        "seed": args.seed,
+    }
     overrides.update({k: v for k, v in named.items() if v is not None})
     overrides["min-sites"] = args.sites
     overrides.setdefault("run-key", uuid.uuid4().hex)
@@ -83,8 +92,13 @@ def simulate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with LocalSuperLink(workdir / "flwr-home", env) as superlink:
         command = [
-            "flwr", "run", str(APP_DIR), CONNECTION_NAME, "--stream",
-            "--run-config", format_run_config(overrides),
+            "flwr",
+            "run",
+            str(APP_DIR),
+            CONNECTION_NAME,
+            "--stream",
+            "--run-config",
+            format_run_config(overrides),
             "--federation-config",
             f"num-supernodes={args.sites} client-resources-num-cpus={args.cpus_per_site}",
         ]
@@ -147,7 +161,11 @@ _LOG_PREFIX = re.compile(r"^(?:(?:DEBUG|INFO|WARNING|ERROR)\s*:(?:flwr:)?\s*)")
 def _stream(command: list[str], env: dict[str, str], *, verbose: bool) -> int:
     """Run ``command``, echoing progress lines (all lines with ``verbose``)."""
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         cwd=APP_DIR,
     )
     assert process.stdout is not None  # guaranteed by stdout=PIPE

@@ -39,13 +39,22 @@ def print_summary(config: ServerConfig, *, wall_time_s: float) -> int:
     """Print the summary of the run tagged ``config.run_key``; 0 if it finished, else 1."""
     run = tracking.find_run(config.run_key, config.experiment_name)
     if run is None:
-        print(f"No MLflow run was recorded (run key {config.run_key}); the simulation failed early.")
+        print(
+            f"No MLflow run was recorded (run key {config.run_key}); the simulation failed early."
+        )
         return 1
     task = get_task(config.model_config)
     primary = task.primary_metric
     rounds = round_table(
-        run.info.run_id, [f"{TRAIN}/loss", f"{POOLED}/{primary}", f"{POOLED}/loss",
-                          f"{POOLED}/accuracy", f"{POOLED}/sensitivity", f"{POOLED}/specificity"]
+        run.info.run_id,
+        [
+            f"{TRAIN}/loss",
+            f"{POOLED}/{primary}",
+            f"{POOLED}/loss",
+            f"{POOLED}/accuracy",
+            f"{POOLED}/sensitivity",
+            f"{POOLED}/specificity",
+        ],
     )
     sites = site_table(run.info.run_id, primary)
     status = run.info.status
@@ -61,10 +70,15 @@ def print_summary(config: ServerConfig, *, wall_time_s: float) -> int:
     if final is not None and len(final):
         print(f"Final pooled {primary}: {final.iloc[-1]:.4f} (best {final.max():.4f})")
     print(f"Wall time: {wall_time_s:.1f} s")
-    print(f"MLflow: {tracking.tracking_uri()}  experiment '{config.experiment_name}'  "
-          f"run {run.info.run_id}  status {status}")
+    print(
+        f"MLflow: {tracking.tracking_uri()}  experiment '{config.experiment_name}'  "
+        f"run {run.info.run_id}  status {status}"
+    )
     print(f"Browse: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
     complete = status == "FINISHED" and len(rounds) == config.num_rounds
     if not complete:
-        print(f"The run did not complete: status {status}, {len(rounds)} of {config.num_rounds} rounds.")
+        print(
+            f"The run did not complete: status {status}, "
+            f"{len(rounds)} of {config.num_rounds} rounds."
+        )
     return 0 if complete else 1

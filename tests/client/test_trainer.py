@@ -26,8 +26,13 @@ def _trainer(config):
     task = get_task(config.model_config)
     site = synthetic_site(0, 2, config)
     trainer = LocalTrainer(
-        task, config, site.train_images, site.train_labels,
-        site.validation_images, site.validation_labels, device=torch.device("cpu"),
+        task,
+        config,
+        site.train_images,
+        site.train_labels,
+        site.validation_images,
+        site.validation_labels,
+        device=torch.device("cpu"),
     )
     return task, trainer
 
@@ -60,8 +65,9 @@ def test_training_reduces_training_loss_on_fixed_data():
 
 def test_early_stopping_restores_best_epoch():
     # A learning rate this large makes validation loss worse after the first epoch.
-    config = _config(local_epochs=6, early_stopping_patience=1, learning_rate=5.0,
-                     lr_schedule="constant")
+    config = _config(
+        local_epochs=6, early_stopping_patience=1, learning_rate=5.0, lr_schedule="constant"
+    )
     task, trainer = _trainer(config)
     model = task.build_model()
     result = trainer.fit(model)
@@ -98,8 +104,14 @@ def test_empty_site_is_refused():
     task = get_task(config.model_config)
     empty = torch.zeros((0, 1, 32, 32))
     with pytest.raises(ValueError, match="no training samples"):
-        LocalTrainer(task, config, empty, torch.zeros(0, dtype=torch.long), empty,
-                     torch.zeros(0, dtype=torch.long))
+        LocalTrainer(
+            task,
+            config,
+            empty,
+            torch.zeros(0, dtype=torch.long),
+            empty,
+            torch.zeros(0, dtype=torch.long),
+        )
 
 
 def test_learning_rate_schedules():

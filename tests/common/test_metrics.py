@@ -14,7 +14,9 @@ def _fake_site(rng: np.random.Generator, n: int, num_classes: int, shift: float)
 
 def _three_sites(num_classes: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return [_fake_site(rng, n, num_classes, shift) for n, shift in ((50, 0.5), (173, 1.5), (96, 3.0))]
+    return [
+        _fake_site(rng, n, num_classes, shift) for n, shift in ((50, 0.5), (173, 1.5), (96, 3.0))
+    ]
 
 
 def _pooled_from_sites(sites, num_classes: int) -> ClassificationStates:

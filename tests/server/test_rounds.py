@@ -24,7 +24,9 @@ def _eval_reply(name: str, probs, target) -> RecordDict:
 def recorder(monkeypatch):
     logged: dict[int, dict[str, float]] = {}
     monkeypatch.setattr(
-        rounds.tracking, "log_metrics", lambda metrics, step: logged.setdefault(step, {}).update(metrics)
+        rounds.tracking,
+        "log_metrics",
+        lambda metrics, step: logged.setdefault(step, {}).update(metrics),
     )
     config = from_run_config(ServerConfig, default_run_config())
     rec = rounds.RoundRecorder(get_task(config.model_config), num_rounds=2)

@@ -44,8 +44,19 @@ def _only_run(client: MlflowClient, mode: str):
 
 
 def test_simulate_two_sites_two_rounds_is_tracked_in_mlflow(tmp_path: Path):
-    command = [RADFL, "simulate", "--sites", "2", "--rounds", "2", "--model", "small-cnn",
-               "--seed", "7", *TINY]
+    command = [
+        RADFL,
+        "simulate",
+        "--sites",
+        "2",
+        "--rounds",
+        "2",
+        "--model",
+        "small-cnn",
+        "--seed",
+        "7",
+        *TINY,
+    ]
     done = subprocess.run(
         command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600
     )
@@ -69,7 +80,9 @@ def test_simulate_two_sites_two_rounds_is_tracked_in_mlflow(tmp_path: Path):
         client.get_metric_history(run.info.run_id, f"site/site-{i}/num-examples")[0].value
         for i in range(2)
     )
-    assert client.get_metric_history(run.info.run_id, "train/num-examples")[0].value == site_examples
+    assert (
+        client.get_metric_history(run.info.run_id, "train/num-examples")[0].value == site_examples
+    )
 
     weights = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
     assert {"weights/final.pt", "weights/best.pt", "weights/model.json"} <= weights
@@ -81,7 +94,9 @@ def test_simulate_two_sites_two_rounds_is_tracked_in_mlflow(tmp_path: Path):
 
     versions = client.search_model_versions("name = 'radfl-classification-small-cnn-2d'")
     assert [v.run_id for v in versions] == [run.info.run_id]
-    model = mlflow.pytorch.load_model(f"models:/radfl-classification-small-cnn-2d/{versions[0].version}")
+    model = mlflow.pytorch.load_model(
+        f"models:/radfl-classification-small-cnn-2d/{versions[0].version}"
+    )
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
 
     # The SuperLink and everything it started are gone.
@@ -103,8 +118,12 @@ def test_centralized_uses_the_same_sites_and_tracks_a_run(tmp_path: Path):
 
 def test_bad_run_config_key_fails_before_starting(tmp_path: Path):
     done = subprocess.run(
-        [RADFL, "simulate", "--set", "num-roundz=2"], cwd=tmp_path, env=_env(tmp_path),
-        capture_output=True, text=True, timeout=120,
+        [RADFL, "simulate", "--set", "num-roundz=2"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     assert "num-roundz" in done.stderr
@@ -138,7 +157,11 @@ def test_flwr_run_from_repository_root(tmp_path: Path):
     try:
         done = subprocess.run(
             ["flwr", "run", ".", "--stream", "--run-config", config],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     finally:
         for pid in _managed_superlink_pids(flwr_home):
