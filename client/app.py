@@ -55,14 +55,7 @@ def _prepare(msg: Message, context: Context) -> tuple[Task, LocalTrainer, torch.
     site: SiteSplits = load_site(context.node_config, config)
     model = task.build_model()
     model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
-    trainer = LocalTrainer(
-        task,
-        config,
-        site.train_images,
-        site.train_labels,
-        site.validation_images,
-        site.validation_labels,
-    )
+    trainer = LocalTrainer.for_site(task, config, site)
     return task, trainer, model
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from client.site import SiteSplits
 from common.config import ClientConfig
 from common.errors import ConfigError
 from common.tasks import MetricStates, Task
@@ -112,6 +113,21 @@ class LocalTrainer:
         self.validation_set = SampleDataset(validation_images, validation_labels)
         self.autocast_dtype = _autocast_dtype(config.precision, self.device)
 
+    @classmethod
+    def for_site(
+        cls, task: Task, config: ClientConfig, site: SiteSplits, device: torch.device | None = None
+    ) -> LocalTrainer:
+        """A trainer on a site's training split that validates on its validation split."""
+        return cls(
+            task,
+            config,
+            site.train_images,
+            site.train_labels,
+            site.validation_images,
+            site.validation_labels,
+            device=device,
+        )
+
     def fit(
         self,
         model: nn.Module,
@@ -133,9 +149,7 @@ class LocalTrainer:
         loss_function = self.task.loss_function(
             self.train_labels, balance=cfg.class_balancing == "weighted-loss"
         ).to(self.device)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-        )
+        optimizer = _optimizer(cfg, model)
         loader = self._train_loader(server_round)
         steps_per_epoch = len(loader)
         total_steps = steps_per_epoch * cfg.local_epochs
@@ -232,6 +246,18 @@ class LocalTrainer:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def _optimizer(config: ClientConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """A fresh optimizer each round: optimizer state is local and never sent."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.learning_rate, momentum=0.9, nesterov=True,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

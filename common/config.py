@@ -71,6 +71,7 @@ class ClientConfig:
     seed: int
     local_epochs: int
     batch_size: int
+    optimizer: str
     learning_rate: float
     weight_decay: float
     lr_schedule: str
@@ -86,6 +87,7 @@ class ClientConfig:
         return _project(self, ModelConfig)
 
     def __post_init__(self) -> None:
+        _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
         _check_choice("lr-schedule", self.lr_schedule, ("cosine", "cyclic", "constant"))
         _check_choice("class-balancing", self.class_balancing, ("weighted-loss", "sampler", "none"))
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))

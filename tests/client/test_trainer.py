@@ -25,15 +25,7 @@ def _config(**overrides):
 def _trainer(config):
     task = get_task(config.model_config)
     site = synthetic_site(0, 2, config)
-    trainer = LocalTrainer(
-        task,
-        config,
-        site.train_images,
-        site.train_labels,
-        site.validation_images,
-        site.validation_labels,
-        device=torch.device("cpu"),
-    )
+    trainer = LocalTrainer.for_site(task, config, site, device=torch.device("cpu"))
     return task, trainer
 
 
