@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from client.trainer import LabelledDataset, SampleDataset
 from common.config import ClientConfig
 from common.errors import ConfigError
 from common.synthetic import SiteData, make_site, site_profiles
@@ -21,13 +22,12 @@ from common.synthetic import SiteData, make_site, site_profiles
 
 @dataclass(frozen=True)
 class SiteSplits:
-    """A site's data divided into training and validation parts by patient."""
+    """A site's data divided by patient into training, validation and (optionally) test parts."""
 
     name: str
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    validation_images: torch.Tensor
-    validation_labels: torch.Tensor
+    train: LabelledDataset
+    validation: LabelledDataset
+    test: LabelledDataset | None = None
 
 
 def site_name(node_config: Mapping[str, Any]) -> str:
@@ -94,10 +94,8 @@ def split_site(data: SiteData, validation_fraction: float, seed: int) -> SiteSpl
     is_validation = torch.tensor([p in validation_patients for p in data.patient_ids])
     return SiteSplits(
         name=data.profile.name,
-        train_images=images[~is_validation],
-        train_labels=data.labels[~is_validation],
-        validation_images=images[is_validation],
-        validation_labels=data.labels[is_validation],
+        train=SampleDataset(images[~is_validation], data.labels[~is_validation]),
+        validation=SampleDataset(images[is_validation], data.labels[is_validation]),
     )
 
 

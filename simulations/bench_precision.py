@@ -58,7 +58,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(f"threads {torch.get_num_threads()}, {args.model} {args.image_size}px batch {args.batch_size}")
+    print(
+        f"threads {torch.get_num_threads()}, {args.model} {args.image_size}px "
+        f"batch {args.batch_size}"
+    )
     results = {}
     # Alternate the two settings so drift in machine speed hits both alike.
     for _ in range(2):

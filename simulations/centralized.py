@@ -12,11 +12,10 @@ import argparse
 import time
 from logging import INFO
 
-import torch
 from flwr.common.logger import log
 
 from client.site import synthetic_site
-from client.trainer import LocalTrainer
+from client.trainer import ConcatLabelled, LocalTrainer
 from common.config import ClientConfig, ServerConfig, default_run_config, from_run_config
 from common.tasks import get_task
 from server import tracking
@@ -35,10 +34,8 @@ def centralized(args: argparse.Namespace) -> int:
     trainer = LocalTrainer(
         task,
         client_config,
-        torch.cat([s.train_images for s in sites]),
-        torch.cat([s.train_labels for s in sites]),
-        torch.cat([s.validation_images for s in sites]),
-        torch.cat([s.validation_labels for s in sites]),
+        ConcatLabelled([s.train for s in sites]),
+        ConcatLabelled([s.validation for s in sites]),
     )
     model = task.build_model()
     started = time.monotonic()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from client.site import synthetic_site
-from client.trainer import LocalTrainer, learning_rate_at
+from client.trainer import LocalTrainer, SampleDataset, learning_rate_at
 from common.config import ClientConfig, default_run_config, from_run_config
 from common.tasks import get_task
 
@@ -94,16 +94,9 @@ def test_bf16_autocast_on_cpu_gives_finite_loss():
 def test_empty_site_is_refused():
     config = _config()
     task = get_task(config.model_config)
-    empty = torch.zeros((0, 1, 32, 32))
+    empty = SampleDataset(torch.zeros((0, 1, 32, 32)), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="no training samples"):
-        LocalTrainer(
-            task,
-            config,
-            empty,
-            torch.zeros(0, dtype=torch.long),
-            empty,
-            torch.zeros(0, dtype=torch.long),
-        )
+        LocalTrainer(task, config, empty, empty)
 
 
 def test_learning_rate_schedules():
@@ -119,6 +112,6 @@ def test_learning_rate_schedules():
 def test_site_split_is_patient_disjoint_and_deterministic():
     config = _config()
     a, b = synthetic_site(1, 3, config), synthetic_site(1, 3, config)
-    assert torch.equal(a.train_images, b.train_images)
-    total = len(a.train_labels) + len(a.validation_labels)
-    assert len(a.validation_labels) == round(config.validation_fraction * total)
+    assert torch.equal(a.train.images, b.train.images)
+    total = len(a.train.labels) + len(a.validation.labels)
+    assert len(a.validation.labels) == round(config.validation_fraction * total)
