@@ -17,6 +17,7 @@ import torch
 from client.trainer import LabelledDataset, SampleDataset
 from common.config import ClientConfig
 from common.errors import ConfigError
+from common.splits import TEST, TRAIN, VALIDATION, SplitFractions, assign_splits
 from common.synthetic import SiteData, make_site, site_profiles
 
 
@@ -62,6 +63,7 @@ def load_site(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSplit
         config.model_config,
         config.synthetic_samples_per_site,
         config.validation_fraction,
+        config.test_fraction,
     )
     if key not in _CACHE:
         _CACHE[key] = synthetic_site(index, count, config)
@@ -81,22 +83,26 @@ def synthetic_site(index: int, count: int, config: ClientConfig) -> SiteSplits:
         num_classes=config.num_classes,
         seed=config.seed,
     )
-    return split_site(data, config.validation_fraction, config.seed)
+    return split_site(data, split_fractions(config), config.seed)
 
 
-def split_site(data: SiteData, validation_fraction: float, seed: int) -> SiteSplits:
-    """Normalise each image (z-score) and split patients into train and validation."""
+def split_site(data: SiteData, fractions: SplitFractions, seed: int) -> SiteSplits:
+    """Normalise each image (z-score) and split the site by patient (``common.splits``)."""
     images = normalize_intensity(data.images)
-    patients = sorted(set(data.patient_ids))
-    order = torch.randperm(len(patients), generator=torch.Generator().manual_seed(seed))
-    n_validation = max(1, int(round(validation_fraction * len(patients))))
-    validation_patients = {patients[i] for i in order[:n_validation].tolist()}
-    is_validation = torch.tensor([p in validation_patients for p in data.patient_ids])
+    splits = assign_splits(data.patient_ids, seed=seed, fractions=fractions).to_numpy()
+
+    def part(name: str) -> SampleDataset:
+        index = torch.from_numpy(splits == name)
+        return SampleDataset(images[index], data.labels[index])
+
     return SiteSplits(
-        name=data.profile.name,
-        train=SampleDataset(images[~is_validation], data.labels[~is_validation]),
-        validation=SampleDataset(images[is_validation], data.labels[is_validation]),
+        name=data.profile.name, train=part(TRAIN), validation=part(VALIDATION), test=part(TEST)
     )
+
+
+def split_fractions(config: ClientConfig) -> SplitFractions:
+    train = 1.0 - config.validation_fraction - config.test_fraction
+    return SplitFractions(train, config.validation_fraction, config.test_fraction)
 
 
 def normalize_intensity(images: torch.Tensor) -> torch.Tensor:

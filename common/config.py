@@ -81,6 +81,7 @@ class ClientConfig:
     precision: str
     synthetic_samples_per_site: int
     validation_fraction: float
+    test_fraction: float
 
     @property
     def model_config(self) -> ModelConfig:
@@ -97,6 +98,10 @@ class ClientConfig:
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(
                 f"validation-fraction must lie in (0, 1), got {self.validation_fraction}"
+            )
+        if not 0.0 <= self.test_fraction < 1.0 - self.validation_fraction:
+            raise ConfigError(
+                f"test-fraction must lie in [0, 1 - validation-fraction), got {self.test_fraction}"
             )
 
 
