@@ -21,7 +21,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
-    task, trainer, model = _prepare(msg, context)
+    task, trainer, model, site = _prepare(msg, context)
     config: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     result = trainer.fit(
         model,
@@ -35,6 +35,7 @@ def train(msg: Message, context: Context) -> Message:
             keys.TRAIN_LOSS: result.train_loss,
             keys.VALIDATION_LOSS: result.validation_loss,
             keys.EPOCHS_RUN: result.epochs_run,
+            keys.SKIPPED_ROWS: site.skipped_rows,
         }
     )
     return _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
@@ -43,20 +44,22 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; reply metric states."""
-    task, trainer, model = _prepare(msg, context)
+    task, trainer, model, _ = _prepare(msg, context)
     states = trainer.evaluate(model)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(trainer.validation_set), **states.to_record()})
     return _reply(msg, context, metrics)
 
 
-def _prepare(msg: Message, context: Context) -> tuple[Task, LocalTrainer, torch.nn.Module]:
+def _prepare(
+    msg: Message, context: Context
+) -> tuple[Task, LocalTrainer, torch.nn.Module, SiteSplits]:
     config = from_run_config(ClientConfig, context.run_config)
     task = get_task(config.model_config)
     site: SiteSplits = load_site(context.node_config, config)
     model = task.build_model()
     model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
     trainer = LocalTrainer.for_site(task, config, site)
-    return task, trainer, model
+    return task, trainer, model, site
 
 
 def _reply(

@@ -1,24 +1,47 @@
 """Which site this node is, and its data, from ``node_config`` only.
 
-The hospital decides its facts (name, data location) when it starts its SuperNode; the
-coordinator's run config never names a site's data. In Flower's simulation engine a virtual node
-has ``partition-id`` and ``num-partitions`` instead: it is then synthetic hospital number
-``partition-id`` of ``num-partitions``, generated in memory from the run's seed.
+The hospital decides its facts when it starts its SuperNode; the coordinator's run config never
+names a site's data. ``node_config`` keys a site may set:
+
+================  ==========================================================================
+``site-name``     the name reported with the site's metrics (default: the data folder's name)
+``data-path``     the site folder holding ``manifest.csv`` and its images (``common.manifest``)
+``cache-path``    where decoded images and check reports are cached (default
+                  ``DATA-PATH/.radfl-cache``)
+``skip-bad-rows`` ``true`` to train on the rows that pass the site check, reporting the others;
+                  by default a site whose check fails refuses to train, with the same messages
+                  ``radfl site check`` prints
+``split-seed``    seed of the patient-hash train/validation/test split (default 0)
+================  ==========================================================================
+
+In Flower's simulation engine a virtual node has only ``partition-id`` and ``num-partitions``.
+``radfl simulate`` then sets ``RADFL_SIMULATION_DATA`` to a folder of synthetic site folders
+(``site-0``, ``site-1``, ...), and virtual node ``k`` reads ``site-k`` through the same loader
+as a real site. Without it (a bare ``flwr run .``), node ``k`` generates synthetic hospital
+``k`` in memory from the run's seed.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from client.trainer import LabelledDataset, SampleDataset
+from common import manifest as mf
 from common.config import ClientConfig
 from common.errors import ConfigError
 from common.splits import TEST, TRAIN, VALIDATION, SplitFractions, assign_splits
 from common.synthetic import SiteData, make_site, site_profiles
+
+log = logging.getLogger(__name__)
+
+SIMULATION_DATA_ENV = "RADFL_SIMULATION_DATA"
 
 
 @dataclass(frozen=True)
@@ -29,28 +52,42 @@ class SiteSplits:
     train: LabelledDataset
     validation: LabelledDataset
     test: LabelledDataset | None = None
+    skipped_rows: int = 0
 
 
 def site_name(node_config: Mapping[str, Any]) -> str:
-    """The site's name: ``site-name`` from node_config, else ``site-<partition-id>``."""
+    """The site's name: ``site-name``, else the data folder's name, else ``site-<partition-id>``."""
     if "site-name" in node_config:
         return str(node_config["site-name"])
+    if "data-path" in node_config:
+        return Path(str(node_config["data-path"])).name
     if "partition-id" in node_config:
         return f"site-{int(node_config['partition-id'])}"
-    raise ConfigError("node_config has neither 'site-name' nor 'partition-id'")
+    raise ConfigError("node_config has neither 'site-name', 'data-path' nor 'partition-id'")
 
 
-# Ray keeps ClientApp actors alive across rounds: generate each synthetic site once per process.
+# ClientApp processes (Ray actors in simulation) live across rounds: load each site once.
 _CACHE: dict[tuple[Any, ...], SiteSplits] = {}
 
 
 def load_site(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSplits:
-    """The site's training and validation data."""
-    if "data-path" in node_config:
-        raise ConfigError(
-            f"node_config data-path={node_config['data-path']!r}: loading a site folder "
-            "needs the site data manifest (issue #3); this build runs synthetic sites only"
+    """The site's data, split by patient: a site folder, or a synthetic hospital in memory."""
+    node_config = dict(node_config)
+    simulation_root = os.environ.get(SIMULATION_DATA_ENV)
+    if "data-path" not in node_config and simulation_root and "partition-id" in node_config:
+        node_config["data-path"] = str(
+            Path(simulation_root) / f"site-{int(node_config['partition-id'])}"
         )
+    if "data-path" in node_config:
+        key: tuple[Any, ...] = (
+            tuple(sorted(node_config.items())),
+            config.model_config,
+            config.validation_fraction,
+            config.test_fraction,
+        )
+        if key not in _CACHE:
+            _CACHE[key] = site_folder(node_config, config)
+        return _CACHE[key]
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ConfigError(
             "node_config must give 'data-path' (a real site) or 'partition-id' and "
@@ -68,6 +105,62 @@ def load_site(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSplit
     if key not in _CACHE:
         _CACHE[key] = synthetic_site(index, count, config)
     return _CACHE[key]
+
+
+def site_folder(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSplits:
+    """A site folder checked (``radfl site check``), cached, and split by patient."""
+    # Imported here: MONAI's readers are only needed by sites that read folders.
+    from client.check import load_checked_site
+    from client.data import SiteDataError, SiteDataset
+
+    root = Path(str(node_config["data-path"])).expanduser()
+    cache_dir = Path(str(node_config["cache-path"])) if "cache-path" in node_config else None
+    skip_bad_rows = _flag(node_config.get("skip-bad-rows", False), "skip-bad-rows")
+    name = site_name(node_config)
+    rows, report = load_checked_site(
+        root,
+        task=config.task,
+        spatial_dims=config.spatial_dims,
+        num_classes=config.num_classes,
+        image_size=config.image_size,
+        skip_bad_rows=skip_bad_rows,
+        cache_dir=cache_dir,
+    )
+    for line in report.problem_lines():
+        log.warning("site %s skips %s", name, line)
+    splits = assign_splits(
+        rows[mf.PATIENT_ID],
+        seed=int(node_config.get("split-seed", 0)),
+        fractions=split_fractions(config),
+    ).to_numpy()
+
+    def part(split: str) -> SiteDataset:
+        return SiteDataset(
+            rows[splits == split],
+            root,
+            task=config.task,
+            spatial_dims=config.spatial_dims,
+            image_size=config.image_size,
+            cache_dir=cache_dir,
+        )
+
+    train, validation = part(TRAIN), part(VALIDATION)
+    for split, dataset in ((TRAIN, train), (VALIDATION, validation)):
+        if len(dataset) == 0:
+            raise SiteDataError(
+                f"site {name} ({root}): no patient falls into the {split} split "
+                f"({len(rows)} usable rows); the site needs more patients"
+            )
+    test = part(TEST) if (splits == TEST).any() else None
+    return SiteSplits(name, train, validation, test, skipped_rows=len(report.bad_lines))
+
+
+def _flag(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"node_config {key} must be true or false, got {value!r}")
 
 
 def synthetic_site(index: int, count: int, config: ClientConfig) -> SiteSplits:

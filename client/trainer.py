@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -234,7 +234,7 @@ class LocalTrainer:
         dataset = dataset if dataset is not None else self.validation_set
         model.to(self.device).eval()
         states = self.task.new_states()
-        loader = DataLoader(dataset, batch_size=self.config.batch_size * 2, shuffle=False)
+        loader = DataLoader(_as_dataset(dataset), batch_size=self.config.batch_size * 2)
         for batch in loader:
             batch = _to_device(batch, self.device)
             with self._autocast():
@@ -253,13 +253,13 @@ class LocalTrainer:
                 generator=generator,
             )
             return DataLoader(
-                self.train_set,
+                _as_dataset(self.train_set),
                 batch_size=self.config.batch_size,
                 sampler=sampler,
                 drop_last=drop_last,
             )
         return DataLoader(
-            self.train_set,
+            _as_dataset(self.train_set),
             batch_size=self.config.batch_size,
             shuffle=True,
             generator=generator,
@@ -270,6 +270,11 @@ class LocalTrainer:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def _as_dataset(dataset: LabelledDataset) -> Dataset[dict[str, Any]]:
+    """The protocol's structural type, as torch's DataLoader annotation wants it."""
+    return cast(Dataset[dict[str, Any]], dataset)
 
 
 def _optimizer(config: ClientConfig, model: nn.Module) -> torch.optim.Optimizer:

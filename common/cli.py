@@ -29,6 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_arguments(central)
     central.set_defaults(handler=_centralized)
 
+    site = commands.add_parser("site", help="commands a hospital site runs next to its data")
+    site_commands = site.add_subparsers(dest="site_command", required=True)
+    check = site_commands.add_parser(
+        "check", help="decode every image of a site folder and report each problem by row and file"
+    )
+    _add_site_check_arguments(check)
+    check.set_defaults(handler=_site_check)
+
+    synth = commands.add_parser(
+        "synth", help="write synthetic hospitals to disk (DICOM, NIfTI, PNG) with manifests"
+    )
+    _add_synth_arguments(synth)
+    synth.set_defaults(handler=_synth)
+
     models = commands.add_parser("models", help="list the registered models, tasks and strategies")
     models.set_defaults(handler=_list_registries)
     return parser
@@ -53,6 +67,30 @@ def _centralized(args: argparse.Namespace) -> int:
     from simulations.centralized import centralized
 
     return centralized(args)
+
+
+def _add_site_check_arguments(parser: argparse.ArgumentParser) -> None:
+    from client import check
+
+    check.add_arguments(parser)
+
+
+def _site_check(args: argparse.Namespace) -> int:
+    from client import check
+
+    return check.site_check(args)
+
+
+def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    from simulations import synth
+
+    synth.add_arguments(parser)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from simulations import synth
+
+    return synth.synth(args)
 
 
 def _list_registries(args: argparse.Namespace) -> int:

@@ -65,6 +65,7 @@ class RoundRecorder:
             metrics = _metric_record(record)
             out[f"{SITE}/{name}/train-loss"] = keys.scalar(metrics, keys.TRAIN_LOSS)
             out[f"{SITE}/{name}/num-examples"] = keys.scalar(metrics, weighted_by_key)
+            out[f"{SITE}/{name}/skipped-rows"] = keys.scalar(metrics, keys.SKIPPED_ROWS, 0.0)
             self.site_status.setdefault(name, []).append("trained")
         self.pending.update(out)
         self.rounds_completed += 1

@@ -62,7 +62,7 @@ def main() -> None:
         f"threads {torch.get_num_threads()}, {args.model} {args.image_size}px "
         f"batch {args.batch_size}"
     )
-    results = {}
+    results: dict[str, list[float]] = {}
     # Alternate the two settings so drift in machine speed hits both alike.
     for _ in range(2):
         for label, dtype in (("fp32", None), ("bf16-autocast", torch.bfloat16)):

@@ -1,0 +1,521 @@
+"""A real site's images: the manifest, MONAI readers and preprocessing, and a cached dataset.
+
+A site folder holds ``manifest.csv`` (schema in ``common.manifest``) and the images it names.
+Every message about a manifest row names it by its **CSV line number**: the header is line 1 and
+the first data row line 2, as a text editor shows it (a blank line or a quoted value spanning
+lines is counted as the file has it). Tables returned here are indexed by that line number.
+
+Images are read with MONAI's readers (``LoadImage``): DICOM files and folders holding one DICOM
+series with ``PydicomReader`` (rescale slope and intercept applied, so CT is in HU), NIfTI with
+``NibabelReader``, PNG and JPEG with ``PILReader`` and ``.npy`` with ``NumpyReader``. The
+preprocessing is deterministic, so its result is stored once per image in a site-local
+``PersistentDataset`` folder and later epochs, rounds and processes read the stored tensor
+instead of decoding again. Random augmentation is added by the trainer on top.
+
+Preprocessing (``image_transforms``), in order:
+
+1. read, channel first: a 2D DICOM ``(H, W)`` becomes ``(1, H, W)``; a greyscale image stored as
+   RGB(A) becomes one channel (the mean of its colour channels, which the site check has found
+   equal; true colour images are refused by the check, the networks take one grey channel);
+2. 3D only: reorient to RAS (``Orientationd``) from the affine the reader found (identity for
+   ``.npy``), and resample to ``spacing_mm`` when one is given (``Spacingd``). The default is no
+   resampling: every volume is then resized to the same grid, which keeps its whole field of
+   view whatever its voxel size, so resampling first would only add an interpolation. 2D images
+   (radiographs, single DICOM slices, PNG) keep their stored orientation and are not resampled:
+   projection images have no patient-space affine worth applying, and PNGs have none at all;
+3. intensity by modality: CT is windowed in HU (``ct_window_hu = (level, width)``, default
+   soft tissue 40/400), clipped and scaled to [0, 1]; every other modality (MR, NIfTI without a
+   modality, X-ray CR/DX, US, OT, PNG/JPEG) is scaled from its 0.5th-99.5th percentile to [0, 1]
+   and clipped;
+4. resize to ``(image_size,) * spatial_dims`` (bilinear or trilinear, anti-aliased);
+5. a plain ``float32`` tensor (no MONAI metadata).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+from monai import transforms as mt
+from monai.data import PersistentDataset
+from pydicom.errors import InvalidDicomError
+from torch.utils.data import Dataset
+
+from common import manifest as mf
+from common.errors import RadFLError
+
+log = logging.getLogger(__name__)
+
+CACHE_FOLDER = ".radfl-cache"
+"""The site-local cache folder under the site root (preprocessed images, check results)."""
+
+DEFAULT_CT_WINDOW_HU = (40.0, 400.0)
+"""CT window (level, width) in Hounsfield units: soft tissue."""
+
+PERCENTILES = (0.5, 99.5)
+"""Intensity percentiles mapped to 0 and 1 for every modality except CT."""
+
+SUPPORTED_MODALITIES = ("CT", "MR", "CR", "DX", "US", "OT")
+"""Modalities the loader normalises (``common.manifest``); SR, PR, SEG, RT... are refused."""
+
+# Bump when the preprocessing changes in a way the settings below do not capture: it renames the
+# cache folder, so stale tensors are never read.
+_PREPROCESS_VERSION = 1
+
+
+class SiteDataError(RadFLError, ValueError):
+    """A site's manifest or images cannot be used; the message names the file (and CSV line)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest
+# --------------------------------------------------------------------------------------------
+
+
+def read_manifest(root: Path, task: str) -> pd.DataFrame:
+    """The site manifest ``ROOT/manifest.csv`` as a table of stripped strings.
+
+    Empty cells are empty strings. The index is the CSV line number of each row (header = line 1)
+    and is named ``line``; blank lines are skipped.
+
+    Raises
+    ------
+    SiteDataError
+        If the file is missing or unreadable, a row has more cells than the header, the task is
+        unknown, or a column the task needs is missing (the message names the file and columns).
+    """
+    root = Path(root)
+    path = root / mf.MANIFEST_NAME
+    if task not in mf.REQUIRED_BY_TASK:
+        raise SiteDataError(f"unknown task {task!r}; known tasks: {', '.join(mf.REQUIRED_BY_TASK)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise SiteDataError(f"{path}: site manifest not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SiteDataError(f"{path}: cannot read the site manifest: {exc}") from exc
+
+    reader = csv.reader(text.splitlines(keepends=True))
+    header: list[str] | None = None
+    records: list[list[str]] = []
+    lines: list[int] = []
+    start = 1
+    try:
+        for record in reader:
+            line, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in record):
+                continue
+            if header is None:
+                header = [cell.strip() for cell in record]
+                continue
+            if len(record) > len(header):
+                raise SiteDataError(
+                    f"{path}: line {line} has {len(record)} cells but the header has {len(header)}"
+                )
+            records.append([c.strip() for c in record] + [""] * (len(header) - len(record)))
+            lines.append(line)
+    except csv.Error as exc:
+        raise SiteDataError(f"{path}: line {reader.line_num}: not valid CSV: {exc}") from exc
+    if header is None:
+        raise SiteDataError(f"{path}: the manifest is empty (no header line)")
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:
+        raise SiteDataError(f"{path}: duplicated column(s): {', '.join(duplicated)}")
+    missing = [c for c in (*mf.REQUIRED_COLUMNS, *mf.REQUIRED_BY_TASK[task]) if c not in header]
+    if missing:
+        raise SiteDataError(
+            f"{path}: missing column(s) {', '.join(missing)} (task {task} needs "
+            f"{', '.join((*mf.REQUIRED_COLUMNS, *mf.REQUIRED_BY_TASK[task]))})"
+        )
+    table = pd.DataFrame(records, columns=header, index=pd.Index(lines, name="line"), dtype=str)
+    return table
+
+
+def resolve_path(root: Path, relative: str) -> Path:
+    """``root / relative``; a path that leaves the site folder raises ``SiteDataError``."""
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise SiteDataError(f"{relative}: the path leaves the site folder {root}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Subgroup attributes from DICOM headers
+# --------------------------------------------------------------------------------------------
+
+
+def is_dicom_path(path: Path) -> bool:
+    """Whether the loader reads ``path`` as DICOM: a ``.dcm`` file or a folder (a series)."""
+    return path.is_dir() or path.name.lower().endswith(".dcm")
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The files of a DICOM series folder that carry the DICOM marker, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and pydicom.misc.is_dicom(p))
+
+
+def parse_dicom_age(value: str) -> str:
+    """A DICOM Age String (``063Y``, ``006M``, ``010W``, ``003D``) in whole years, or ``""``."""
+    value = str(value).strip().upper()
+    units = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+    if len(value) >= 2 and value[-1] in units and value[:-1].isdigit():
+        return str(int(int(value[:-1]) / units[value[-1]]))
+    return ""
+
+
+def subgroups_from_header(dataset: pydicom.Dataset) -> dict[str, str]:
+    """Subgroup values (``common.manifest.DICOM_SUBGROUP_TAGS``) a DICOM header carries."""
+    values: dict[str, str] = {}
+    for column, keyword in mf.DICOM_SUBGROUP_TAGS.items():
+        raw = dataset.get(keyword)
+        text = "" if raw is None else str(raw).strip()
+        if column == mf.AGE:
+            text = parse_dicom_age(text)
+        elif column in (mf.SEX, mf.MODALITY):
+            text = text.upper()
+        if text:
+            values[column] = text
+    return values
+
+
+def read_dicom_header(path: Path) -> pydicom.Dataset:
+    """The header of a DICOM file, or of the first file of a series folder (no pixel data)."""
+    if path.is_dir():
+        files = series_files(path)
+        if not files:
+            raise SiteDataError(f"{path}: the folder holds no DICOM file")
+        path = files[0]
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def fill_subgroups_from_dicom(table: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """A copy of ``table`` whose empty sex, age, manufacturer and modality come from DICOM tags.
+
+    Only DICOM rows (``.dcm`` files and series folders) are read, header only
+    (``stop_before_pixels``). Missing subgroup columns are added. A row whose header cannot be
+    read keeps its empty values: the site check reports that file as unreadable.
+    """
+    table = table.copy()
+    for column in mf.SUBGROUP_COLUMNS:
+        if column not in table.columns:
+            table[column] = ""
+    columns = list(mf.DICOM_SUBGROUP_TAGS)
+    for line, row in table.iterrows():
+        if all(row[c] for c in columns) or not row[mf.IMAGE]:
+            continue
+        try:
+            path = resolve_path(root, row[mf.IMAGE])
+            if not is_dicom_path(path) or not path.exists():
+                continue
+            values = subgroups_from_header(read_dicom_header(path))
+        except (InvalidDicomError, OSError, SiteDataError, ValueError, EOFError) as exc:
+            log.debug("line %s: no DICOM subgroup values from %s: %s", line, row[mf.IMAGE], exc)
+            continue
+        for column in columns:
+            if not row[column] and column in values:
+                table.at[line, column] = values[column]
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and preprocessing
+# --------------------------------------------------------------------------------------------
+
+
+def _load_image(keys: list[str] | None = None) -> mt.Transform:
+    """MONAI's ``LoadImage`` (or ``LoadImaged`` on ``keys``) with PydicomReader tried first.
+
+    PydicomReader then reads DICOM files and series folders; other suffixes fall through to
+    MONAI's NibabelReader, PILReader and NumpyReader.
+    """
+    with warnings.catch_warnings():
+        # LoadImage also builds MONAI's GPU DICOM reader, which warns where nvImageCodec is absent.
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+        if keys is None:
+            return mt.LoadImage(reader="PydicomReader", image_only=True)
+        return mt.LoadImaged(keys, reader="PydicomReader", image_only=True)
+
+
+@functools.cache
+def _decoder() -> mt.Compose:
+    return mt.Compose([_load_image(), mt.EnsureChannelFirst()])
+
+
+def decode_image(path: Path) -> torch.Tensor:
+    """Decode one image's pixel data, channel first, with the loader's readers (MetaTensor)."""
+    return _decoder()(str(path))  # type: ignore[no-any-return]
+
+
+def normalisation_for(modality: str) -> str:
+    """``"ct-window"`` for CT, ``"percentile"`` for every other (or unknown) modality."""
+    return "ct-window" if str(modality).strip().upper() == "CT" else "percentile"
+
+
+class OneChannel(mt.MapTransform):
+    """Keep one channel: greyscale stored as RGB(A) becomes the mean of its colour channels.
+
+    Anything else with more than one channel raises ``SiteDataError``; the site check reports such
+    images before training.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            channels = image.shape[0]
+            if channels in (3, 4) and image.ndim == 3:
+                d[key] = image[:3].mean(dim=0, keepdim=True)
+            elif channels != 1:
+                source = getattr(image, "meta", {}).get("filename_or_obj", key)
+                raise SiteDataError(f"{source}: {channels} channels; the networks take one")
+        return d
+
+
+def image_transforms(
+    spatial_dims: int,
+    image_size: int,
+    modality: str | None,
+    *,
+    ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
+    spacing_mm: Sequence[float] | None = None,
+) -> mt.Compose:
+    """The deterministic preprocessing of one modality: read, orient, normalise, resize.
+
+    Applies to a dictionary whose ``"image"`` is a path. See the module docstring for each step.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    image_size
+        Edge length in pixels of the network input; every image is resized to
+        ``(image_size,) * spatial_dims``.
+    modality
+        DICOM modality (``CT``, ``MR``, ``CR``...); ``None`` or ``""`` when unknown (NIfTI
+        without a modality is treated as MR, PNG/JPEG as X-ray: both are percentile-scaled).
+    ct_window_hu
+        ``(level, width)`` of the CT window in HU.
+    spacing_mm
+        Voxel spacing to resample 3D volumes to before resizing; ``None`` (default) keeps the
+        native grid.
+    """
+    if spatial_dims not in (2, 3):
+        raise SiteDataError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if image_size < 1:
+        raise SiteDataError(f"image_size must be positive, got {image_size}")
+    keys = ["image"]
+    steps: list[Any] = [
+        _load_image(keys),
+        mt.EnsureChannelFirstd(keys),
+        OneChannel(keys),
+    ]
+    if spatial_dims == 3:
+        steps.append(mt.Orientationd(keys, axcodes="RAS", labels=None))
+        if spacing_mm is not None:
+            steps.append(mt.Spacingd(keys, pixdim=tuple(spacing_mm), mode="bilinear"))
+    if normalisation_for(modality or "") == "ct-window":
+        level, width = ct_window_hu
+        if width <= 0:
+            raise SiteDataError(f"ct_window_hu width must be positive, got {width}")
+        steps.append(
+            mt.ScaleIntensityRanged(
+                keys,
+                a_min=level - width / 2,
+                a_max=level + width / 2,
+                b_min=0.0,
+                b_max=1.0,
+                clip=True,
+            )
+        )
+    else:
+        steps.append(
+            mt.ScaleIntensityRangePercentilesd(
+                keys, lower=PERCENTILES[0], upper=PERCENTILES[1], b_min=0.0, b_max=1.0, clip=True
+            )
+        )
+    steps += [
+        mt.Resized(
+            keys,
+            spatial_size=(image_size,) * spatial_dims,
+            mode="bilinear" if spatial_dims == 2 else "trilinear",
+            anti_aliasing=True,
+        ),
+        mt.EnsureTyped(keys, dtype=torch.float32, track_meta=False),
+    ]
+    return mt.Compose(steps)
+
+
+def preprocessing_key(
+    spatial_dims: int,
+    image_size: int,
+    ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
+    spacing_mm: Sequence[float] | None = None,
+) -> str:
+    """A short hash of every preprocessing setting: the name of the cache folder they fill."""
+    settings = {
+        "version": _PREPROCESS_VERSION,
+        "monai": monai.__version__,
+        "spatial_dims": spatial_dims,
+        "image_size": image_size,
+        "ct_window_hu": list(ct_window_hu),
+        "spacing_mm": None if spacing_mm is None else list(spacing_mm),
+        "percentiles": list(PERCENTILES),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_stamp(path: Path) -> str:
+    """Size and modification time of a file, or of every file in a folder: a cache key part.
+
+    An image rewritten in place gets a new stamp, so its stale cached tensor is never read.
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class _ByModality(mt.MapTransform):
+    """Runs the preprocessing of the item's modality and counts the decodes it performs."""
+
+    def __init__(self, pipelines: dict[str, mt.Compose]) -> None:
+        super().__init__(keys=["image"])
+        self.pipelines = pipelines
+        self.calls = 0
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        self.calls += 1
+        return self.pipelines[data["normalisation"]](dict(data))  # type: ignore[no-any-return]
+
+
+class SiteDataset(Dataset[dict[str, Any]]):
+    """One split of a site's manifest rows, preprocessed once and cached on disk.
+
+    Items are ``{"image": float32 (1, *spatial), "label": long scalar}`` (classification).
+    ``labels`` holds every row's label without decoding (class weights, balanced sampling).
+
+    The preprocessed tensor of each row is stored by MONAI's ``PersistentDataset`` under
+    ``cache_dir / <preprocessing_key(...)>``; ``cache_dir`` defaults to ``ROOT/.radfl-cache``.
+    An item's cache key is its absolute path, its file stamp (size, modification time) and its
+    normalisation, so a changed image is decoded again. ``decode_count`` counts the decodes
+    this process performed (DataLoader workers count in their own copies).
+
+    Parameters
+    ----------
+    rows
+        Manifest rows (``read_manifest``, indexed by CSV line) of one split, ideally passed
+        through ``fill_subgroups_from_dicom`` so the modality is known, and checked.
+    root
+        The site folder.
+    task
+        Only ``classification`` loads here yet.
+    """
+
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        root: Path,
+        *,
+        task: str,
+        spatial_dims: int,
+        image_size: int,
+        cache_dir: Path | None = None,
+        ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
+        spacing_mm: Sequence[float] | None = None,
+    ) -> None:
+        if task != "classification":
+            raise SiteDataError(f"task {task} loading arrives with issue #5")
+        self.root = Path(root)
+        self.lines = [int(line) for line in rows.index]
+        self.files = [str(v) for v in rows[mf.IMAGE]]
+        labels = [_parse_label(v, line) for line, v in zip(self.lines, rows[mf.LABEL], strict=True)]
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        modalities = rows[mf.MODALITY] if mf.MODALITY in rows.columns else [""] * len(rows)
+        items = []
+        for line, file, modality in zip(self.lines, self.files, modalities, strict=True):
+            path = resolve_path(self.root, file)
+            try:
+                stamp = file_stamp(path)
+            except OSError as exc:
+                raise SiteDataError(f"line {line}: {file}: {exc.strerror or exc}") from exc
+            items.append(
+                {
+                    "image": str(path),
+                    "stamp": stamp,
+                    "normalisation": normalisation_for(str(modality)),
+                }
+            )
+        pipelines = {
+            kind: image_transforms(
+                spatial_dims,
+                image_size,
+                "CT" if kind == "ct-window" else None,
+                ct_window_hu=ct_window_hu,
+                spacing_mm=spacing_mm,
+            )
+            for kind in ("ct-window", "percentile")
+        }
+        self._preprocess = _ByModality(pipelines)
+        key = preprocessing_key(spatial_dims, image_size, ct_window_hu, spacing_mm)
+        self.cache_dir = Path(cache_dir or self.root / CACHE_FOLDER) / f"preprocessed-{key}"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._cached = PersistentDataset(
+            items, transform=mt.Compose([self._preprocess]), cache_dir=self.cache_dir
+        )
+
+    @property
+    def decode_count(self) -> int:
+        """Images decoded (cache misses) by this process since the dataset was built."""
+        return self._preprocess.calls
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            item = self._cached[index]
+        except Exception as exc:
+            # Name the row and file; the original traceback stays attached.
+            cause = transform_error_cause(exc)
+            raise SiteDataError(
+                f"line {self.lines[index]}: {self.files[index]}: {type(cause).__name__}: {cause}"
+            ) from cause
+        image = item["image"]
+        return {"image": torch.as_tensor(image, dtype=torch.float32), "label": self.labels[index]}
+
+
+def transform_error_cause(exc: BaseException) -> BaseException:
+    """The error a MONAI transform raised, without MONAI's ``applying transform`` wrappers."""
+    while (
+        isinstance(exc, RuntimeError)
+        and str(exc).startswith("applying transform")
+        and exc.__cause__ is not None
+    ):
+        exc = exc.__cause__
+    return exc
+
+
+def _parse_label(value: Any, line: int) -> int:
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not np.isfinite(number) or number != int(number):
+        raise SiteDataError(f"line {line}: label {text!r} is not an integer class")
+    return int(number)
