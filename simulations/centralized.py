@@ -14,13 +14,13 @@ from logging import INFO
 
 from flwr.common.logger import log
 
-from client.site import synthetic_site
+from client.site import site_folder, synthetic_site
 from client.trainer import ConcatLabelled, LocalTrainer
 from common.config import ClientConfig, ServerConfig, default_run_config, from_run_config
 from common.tasks import get_task
 from server import tracking
 from server.rounds import POOLED, TRAIN
-from simulations.simulate import run_config_overrides
+from simulations.simulate import federation_data, run_config_overrides
 from simulations.summary import print_summary
 
 
@@ -30,7 +30,13 @@ def centralized(args: argparse.Namespace) -> int:
     server_config = from_run_config(ServerConfig, run_config)
     client_config = from_run_config(ClientConfig, run_config)
     task = get_task(client_config.model_config)
-    sites = [synthetic_site(i, args.sites, client_config) for i in range(args.sites)]
+    data_root = federation_data(args, overrides)
+    sites = [
+        synthetic_site(i, args.sites, client_config)
+        if data_root is None
+        else site_folder({"data-path": str(data_root / f"site-{i}")}, client_config)
+        for i in range(args.sites)
+    ]
     trainer = LocalTrainer(
         task,
         client_config,
@@ -40,8 +46,9 @@ def centralized(args: argparse.Namespace) -> int:
     model = task.build_model()
     started = time.monotonic()
     print(
-        f"RadFL centralized: pooled data of {args.sites} sites ({len(trainer.train_set)} training "
-        f"samples), {server_config.num_rounds} x {client_config.local_epochs} epochs, "
+        f"RadFL centralized: pooled data of {args.sites} sites "
+        f"({data_root or 'in memory'}; {len(trainer.train_set)} training samples), "
+        f"{server_config.num_rounds} x {client_config.local_epochs} epochs, "
         f"{server_config.model}, seed {server_config.seed}; tracking to {tracking.tracking_uri()}",
         flush=True,
     )

@@ -18,10 +18,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.config import ServerConfig, default_run_config, from_run_config, load_toml_config
+from client.site import SIMULATION_DATA_ENV
+from common.config import (
+    ClientConfig,
+    ServerConfig,
+    default_run_config,
+    from_run_config,
+    load_toml_config,
+)
 from common.errors import RadFLError
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
 from simulations.summary import print_summary
+from simulations.synth import ensure_federation
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Lines shown without --verbose: RadFL's progress, Flower's round headers, errors and the
@@ -48,6 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=Path(".radfl"),
         help="folder for the simulation's Flower state and logs (default .radfl)",
+    )
+    parser.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="generate each synthetic site in memory instead of reading site folders on disk",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="folder of site folders site-0, site-1, ... (default: synthetic hospitals written "
+        "once under WORKDIR/data)",
     )
     parser.add_argument(
         "--cpus-per-site", type=int, default=1, help="CPU cores each simulated site may use"
@@ -84,9 +103,13 @@ def simulate(args: argparse.Namespace) -> int:
     config = from_run_config(ServerConfig, {**default_run_config(), **overrides})
     workdir = args.workdir.resolve()
     env = simulation_env(workdir)
+    data_root = federation_data(args, overrides)
+    if data_root is not None:
+        env[SIMULATION_DATA_ENV] = str(data_root)
     print(
         f"RadFL simulation: {args.sites} sites, {config.num_rounds} rounds, {config.model}, "
-        f"{config.strategy}, seed {config.seed}; tracking to {env['MLFLOW_TRACKING_URI']}",
+        f"{config.strategy}, seed {config.seed}; data {data_root or 'in memory'}; "
+        f"tracking to {env['MLFLOW_TRACKING_URI']}",
         flush=True,
     )
     started = time.monotonic()
@@ -108,6 +131,36 @@ def simulate(args: argparse.Namespace) -> int:
     wall_time_s = time.monotonic() - started
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     return print_summary(config, wall_time_s=wall_time_s)
+
+
+def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Path | None:
+    """The folder holding ``site-0 .. site-(N-1)``: ``--data``, or synthetic hospitals on disk.
+
+    Synthetic hospitals are written once per set of generation parameters under
+    ``WORKDIR/data`` and reused by later runs. ``None`` with ``--in-memory``.
+    """
+    if args.in_memory:
+        return None
+    if args.data is not None:
+        root = args.data.resolve()
+        missing = [i for i in range(args.sites) if not (root / f"site-{i}").is_dir()]
+        if missing:
+            raise RadFLError(
+                f"--data {root} lacks site folders site-{missing[0]} (of {args.sites})"
+            )
+        return root
+    config = from_run_config(ClientConfig, {**default_run_config(), **overrides})
+    folders = ensure_federation(
+        args.workdir.resolve() / "data",
+        sites=args.sites,
+        task=config.task,
+        dims=config.spatial_dims,
+        seed=config.seed,
+        samples_per_site=config.synthetic_samples_per_site,
+        image_size=config.image_size,
+        num_classes=config.num_classes,
+    )
+    return folders[0].parent
 
 
 def simulation_env(workdir: Path) -> dict[str, str]:
