@@ -61,8 +61,13 @@ def print_summary(config: ServerConfig, *, wall_time_s: float) -> int:
     print()
     print(f"Pooled validation metrics per round (MLflow run {run.info.run_id}):")
     print(rounds.to_string(float_format=lambda v: f"{v:.4f}"))
-    if not sites.empty:
-        print()
+    print()
+    if sites.empty:
+        print(
+            f"Per-site validation {primary}: undefined at every site "
+            "(each validation split lacks positives or negatives)"
+        )
+    else:
         print(f"Per-site validation {primary} per round:")
         print(sites.to_string(float_format=lambda v: f"{v:.4f}"))
     final = rounds[f"{POOLED}/{primary}"].dropna() if f"{POOLED}/{primary}" in rounds else None
