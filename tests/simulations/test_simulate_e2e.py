@@ -17,7 +17,14 @@ from simulations.local_superlink import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RADFL = str(Path(sys.executable).parent / "radfl")
-TINY = ["--set", "image-size=32", "--set", "synthetic-samples-per-site=120", "--set", "batch-size=8"]
+TINY = [
+    "--set",
+    "image-size=32",
+    "--set",
+    "synthetic-samples-per-site=120",
+    "--set",
+    "batch-size=8",
+]
 
 pytestmark = pytest.mark.slow
 
