@@ -57,6 +57,9 @@ from common import manifest as mf
 from common.errors import RadFLError
 
 log = logging.getLogger(__name__)
+# MONAI warns on every PydicomReader that its optional GPU decoder plugin (nvImageCodec) is
+# missing; decoding on the CPU is the normal path for a site, so that warning is only noise.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 CACHE_FOLDER = ".radfl-cache"
 """The site-local cache folder under the site root (preprocessed images, check results)."""
