@@ -236,16 +236,7 @@ def ensure_federation(
         return [root / f"site-{index}" for index in range(sites)]
     if root.exists():
         shutil.rmtree(root)
-    folders = write_federation(
-        root,
-        sites=sites,
-        task=task,
-        dims=dims,
-        seed=seed,
-        samples_per_site=samples_per_site,
-        image_size=image_size,
-        num_classes=num_classes,
-    )
+    folders = write_federation(root, **params)  # type: ignore[arg-type]
     marker.write_text(key + "\n")
     return folders
 
