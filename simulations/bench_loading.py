@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from client.data import SiteDataset, read_manifest
-from simulations.synth import write_federation
+from simulations.synth import FederationSpec, write_federation
 
 
 def time_passes(site: Path, *, spatial_dims: int, image_size: int, passes: int) -> list[float]:
@@ -53,13 +53,15 @@ def main() -> None:
         for dims, size in ((2, args.image_size), (3, args.volume_size)):
             sites = write_federation(
                 Path(folder) / f"{dims}d",
-                sites=3,
-                task="classification",
-                dims=dims,
-                seed=0,
-                samples_per_site=args.samples,
-                image_size=size,
-                num_classes=2,
+                FederationSpec(
+                    sites=3,
+                    task="classification",
+                    dims=dims,
+                    seed=0,
+                    samples_per_site=args.samples,
+                    image_size=size,
+                    num_classes=2,
+                ),
             )
             # One site per format: DICOM, NIfTI, PNG (NumPy for 3D).
             for site in sites:

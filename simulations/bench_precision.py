@@ -30,9 +30,7 @@ def images_per_second(
     loss_function = torch.nn.CrossEntropyLoss()
 
     def step() -> None:
-        context = (
-            torch.autocast(device_type=device.type, dtype=dtype) if dtype else nullcontext()
-        )
+        context = torch.autocast(device_type=device.type, dtype=dtype) if dtype else nullcontext()
         with context:
             loss = loss_function(model(images).float(), labels)
         optimizer.zero_grad()

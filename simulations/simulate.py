@@ -29,7 +29,7 @@ from common.config import (
 from common.errors import RadFLError
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
 from simulations.summary import print_summary
-from simulations.synth import ensure_federation
+from simulations.synth import FederationSpec, ensure_federation
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Lines shown without --verbose: RadFL's progress, Flower's round headers, errors and the
@@ -152,13 +152,15 @@ def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> P
     config = from_run_config(ClientConfig, {**default_run_config(), **overrides})
     folders = ensure_federation(
         args.workdir.resolve() / "data",
-        sites=args.sites,
-        task=config.task,
-        dims=config.spatial_dims,
-        seed=config.seed,
-        samples_per_site=config.synthetic_samples_per_site,
-        image_size=config.image_size,
-        num_classes=config.num_classes,
+        FederationSpec(
+            sites=args.sites,
+            task=config.task,
+            dims=config.spatial_dims,
+            seed=config.seed,
+            samples_per_site=config.synthetic_samples_per_site,
+            image_size=config.image_size,
+            num_classes=config.num_classes,
+        ),
     )
     return folders[0].parent
 

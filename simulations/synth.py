@@ -43,7 +43,7 @@ import datetime
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -68,6 +68,30 @@ TASKS = tuple(manifest.REQUIRED_BY_TASK)
 # Bump when the generator or the layout changes, so cached federations are rebuilt.
 GENERATOR_VERSION = 1
 COMPLETE_MARKER = ".complete"
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """What ``radfl synth`` generates; a bad value raises ``ConfigError`` naming it."""
+
+    sites: int
+    task: str
+    dims: int
+    seed: int
+    samples_per_site: int
+    image_size: int
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if self.task not in manifest.REQUIRED_BY_TASK:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.dims not in (2, 3):
+            raise ConfigError(f"dims must be 2 or 3, got {self.dims}")
+        if self.image_size < 16:
+            raise ConfigError(f"image_size must be >= 16, got {self.image_size}")
+        if self.num_classes < 2 or self.num_classes > 255:
+            raise ConfigError(f"num_classes must be in 2..255, got {self.num_classes}")
+
 
 FIELD_OF_VIEW_MM = 320.0  # every site images the same field; native matrices differ
 
@@ -137,8 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def synth(args: argparse.Namespace) -> int:
     """Write the federation ``args`` describe; print one line per site."""
-    folders = write_federation(
-        args.out,
+    spec = FederationSpec(
         sites=args.sites,
         task=args.task,
         dims=args.dims,
@@ -147,6 +170,7 @@ def synth(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         num_classes=args.num_classes,
     )
+    folders = write_federation(args.out, spec)
     for index, folder in enumerate(folders):
         fmt = site_format(index, args.dims)
         with (folder / manifest.MANIFEST_NAME).open(newline="") as handle:
@@ -159,30 +183,12 @@ def synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_federation(
-    out: Path,
-    *,
-    sites: int,
-    task: str,
-    dims: int,
-    seed: int,
-    samples_per_site: int,
-    image_size: int,
-    num_classes: int,
-) -> list[Path]:
-    """Write ``sites`` synthetic hospitals into ``out/site-<i>``; return their folders.
+def write_federation(out: Path, spec: FederationSpec) -> list[Path]:
+    """Write ``spec.sites`` synthetic hospitals into ``out/site-<i>``; return their folders.
 
-    Raises ``ConfigError`` for a bad argument or when a site folder exists and is not empty.
+    Raises ``ConfigError`` when a site folder exists and is not empty.
     """
-    if task not in manifest.REQUIRED_BY_TASK:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if dims not in (2, 3):
-        raise ConfigError(f"dims must be 2 or 3, got {dims}")
-    if image_size < 16:
-        raise ConfigError(f"image_size must be >= 16, got {image_size}")
-    if num_classes < 2 or num_classes > 255:
-        raise ConfigError(f"num_classes must be in 2..255, got {num_classes}")
-    profiles = site_profiles(sites, samples_per_site, seed)
+    profiles = site_profiles(spec.sites, spec.samples_per_site, spec.seed)
     out = Path(out)
     folders = [out / profile.name for profile in profiles]
     for folder in folders:
@@ -194,49 +200,30 @@ def write_federation(
         data = make_site(
             profile,
             index=index,
-            image_size=native_image_size(profile, image_size),
-            spatial_dims=dims,
-            num_classes=num_classes,
-            seed=seed,
+            image_size=native_image_size(profile, spec.image_size),
+            spatial_dims=spec.dims,
+            num_classes=spec.num_classes,
+            seed=spec.seed,
             follow_up_studies=True,
         )
-        _write_site(folder, data, site_format(index, dims), task=task, seed=seed)
+        _write_site(folder, data, site_format(index, spec.dims), task=spec.task, seed=spec.seed)
     return folders
 
 
-def ensure_federation(
-    cache_dir: Path,
-    *,
-    sites: int,
-    task: str,
-    dims: int,
-    seed: int,
-    samples_per_site: int,
-    image_size: int,
-    num_classes: int,
-) -> list[Path]:
+def ensure_federation(cache_dir: Path, spec: FederationSpec) -> list[Path]:
     """The site folders of this federation under ``cache_dir``, written only if not complete.
 
-    The federation lives in a subfolder named by a hash of the parameters. A marker file written
-    last says it is complete; a folder without one (an interrupted run) is removed and rewritten.
+    The federation lives in a subfolder named by a hash of the spec. A marker file written last
+    says it is complete; a folder without one (an interrupted run) is removed and rewritten.
     """
-    params = {
-        "sites": sites,
-        "task": task,
-        "dims": dims,
-        "seed": seed,
-        "samples_per_site": samples_per_site,
-        "image_size": image_size,
-        "num_classes": num_classes,
-    }
-    key = json.dumps({"generator_version": GENERATOR_VERSION, **params}, sort_keys=True)
+    key = json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}, sort_keys=True)
     root = Path(cache_dir) / f"synth-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     marker = root / COMPLETE_MARKER
     if marker.is_file():
-        return [root / f"site-{index}" for index in range(sites)]
+        return [root / f"site-{index}" for index in range(spec.sites)]
     if root.exists():
         shutil.rmtree(root)
-    folders = write_federation(root, **params)  # type: ignore[arg-type]
+    folders = write_federation(root, spec)
     marker.write_text(key + "\n")
     return folders
 

@@ -13,20 +13,22 @@ from client.data import SiteDataError
 from client.site import SIMULATION_DATA_ENV, load_site, site_name
 from common import manifest as mf
 from common.config import ClientConfig, default_run_config, from_run_config
-from simulations.synth import write_federation
+from simulations.synth import FederationSpec, write_federation
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> list[Path]:
     return write_federation(
         tmp_path_factory.mktemp("fed"),
-        sites=3,
-        task="classification",
-        dims=2,
-        seed=3,
-        samples_per_site=60,
-        image_size=32,
-        num_classes=2,
+        FederationSpec(
+            sites=3,
+            task="classification",
+            dims=2,
+            seed=3,
+            samples_per_site=60,
+            image_size=32,
+            num_classes=2,
+        ),
     )
 
 

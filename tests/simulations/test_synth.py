@@ -45,11 +45,11 @@ def federations(tmp_path_factory):
     written = {}
     for task in synth.TASKS:
         written[task, 2] = synth.write_federation(
-            root / f"{task}-2d", sites=3, task=task, dims=2, **TINY
+            root / f"{task}-2d", synth.FederationSpec(sites=3, task=task, dims=2, **TINY)
         )
     for task in TASKS_3D:
         written[task, 3] = synth.write_federation(
-            root / f"{task}-3d", sites=3, task=task, dims=3, **TINY_3D
+            root / f"{task}-3d", synth.FederationSpec(sites=3, task=task, dims=3, **TINY_3D)
         )
     return written
 
@@ -99,10 +99,12 @@ def test_sites_differ_in_native_resolution(federations):
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     args = {"sites": 3, "task": "instance", "dims": 2, **TINY}
-    a = synth.write_federation(tmp_path / "a", **args)[0].parent
-    b = synth.write_federation(tmp_path / "b", **args)[0].parent
+    a = synth.write_federation(tmp_path / "a", synth.FederationSpec(**args))[0].parent
+    b = synth.write_federation(tmp_path / "b", synth.FederationSpec(**args))[0].parent
     assert _files(a) == _files(b)
-    c = synth.write_federation(tmp_path / "c", **{**args, "seed": 6})[0].parent
+    c = synth.write_federation(tmp_path / "c", synth.FederationSpec(**{**args, "seed": 6}))[
+        0
+    ].parent
     assert _files(c) != _files(a)
 
 
@@ -123,7 +125,7 @@ def test_masks_line_up_with_lesions_as_monai_loads_them(tmp_path, dims):
         else {"samples_per_site": 20, "image_size": 24}
     )
     folders = synth.write_federation(
-        tmp_path, sites=3, task="segmentation", dims=dims, **{**TINY, **size}
+        tmp_path, synth.FederationSpec(sites=3, task="segmentation", dims=dims, **{**TINY, **size})
     )
     for folder in folders:  # DICOM, NIfTI, PNG (3D: NumPy)
         aligned, transposed = [], []
@@ -243,13 +245,15 @@ def test_nifti_mask_shares_the_dicom_geometry(federations):
 def test_harder_subgroup_has_smaller_fainter_lesions_on_disk(tmp_path):
     folder = synth.write_federation(
         tmp_path,
-        sites=2,
-        task="instance",
-        dims=2,
-        seed=1,
-        samples_per_site=80,
-        image_size=32,
-        num_classes=2,
+        synth.FederationSpec(
+            sites=2,
+            task="instance",
+            dims=2,
+            seed=1,
+            samples_per_site=80,
+            image_size=32,
+            num_classes=2,
+        ),
     )[1]
     sizes: dict[str, list[float]] = {"F": [], "M": []}
     contrasts: dict[str, list[float]] = {"F": [], "M": []}
@@ -270,23 +274,29 @@ def test_ensure_federation_writes_once_and_redoes_an_interrupted_run(tmp_path, m
     calls = []
     write = synth.write_federation
 
-    def counting_write(out, **kwargs):
+    def counting_write(out, spec):
         calls.append(out)
-        return write(out, **kwargs)
+        return write(out, spec)
 
     monkeypatch.setattr(synth, "write_federation", counting_write)
     params = {"sites": 2, "task": "detection", "dims": 2, **TINY}
-    first = synth.ensure_federation(tmp_path, **params)
+    first = synth.ensure_federation(tmp_path, synth.FederationSpec(**params))
     assert len(calls) == 1 and all((f / manifest.MANIFEST_NAME).exists() for f in first)
-    assert synth.ensure_federation(tmp_path, **params) == first and len(calls) == 1
+    assert (
+        synth.ensure_federation(tmp_path, synth.FederationSpec(**params)) == first
+        and len(calls) == 1
+    )
 
-    other = synth.ensure_federation(tmp_path, **{**params, "seed": 9})
+    other = synth.ensure_federation(tmp_path, synth.FederationSpec(**{**params, "seed": 9}))
     assert other[0].parent != first[0].parent and len(calls) == 2
 
     root = first[0].parent
     (root / synth.COMPLETE_MARKER).unlink()  # as if the process died before finishing
     (first[1] / manifest.MANIFEST_NAME).unlink()
-    assert synth.ensure_federation(tmp_path, **params) == first and len(calls) == 3
+    assert (
+        synth.ensure_federation(tmp_path, synth.FederationSpec(**params)) == first
+        and len(calls) == 3
+    )
     assert (root / synth.COMPLETE_MARKER).exists()
     assert (first[1] / manifest.MANIFEST_NAME).exists()
 
@@ -295,9 +305,13 @@ def test_refuses_to_mix_with_an_existing_site_and_bad_arguments(tmp_path):
     (tmp_path / "site-1").mkdir()
     (tmp_path / "site-1" / "old.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="site-1"):
-        synth.write_federation(tmp_path, sites=2, task="classification", dims=2, **TINY)
+        synth.write_federation(
+            tmp_path, synth.FederationSpec(sites=2, task="classification", dims=2, **TINY)
+        )
     with pytest.raises(ConfigError, match="task"):
-        synth.write_federation(tmp_path / "x", sites=2, task="ranking", dims=2, **TINY)
+        synth.write_federation(
+            tmp_path / "x", synth.FederationSpec(sites=2, task="ranking", dims=2, **TINY)
+        )
 
 
 def test_cli_prints_one_line_per_site(tmp_path, capsys):
