@@ -448,6 +448,7 @@ class SiteDataset(Dataset[dict[str, Any]]):
         self.files = [str(v) for v in rows[mf.IMAGE]]
         labels = [_parse_label(v, line) for line, v in zip(self.lines, rows[mf.LABEL], strict=True)]
         self.labels = torch.tensor(labels, dtype=torch.long)
+        self.attributes = attribute_table(rows)
         modalities = rows[mf.MODALITY] if mf.MODALITY in rows.columns else [""] * len(rows)
         items = []
         for line, file, modality in zip(self.lines, self.files, modalities, strict=True):
@@ -500,6 +501,14 @@ class SiteDataset(Dataset[dict[str, Any]]):
             ) from cause
         image = item["image"]
         return {"image": torch.as_tensor(image, dtype=torch.float32), "label": self.labels[index]}
+
+
+def attribute_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """``patient_id`` and every subgroup column of manifest rows (any column that is not an
+    image, label or identifier), aligned with the rows, for the bias report."""
+    structural = {mf.IMAGE, mf.STUDY_ID, mf.LABEL, *mf.PATH_COLUMNS, mf.BOXES}
+    columns = [mf.PATIENT_ID] + [c for c in rows.columns if c not in structural | {mf.PATIENT_ID}]
+    return rows[columns].reset_index(drop=True)
 
 
 def transform_error_cause(exc: BaseException) -> BaseException:

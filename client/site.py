@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from client.trainer import LabelledDataset, SampleDataset
@@ -184,9 +185,19 @@ def split_site(data: SiteData, fractions: SplitFractions, seed: int) -> SiteSpli
     images = normalize_intensity(data.images)
     splits = assign_splits(data.patient_ids, seed=seed, fractions=fractions).to_numpy()
 
+    attributes = pd.DataFrame(
+        {
+            mf.PATIENT_ID: data.patient_ids,
+            mf.SEX: data.sex or None,
+            mf.AGE: data.age or None,
+            mf.MANUFACTURER: data.profile.manufacturer,
+        }
+    )
+
     def part(name: str) -> SampleDataset:
-        index = torch.from_numpy(splits == name)
-        return SampleDataset(images[index], data.labels[index])
+        selected = splits == name
+        index = torch.from_numpy(selected)
+        return SampleDataset(images[index], data.labels[index], attributes[selected])
 
     return SiteSplits(
         name=data.profile.name, train=part(TRAIN), validation=part(VALIDATION), test=part(TEST)

@@ -16,12 +16,15 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
 from common.config import ClientConfig
 from common.errors import ConfigError
+from common.subgroups import SubgroupSpec, cell_name
 from common.tasks import MetricStates, Task
 
 if TYPE_CHECKING:
@@ -29,9 +32,14 @@ if TYPE_CHECKING:
 
 
 class LabelledDataset(Protocol):
-    """A dataset of ``{"image", "label"}`` samples whose labels are known without decoding."""
+    """A dataset of ``{"image", "label"}`` samples whose labels are known without decoding.
+
+    ``attributes``, when not ``None``, is a table aligned with the samples holding
+    ``patient_id`` and the subgroup columns (sex, age, manufacturer, ...) for the bias report.
+    """
 
     labels: torch.Tensor
+    attributes: pd.DataFrame | None
 
     def __len__(self) -> int: ...
 
@@ -41,11 +49,16 @@ class LabelledDataset(Protocol):
 class SampleDataset(Dataset[dict[str, Any]]):
     """Images and labels held in memory (synthetic sites, tests)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, attributes: pd.DataFrame | None = None
+    ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if attributes is not None and len(attributes) != len(labels):
+            raise ValueError(f"{len(labels)} samples but {len(attributes)} attribute rows")
         self.images = images
         self.labels = labels
+        self.attributes = None if attributes is None else attributes.reset_index(drop=True)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,6 +73,10 @@ class ConcatLabelled(ConcatDataset[dict[str, Any]]):
     def __init__(self, datasets: list[LabelledDataset]) -> None:
         super().__init__(datasets)  # type: ignore[arg-type]
         self.labels = torch.cat([d.labels for d in datasets])
+        tables = [d.attributes for d in datasets]
+        self.attributes = (
+            None if any(t is None for t in tables) else pd.concat(tables, ignore_index=True)  # type: ignore[arg-type]
+        )
 
 
 class Augmented(Dataset[dict[str, Any]]):
@@ -68,6 +85,7 @@ class Augmented(Dataset[dict[str, Any]]):
     def __init__(self, base: LabelledDataset, transform: Any) -> None:
         self.base = base
         self.labels = base.labels
+        self.attributes = base.attributes
         self.transform = transform
 
     def __len__(self) -> int:
@@ -79,6 +97,28 @@ class Augmented(Dataset[dict[str, Any]]):
         # MONAI returns MetaTensors; the model and collation need plain tensors.
         sample["image"] = (image.as_tensor() if hasattr(image, "as_tensor") else image).float()
         return sample
+
+
+@dataclass
+class CellStates:
+    """Metric states of one split, overall and per subgroup cell, ready to leave the site.
+
+    Attributes
+    ----------
+    overall : MetricStates
+        States over every sample of the split.
+    cells : dict of str to MetricStates
+        States per cell (``sex=F``) holding at least ``min_cell_size`` patients.
+    patients : dict of str to int
+        Distinct patients per sent cell (each at least ``min_cell_size``).
+    suppressed : list of str
+        Cells with fewer patients: neither their states nor their size leave the site.
+    """
+
+    overall: MetricStates
+    cells: dict[str, MetricStates]
+    patients: dict[str, int]
+    suppressed: list[str]
 
 
 @dataclass(frozen=True)
@@ -240,6 +280,48 @@ class LocalTrainer:
             with self._autocast():
                 self.task.eval_step(model, batch, states)
         return states
+
+    @torch.no_grad()
+    def evaluate_cells(
+        self, model: nn.Module, dataset: LabelledDataset, spec: SubgroupSpec
+    ) -> CellStates:
+        """States of ``model`` on ``dataset``, overall and per subgroup cell of ``spec``.
+
+        One forward pass; each batch's predictions are added to the overall states and to
+        the states of every cell its samples belong to. Cells with fewer than
+        ``spec.min_cell_size`` distinct patients are dropped here, before anything is sent.
+        A dataset without an attribute table has no cells.
+        """
+        table = dataset.attributes
+        masks = spec.cells(table) if table is not None and spec.site_attributes else {}
+        patients: dict[str, int] = {}
+        kept: dict[str, np.ndarray] = {}
+        suppressed: list[str] = []
+        for (attribute, value), mask in masks.items():
+            name = cell_name(attribute, value)
+            assert table is not None  # masks is empty otherwise
+            count = int(table.loc[mask, "patient_id"].nunique())
+            if spec.is_small(count):
+                suppressed.append(name)
+            else:
+                kept[name], patients[name] = mask, count
+        model.to(self.device).eval()
+        overall = self.task.new_states()
+        states = {name: self.task.new_states() for name in kept}
+        loader = DataLoader(_as_dataset(dataset), batch_size=self.config.batch_size * 2)
+        start = 0
+        for batch in loader:
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                prediction, target = self.task.predict(model, batch)
+            overall.update(prediction, target)
+            stop = start + len(target)
+            for name, mask in kept.items():
+                rows = torch.from_numpy(mask[start:stop]).to(target.device)
+                if bool(rows.any()):
+                    states[name].update(prediction[rows], target[rows])
+            start = stop
+        return CellStates(overall, states, patients, suppressed)
 
     def _train_loader(self, server_round: int) -> DataLoader[dict[str, Any]]:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + server_round)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from common.errors import ConfigError
+from common.evaluation import THRESHOLD_METHODS
+from common.subgroups import SubgroupSpec
 
 ConfigT = TypeVar("ConfigT")
 
@@ -53,10 +55,42 @@ class ServerConfig:
     round_timeout_s: float
     experiment_name: str
     run_key: str
+    subgroups: str
+    age_bands: str
+    min_cell_size: int
+    threshold_method: str
+    target_sensitivity: float
+    confidence_level: float
+    final_model: str
+    leave_out: str
+    cross_site: bool
 
     @property
     def model_config(self) -> ModelConfig:
         return _project(self, ModelConfig)
+
+    @property
+    def subgroup_spec(self) -> SubgroupSpec:
+        return SubgroupSpec.parse(self.subgroups, self.age_bands, self.min_cell_size)
+
+    @property
+    def left_out_sites(self) -> tuple[str, ...]:
+        """Sites named by ``leave-out``: evaluated every round, never trained on."""
+        return tuple(name.strip() for name in self.leave_out.split(",") if name.strip())
+
+    def __post_init__(self) -> None:
+        _check_choice("threshold-method", self.threshold_method, THRESHOLD_METHODS)
+        _check_choice("final-model", self.final_model, ("best", "last"))
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ConfigError(
+                f"run-config key target-sensitivity must lie in (0, 1], "
+                f"got {self.target_sensitivity}"
+            )
+        if not 0.5 <= self.confidence_level < 1.0:
+            raise ConfigError(
+                f"run-config key confidence-level must lie in [0.5, 1), got {self.confidence_level}"
+            )
+        self.subgroup_spec  # noqa: B018 - validates subgroups, age-bands and min-cell-size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +116,17 @@ class ClientConfig:
     synthetic_samples_per_site: int
     validation_fraction: float
     test_fraction: float
+    subgroups: str
+    age_bands: str
+    min_cell_size: int
 
     @property
     def model_config(self) -> ModelConfig:
         return _project(self, ModelConfig)
+
+    @property
+    def subgroup_spec(self) -> SubgroupSpec:
+        return SubgroupSpec.parse(self.subgroups, self.age_bands, self.min_cell_size)
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))

@@ -128,7 +128,8 @@ def _check_alpha(alpha: float) -> float:
     return value
 
 
-def _z(alpha: float) -> float:
+def z_value(alpha: float) -> float:
+    """The two-sided normal quantile z for a 1 - alpha interval (1.96 for alpha 0.05)."""
     return NormalDist().inv_cdf(1.0 - alpha / 2.0)
 
 
@@ -425,7 +426,7 @@ def delong_ci(
     s10 = float((positives * (v10 - auc) ** 2).sum() / (n_pos - 1))
     s01 = float((negatives * (v01 - auc) ** 2).sum() / (n_neg - 1))
     se = math.sqrt(s10 / n_pos + s01 / n_neg)
-    half = _z(alpha) * se
+    half = z_value(alpha) * se
     return auc, max(0.0, auc - half), min(1.0, auc + half), se
 
 
@@ -456,7 +457,7 @@ def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float
         nan = float("nan")
         return nan, nan, nan
     p = successes / n
-    z = _z(alpha)
+    z = z_value(alpha)
     z2_n = z * z / n
     centre = (p + z2_n / 2.0) / (1.0 + z2_n)
     half = z / (1.0 + z2_n) * math.sqrt(p * (1.0 - p) / n + z2_n / (4.0 * n))

@@ -27,6 +27,8 @@ Batch = dict[str, torch.Tensor]
 class MetricStates(Protocol):
     """Summable metric states (see ``common.metrics``)."""
 
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None: ...
+
     def to_record(self) -> dict[str, list[float]]: ...
 
     def add_record(self, record: Mapping[str, object]) -> None: ...
@@ -76,8 +78,13 @@ class Task(ABC):
         """Empty metric states."""
 
     @abstractmethod
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward a batch in eval mode: ``(prediction, target)``, both indexed by sample first,
+        as the task's metric states take them in ``update``."""
+
     def eval_step(self, model: nn.Module, batch: Batch, states: MetricStates) -> None:
         """Forward a batch in eval mode and add it to ``states``."""
+        states.update(*self.predict(model, batch))
 
     def pool(self, records: Iterable[Mapping[str, object]]) -> MetricStates:
         """Sum the metric states sent by several sites."""
@@ -121,9 +128,9 @@ class ClassificationTask(Task):
     def new_states(self) -> ClassificationStates:
         return ClassificationStates(self.config.num_classes)
 
-    def eval_step(self, model: nn.Module, batch: Batch, states: MetricStates) -> None:
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch["image"]).float()
-        states.update(torch.softmax(logits, dim=1), batch["label"])  # type: ignore[attr-defined]
+        return torch.softmax(logits, dim=1), batch["label"]
 
     def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
         size = (self.config.image_size,) * self.config.spatial_dims
