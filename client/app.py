@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
 from common import messages as keys
 from common.config import ClientConfig, from_run_config
+from common.splits import TEST, VALIDATION
 from common.tasks import Task, get_task
 
 app = ClientApp()
@@ -47,6 +49,71 @@ def evaluate(msg: Message, context: Context) -> Message:
     task, trainer, model, _ = _prepare(msg, context)
     states = trainer.evaluate(model)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(trainer.validation_set), **states.to_record()})
+    return _reply(msg, context, metrics)
+
+
+@app.evaluate(keys.FINAL_EVALUATION)
+def final_evaluation(msg: Message, context: Context) -> Message:
+    """Evaluate the final model on the validation and test splits, overall and per subgroup.
+
+    Subgroup cells with fewer than ``min-cell-size`` patients (or the site's own, larger
+    ``min-cell-size`` from its node config) are dropped here: only their names leave the site.
+    """
+    task, trainer, model, site = _prepare(msg, context)
+    config = from_run_config(ClientConfig, context.run_config)
+    spec = config.subgroup_spec
+    floor = int(context.node_config.get("min-cell-size", spec.min_cell_size))
+    spec = replace(spec, min_cell_size=max(spec.min_cell_size, floor))
+    content = RecordDict()
+    suppressed: dict[str, list[str]] = {}
+    for split, dataset in ((VALIDATION, site.validation), (TEST, site.test)):
+        if dataset is None or len(dataset) == 0:
+            continue
+        result = trainer.evaluate_cells(model, dataset, spec)
+        content[split] = MetricRecord(
+            {keys.NUM_EXAMPLES: len(dataset), **result.overall.to_record()}
+        )
+        for cell, states in result.cells.items():
+            content[f"{split}/{cell}"] = MetricRecord(
+                {keys.PATIENTS: result.patients[cell], **states.to_record()}
+            )
+        suppressed[split] = result.suppressed
+    content[keys.SUPPRESSED] = ConfigRecord(
+        {split: cells for split, cells in suppressed.items() if cells}
+    )
+    content[keys.SITE] = ConfigRecord({keys.SITE_NAME: site_name(context.node_config)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.train(keys.LOCAL_TRAINING)
+def local_training(msg: Message, context: Context) -> Message:
+    """Train only on this site's data for ``local-rounds`` rounds' worth of epochs (the
+    local-only model of cross-site validation), starting from the received weights."""
+    task, _, model, site = _prepare(msg, context)
+    config = from_run_config(ClientConfig, context.run_config)
+    settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
+    rounds = int(keys.scalar(settings, keys.LOCAL_ROUNDS, 1))
+    local = replace(config, local_epochs=config.local_epochs * rounds)
+    result = LocalTrainer.for_site(task, local, site).fit(model)
+    metrics = MetricRecord(
+        {keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.train_loss}
+    )
+    return _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """The site's name and the size of each split, so the server can plan and report."""
+    config = from_run_config(ClientConfig, context.run_config)
+    site = load_site(context.node_config, config)
+    metrics = MetricRecord(
+        {
+            keys.TRAIN_IMAGES: len(site.train),
+            keys.VALIDATION_IMAGES: len(site.validation),
+            keys.TEST_IMAGES: len(site.test) if site.test is not None else 0,
+            keys.SKIPPED_ROWS: site.skipped_rows,
+        }
+    )
     return _reply(msg, context, metrics)
 
 

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_arguments(synth)
     synth.set_defaults(handler=_synth)
 
+    report = commands.add_parser(
+        "report", help="regenerate a run's report (tables, plots, model card) from MLflow"
+    )
+    _add_report_arguments(report)
+    report.set_defaults(handler=_report)
+
     models = commands.add_parser("models", help="list the registered models, tasks and strategies")
     models.set_defaults(handler=_list_registries)
     return parser
@@ -91,6 +97,18 @@ def _synth(args: argparse.Namespace) -> int:
     from simulations import synth
 
     return synth.synth(args)
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    from server import report_command
+
+    report_command.add_arguments(parser)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from server import report_command
+
+    return report_command.report(args)
 
 
 def _list_registries(args: argparse.Namespace) -> int:

@@ -28,6 +28,23 @@ SERVER_ROUND = "server-round"
 NUM_ROUNDS = "num-rounds"
 PROXIMAL_MU = "proximal-mu"
 
+# The site's description (query message), sent once before training.
+TRAIN_IMAGES = "train-images"
+VALIDATION_IMAGES = "validation-images"
+TEST_IMAGES = "test-images"
+
+# Final evaluation (message type ``evaluate.final``): one MetricRecord of states per split
+# (``validation``, ``test``) and per split and sent subgroup cell (``test/sex=F``, which also
+# holds ``patients``), and a ConfigRecord ``suppressed`` listing, per split, the cells the
+# site held back.
+FINAL_EVALUATION = "final"
+SUPPRESSED = "suppressed"
+PATIENTS = "patients"
+
+# Cross-site validation (message type ``train.local``): train only on the site's own data.
+LOCAL_TRAINING = "local"
+LOCAL_ROUNDS = "local-rounds"
+
 
 def array_record(content: RecordDict, key: str = ARRAYS) -> ArrayRecord:
     """The ArrayRecord under ``key``; a missing or mistyped record names the key."""

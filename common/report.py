@@ -23,10 +23,9 @@ import pandas as pd
 
 from common import evaluation as ev
 from common.metrics import ClassificationStates
+from common.splits import TEST, VALIDATION
 from common.subgroups import SITE_ATTRIBUTE, parse_cell_name
 
-VALIDATION = "validation"
-TEST = "test"
 SPLITS = (VALIDATION, TEST)
 
 #: Metrics of the subgroup table and the per-site table, in display order.
@@ -410,10 +409,10 @@ def _subgroup_table(
         attribute, value = parse_cell_name(cell)
         if attribute not in attributes:
             continue
-        states, patients = split.pooled_cell(cell, sites)
+        pooled, patients = split.pooled_cell(cell, sites)
         sent = sorted(s for s in split.cells.get(cell, {}) if s in sites)
         hidden = sorted(s for s in split.suppressed.get(cell, []) if s in sites)
-        groups.setdefault(attribute, {})[value] = (states if sent else None, patients, sent, hidden)
+        groups.setdefault(attribute, {})[value] = (pooled if sent else None, patients, sent, hidden)
     if SITE_ATTRIBUTE in attributes:
         groups[SITE_ATTRIBUTE] = {
             s: (split.sites[s], -1, [s], []) for s in sites if s in split.sites

@@ -159,11 +159,15 @@ def subgroup_markdown(report: Report) -> str:
                 entry[row.metric] = fmt_ci(row.value, row.low, row.high)
             if row.metric == "auc":
                 entry["AUC gap to rest (CI)"] = fmt_ci(row.gap_to_rest, row.gap_low, row.gap_high)
-                entry["n"] = row.n
+                entry["n"] = int(row.n)
             entry["status"] = (
                 f"partial: suppressed at {row.sites_suppressed}" if row.status == "partial" else ""
             )
-        frame = pd.DataFrame(list(display.values())).fillna("suppressed")
+        columns = ["group", "patients", "n", "auc", "AUC gap to rest (CI)"]
+        columns += ["sensitivity", "specificity", "ece", "status"]
+        frame = pd.DataFrame(list(display.values()), columns=columns)
+        frame["status"] = frame["status"].fillna("")
+        frame = frame.fillna("suppressed")
         parts.append(f"### {attribute}\n\n{_markdown(frame)}")
     return "\n".join(parts) if parts else "_No subgroup was declared or reported._\n"
 
@@ -301,7 +305,9 @@ def _findings(report: Report) -> list[str]:
 def _plot_roc(report: Report, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for curve in report.curves:
-        style = {"linewidth": 2.5, "color": "black"} if curve.label == "pooled" else {}
+        style: dict[str, Any] = (
+            {"linewidth": 2.5, "color": "black"} if curve.label == "pooled" else {}
+        )
         label = f"{curve.label}: AUC {fmt_ci(curve.auc.value, curve.auc.low, curve.auc.high)}"
         ax.plot(curve.fpr, curve.tpr, label=label, **style)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
@@ -314,7 +320,9 @@ def _plot_calibration(report: Report, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for curve in report.curves:
         present = curve.counts > 0
-        style = {"linewidth": 2.5, "color": "black"} if curve.label == "pooled" else {}
+        style: dict[str, Any] = (
+            {"linewidth": 2.5, "color": "black"} if curve.label == "pooled" else {}
+        )
         ax.plot(
             curve.mean_predicted[present],
             curve.observed[present],

@@ -1,18 +1,28 @@
-"""The coordinator's ServerApp: a Flower strategy by name, pooled evaluation, MLflow tracking."""
+"""The coordinator's ServerApp: a Flower strategy by name, pooled evaluation, MLflow tracking.
+
+A run: wait for ``min-sites`` sites and ask each for its name and split sizes; train for
+``num-rounds`` rounds, evaluating the global model on every site's validation split after each;
+then evaluate the final model once on every site's validation and test splits (the only use of
+the test splits), optionally run cross-site validation, and log the report to MLflow.
+"""
 
 from __future__ import annotations
 
 import time
 from logging import INFO, WARNING
 
+import mlflow
+import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import messages as keys
 from common.config import ServerConfig, from_run_config
+from common.errors import ConfigError
+from common.report import EvaluationStates
 from common.tasks import get_task
-from server import tracking
+from server import final, tracking
 from server.rounds import RoundRecorder
 from server.strategies import build_strategy
 
@@ -25,17 +35,33 @@ def main(grid: Grid, context: Context) -> None:
     config = from_run_config(ServerConfig, context.run_config)
     task = get_task(config.model_config)
     model = task.build_model()
+    initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     buffer_keys = {name for name, _ in model.named_buffers()}
     started = time.monotonic()
     with tracking.start_run(config, mode="federated") as run:
         log(INFO, "[radfl] MLflow run %s at %s", run.info.run_id, tracking.tracking_uri())
-        recorder = RoundRecorder(task, num_rounds=config.num_rounds)
+        nodes = final.wait_for_sites(grid, config.min_sites, config.round_timeout_s)
+        sites = final.describe_sites(grid, nodes, config.round_timeout_s)
+        left_out = _left_out_nodes(config, sites)
+        log(
+            INFO,
+            "[radfl] %d sites: %s",
+            len(sites),
+            ", ".join(
+                f"{s.name}{' (left out of training)' if s.node_id in left_out else ''}"
+                for s in sorted(sites.values(), key=lambda s: s.name)
+            ),
+        )
+        recorder = RoundRecorder(
+            task, num_rounds=config.num_rounds, external_sites=config.left_out_sites
+        )
         strategy = build_strategy(
             config,
             buffer_keys=buffer_keys,
             train_metrics_aggr_fn=recorder.aggregate_train,
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
         )
+        final.exclude_from_training(strategy, left_out)
         result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
@@ -46,15 +72,101 @@ def main(grid: Grid, context: Context) -> None:
         )
         if recorder.rounds_completed == 0:
             log(WARNING, "[radfl] no round produced an aggregated model")
-        tracking.log_metrics({"wall-time-s": time.monotonic() - started}, step=config.num_rounds)
         # With no aggregated round, Flower's result holds no arrays: the initial model is final.
-        final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+        last = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+        last_state = last.to_torch_state_dict()
+        use_best = config.final_model == "best" and recorder.best_state is not None
+        selected = recorder.best_state if use_best else last_state
+        selected_round = recorder.best_round if use_best else config.num_rounds
+        assert selected is not None  # last_state is never None
+        log(
+            INFO,
+            "[radfl] final evaluation of the %s model (round %s)",
+            config.final_model,
+            selected_round,
+        )
+        splits, failed = final.final_evaluation(
+            grid, sites, selected, config.num_classes, config.round_timeout_s
+        )
+        if failed:
+            mlflow.set_tag("radfl.final-evaluation-failed", ", ".join(sorted(failed)))
+        cross_site = (
+            final.cross_site_validation(
+                grid,
+                sites,
+                initial_state,
+                selected,
+                task,
+                config.num_rounds,
+                config.round_timeout_s,
+            )
+            if config.cross_site
+            else None
+        )
+        states = EvaluationStates(
+            splits=splits,
+            external_sites=sorted(config.left_out_sites),
+            site_summary={s.name: s.counts for s in sites.values()},
+            run={
+                "run_id": run.info.run_id,
+                "task": config.task,
+                "model": config.model,
+                "spatial_dims": config.spatial_dims,
+                "strategy": config.strategy,
+                "num_rounds": config.num_rounds,
+                "final_model": config.final_model,
+                "selected_round": selected_round,
+            },
+            settings={
+                "threshold_method": config.threshold_method,
+                "target_sensitivity": config.target_sensitivity,
+                "confidence_level": config.confidence_level,
+                "min_cell_size": config.min_cell_size,
+                "subgroups": config.subgroups,
+            },
+            cross_site=cross_site,
+        )
+        if splits["test"].sites:
+            report = final.publish_report(
+                states,
+                extra_files={
+                    "sites_by_round.csv": pd.DataFrame(recorder.site_rows).to_csv(index=False)
+                },
+            )
+            log(INFO, "[radfl] test %s", _headline(report.overall))
+        else:
+            log(WARNING, "[radfl] no site returned test states; no report was written")
+        tracking.log_metrics({"wall-time-s": time.monotonic() - started}, step=config.num_rounds)
         tracking.log_models(
             model,
-            final_state=final.to_torch_state_dict(),
+            final_state=last_state,
             best_state=recorder.best_state,
             best_round=recorder.best_round,
             config=config,
             register_as=tracking.registered_model_name(config),
+            registered_state=selected,
         )
         log(INFO, "[radfl] finished; MLflow run %s", run.info.run_id)
+
+
+def _left_out_nodes(config: ServerConfig, sites: dict[int, final.Site]) -> set[int]:
+    names = {s.name: node for node, s in sites.items()}
+    unknown = sorted(set(config.left_out_sites) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"leave-out names unknown site(s) {', '.join(unknown)}; connected: "
+            f"{', '.join(sorted(names))}"
+        )
+    if len(set(config.left_out_sites)) >= len(names):
+        raise ConfigError("leave-out would leave no site to train on")
+    return {names[name] for name in config.left_out_sites}
+
+
+def _headline(table: pd.DataFrame) -> str:
+    rows = table.set_index("metric")
+    parts = []
+    for metric in ("auc", "sensitivity", "specificity"):
+        if metric in rows.index:
+            r = rows.loc[metric]
+            parts.append(f"{metric} {r['value']:.3f} ({r['low']:.3f} to {r['high']:.3f})")
+    return ", ".join(parts)

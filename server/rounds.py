@@ -8,6 +8,7 @@ logs it to MLflow at the round's step.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ from server import tracking
 POOLED = "pooled"
 TRAIN = "train"
 SITE = "site"
+EXTERNAL = "external"
 
 
 def reply_site_name(record: RecordDict) -> str:
@@ -36,9 +38,14 @@ _metric_record = keys.metric_record
 class RoundRecorder:
     """Pools evaluation states, logs every round to the active MLflow run, keeps the best model."""
 
-    def __init__(self, task: Task, num_rounds: int) -> None:
+    def __init__(self, task: Task, num_rounds: int, external_sites: Iterable[str] = ()) -> None:
         self.task = task
         self.num_rounds = num_rounds
+        #: Sites left out of training: evaluated each round, kept out of the pooled values.
+        self.external_sites = frozenset(external_sites)
+        #: One row per round and evaluated site: the per-site validation table.
+        self.site_rows: list[dict[str, Any]] = []
+        self.pending_rows: list[dict[str, Any]] = []
         self.primary = task.metrics[task.primary_metric]
         self.pending: dict[str, float] = {}
         self.site_status: dict[str, list[str]] = {}
@@ -73,16 +80,26 @@ class RoundRecorder:
 
     # Flower's evaluate_metrics_aggr_fn
     def aggregate_evaluate(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-        pooled = self.task.pool(_metric_record(r) for r in records).compute()
+        internal = [r for r in records if reply_site_name(r) not in self.external_sites]
+        pooled = self.task.pool(_metric_record(r) for r in internal).compute()
         out = {f"{POOLED}/{name}": value for name, value in pooled.items()}
         out[f"{POOLED}/num-examples"] = sum(
-            keys.scalar(_metric_record(r), weighted_by_key) for r in records
+            keys.scalar(_metric_record(r), weighted_by_key) for r in internal
         )
         for record in records:
             name = reply_site_name(record)
+            role = EXTERNAL if name in self.external_sites else SITE
             per_site = self.task.pool([_metric_record(record)]).compute()
-            out.update({f"{SITE}/{name}/{metric}": value for metric, value in per_site.items()})
+            out.update({f"{role}/{name}/{metric}": value for metric, value in per_site.items()})
             self.site_status.setdefault(name, []).append("evaluated")
+            self.pending_rows.append(
+                {
+                    "site": name,
+                    "role": "external" if role == EXTERNAL else "training",
+                    "n": int(keys.scalar(_metric_record(record), weighted_by_key)),
+                    **per_site,
+                }
+            )
         self.pending.update(out)
         return _to_record(out)
 
@@ -91,6 +108,8 @@ class RoundRecorder:
         if server_round == 0:
             return None
         metrics, self.pending = self.pending, {}
+        self.site_rows += [{"round": server_round, **row} for row in self.pending_rows]
+        self.pending_rows = []
         tracking.log_metrics(metrics, step=server_round)
         value = metrics.get(f"{POOLED}/{self.task.primary_metric}", math.nan)
         self._log_progress(server_round, metrics, value)
@@ -110,8 +129,11 @@ class RoundRecorder:
     def _log_progress(self, server_round: int, metrics: dict[str, Any], value: float) -> None:
         sites = ", ".join(
             f"{name}: {'+'.join(status)}"
+            + (" [external]" if name in self.external_sites else "")
             + _fmt(
-                metrics.get(f"{SITE}/{name}/{self.task.primary_metric}"), self.task.primary_metric
+                metrics.get(f"{SITE}/{name}/{self.task.primary_metric}")
+                or metrics.get(f"{EXTERNAL}/{name}/{self.task.primary_metric}"),
+                self.task.primary_metric,
             )
             for name, status in sorted(self.site_status.items())
         )

@@ -86,8 +86,10 @@ def log_models(
     best_round: int | None,
     config: ServerConfig,
     register_as: str | None,
+    registered_state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Log best and final weights as artifacts, and the final model (registered if asked)."""
+    """Log best and final weights as artifacts, and the model the run delivers (registered if
+    asked): ``registered_state`` (the evaluated model, best or last), else the final one."""
     with tempfile.TemporaryDirectory() as folder:
         for name, state in (("final", final_state), ("best", best_state)):
             if state is None:
@@ -108,7 +110,7 @@ def log_models(
         mlflow.log_artifact(str(info_path), artifact_path="weights")
     if best_round is not None:
         mlflow.set_tag(BEST_ROUND_TAG, str(best_round))
-    model.load_state_dict(dict(final_state))
+    model.load_state_dict(dict(registered_state if registered_state is not None else final_state))
     common_package = Path(__file__).resolve().parent.parent / "common"
     example = np.zeros((1, 1) + (config.image_size,) * config.spatial_dims, dtype=np.float32)
     mlflow.pytorch.log_model(

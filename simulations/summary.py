@@ -6,8 +6,11 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from common.config import ServerConfig
+from common.errors import RadFLError
+from common.report import build_report
 from common.tasks import get_task
 from server import tracking
+from server.report_command import load_states, print_report
 from server.rounds import POOLED, SITE, TRAIN
 
 
@@ -73,17 +76,29 @@ def print_summary(config: ServerConfig, *, wall_time_s: float) -> int:
     final = rounds[f"{POOLED}/{primary}"].dropna() if f"{POOLED}/{primary}" in rounds else None
     print()
     if final is not None and len(final):
-        print(f"Final pooled {primary}: {final.iloc[-1]:.4f} (best {final.max():.4f})")
+        print(f"Final pooled validation {primary}: {final.iloc[-1]:.4f} (best {final.max():.4f})")
+    has_report = status == "FINISHED"
+    if has_report:
+        try:
+            report = build_report(load_states(run.info.run_id))
+        except RadFLError as exc:
+            print(f"No evaluation report: {exc}")
+            has_report = False
+        else:
+            print()
+            print_report(report)
+            print(f"Report files (plots, model card): MLflow run {run.info.run_id}, report/")
     print(f"Wall time: {wall_time_s:.1f} s")
     print(
         f"MLflow: {tracking.tracking_uri()}  experiment '{config.experiment_name}'  "
         f"run {run.info.run_id}  status {status}"
     )
     print(f"Browse: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
-    complete = status == "FINISHED" and len(rounds) == config.num_rounds
+    complete = status == "FINISHED" and len(rounds) == config.num_rounds and has_report
     if not complete:
         print(
             f"The run did not complete: status {status}, "
-            f"{len(rounds)} of {config.num_rounds} rounds."
+            f"{len(rounds)} of {config.num_rounds} rounds"
+            f"{'' if has_report else ', no evaluation report'}."
         )
     return 0 if complete else 1

@@ -116,3 +116,47 @@ def test_synthetic_site_split_is_deterministic():
     sizes = [len(part) for part in (a.train, a.validation, a.test)]
     assert all(n > 0 for n in sizes)
     assert sizes[0] > sizes[1]
+
+
+def test_evaluate_cells_pools_like_evaluate_and_suppresses_small_cells_before_sending():
+    import pandas as pd
+
+    from common.subgroups import SubgroupSpec
+
+    config = _config(synthetic_samples_per_site=200)
+    task, trainer = _trainer(config)
+    model = task.build_model()
+    validation = trainer.validation_set
+    n = len(validation)
+    # 3 patients are "O": below k = 4, so that cell must not leave the site.
+    sex = ["O"] * 3 + ["F"] * ((n - 3) // 2) + ["M"] * (n - 3 - (n - 3) // 2)
+    attributes = pd.DataFrame({"patient_id": [f"p{i}" for i in range(n)], "sex": sex})
+    dataset = SampleDataset(validation.images, validation.labels, attributes)
+    spec = SubgroupSpec(("sex", "site"), min_cell_size=4)
+    result = trainer.evaluate_cells(model, dataset, spec)
+
+    assert result.suppressed == ["sex=O"]
+    assert sorted(result.cells) == ["sex=F", "sex=M"]
+    assert result.patients == {"sex=F": sex.count("F"), "sex=M": sex.count("M")}
+    overall = trainer.evaluate(model, dataset).to_record()
+    assert result.overall.to_record() == overall
+    # The cells hold exactly their own samples: F and M evaluated on their own equal the cells.
+    female = [i for i, s in enumerate(sex) if s == "F"]
+    alone = trainer.evaluate(
+        model, SampleDataset(validation.images[female], validation.labels[female])
+    )
+    cell, expected = result.cells["sex=F"].to_record(), alone.to_record()
+    for key in ("state.histogram", "state.confusion", "state.count"):
+        assert cell[key] == expected[key]
+    assert cell["state.loss_sum"] == pytest.approx(expected["state.loss_sum"])
+
+
+def test_evaluate_cells_without_attributes_sends_only_the_overall_states():
+    from common.subgroups import SubgroupSpec
+
+    config = _config()
+    task, trainer = _trainer(config)
+    plain = SampleDataset(trainer.validation_set.images, trainer.validation_set.labels)
+    result = trainer.evaluate_cells(task.build_model(), plain, SubgroupSpec(("sex",)))
+    assert result.cells == {} and result.suppressed == []
+    assert result.overall.count == len(plain)

@@ -72,3 +72,22 @@ def test_train_loss_is_weighted_by_samples(recorder):
     out = recorder.aggregate_train([reply("a", 1.0, 10), reply("b", 3.0, 30)], "num-examples")
     assert out["train/loss"] == pytest.approx(2.5)
     assert out["site/b/train-loss"] == 3.0
+
+
+def test_external_sites_are_kept_out_of_pooled_values_and_logged_on_their_own(monkeypatch):
+    monkeypatch.setattr(rounds.tracking, "log_metrics", lambda metrics, step: None)
+    config = from_run_config(ServerConfig, default_run_config())
+    rec = rounds.RoundRecorder(
+        get_task(config.model_config), num_rounds=1, external_sites=["south"]
+    )
+    a = _eval_reply("north", [[0.9, 0.1], [0.2, 0.8]], [0, 1])
+    b = _eval_reply("south", [[0.4, 0.6], [0.7, 0.3], [0.1, 0.9]], [0, 0, 1])
+    out = rec.aggregate_evaluate([a, b], "num-examples")
+    assert out["pooled/num-examples"] == 2
+    assert out["pooled/auc"] == 1.0
+    assert "external/south/auc" in out and "site/south/auc" not in out
+    rec.end_of_round(1, ArrayRecord({"w": torch.zeros(1)}))
+    assert [(r["round"], r["site"], r["role"]) for r in rec.site_rows] == [
+        (1, "north", "training"),
+        (1, "south", "external"),
+    ]

@@ -1,0 +1,174 @@
+"""The ServerApp's work outside Flower's rounds, against a fake Grid (no network)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from common.metrics import ClassificationStates
+from common.report import EvaluationStates, build_report
+from server import final
+
+
+def _states(n: int, seed: int) -> ClassificationStates:
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, 2, n)
+    score = np.clip(0.5 + 0.3 * (target - 0.5) + 0.2 * rng.standard_normal(n), 0, 1)
+    states = ClassificationStates(2)
+    states.update(np.stack([1 - score, score], 1), target)
+    return states
+
+
+def _final_reply(name: str, seed: int) -> RecordDict:
+    content = RecordDict()
+    for offset, split in enumerate(("validation", "test")):
+        content[split] = MetricRecord(
+            {"num-examples": 60, **_states(60, seed + offset).to_record()}
+        )
+        content[f"{split}/sex=F"] = MetricRecord(
+            {"patients": 25, **_states(30, seed + 10 + offset).to_record()}
+        )
+    content["suppressed"] = ConfigRecord({"test": ["sex=O"], "validation": ["sex=O"]})
+    content["site"] = ConfigRecord({"site-name": name})
+    return content
+
+
+class FakeGrid(Grid):
+    """Replies to each message with ``handler(node_id, message)``: a RecordDict, or an Error."""
+
+    def __init__(self, nodes, handler):
+        self.nodes, self.handler, self.sent = list(nodes), handler, []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            answer = self.handler(node, message)
+            if answer is None:
+                continue
+            reply = (
+                Message(answer, reply_to=message)
+                if isinstance(answer, Error)
+                else Message(content=answer, reply_to=message)
+            )
+            replies.append(reply)
+        return replies
+
+    # Unused by the code under test.
+    def set_run(self, run_id): ...
+    @property
+    def run(self): ...
+    def create_message(self, *args, **kwargs): ...
+    def push_messages(self, messages): ...
+    def pull_messages(self, message_ids): ...
+
+
+def _sites(*names):
+    return {i + 1: final.Site(i + 1, name, {}) for i, name in enumerate(names)}
+
+
+def test_final_evaluation_collects_splits_cells_and_suppression_and_names_failed_sites():
+    def handler(node, message):
+        assert message.metadata.message_type == "evaluate.final"
+        assert "arrays" in message.content
+        if node == 3:
+            return Error(code=1, reason="CUDA out of memory")
+        return _final_reply(f"site-{node}", node)
+
+    grid = FakeGrid([1, 2, 3], handler)
+    state = {"w": torch.zeros(2)}
+    splits, failed = final.final_evaluation(grid, _sites("a", "b", "c"), state, 2, timeout=5)
+    assert failed == {"c": "error 1: CUDA out of memory"}
+    assert sorted(splits["test"].sites) == ["a", "b"]
+    assert sorted(splits["test"].cells["sex=F"]) == ["a", "b"]
+    assert splits["test"].patients["sex=F"] == {"a": 25, "b": 25}
+    assert splits["test"].suppressed == {"sex=O": ["a", "b"]}
+
+
+def test_a_malformed_final_reply_drops_that_site_with_the_reason():
+    def handler(node, message):
+        reply = _final_reply(f"s{node}", node)
+        if node == 2:
+            reply["test"] = MetricRecord({"state.histogram": [1.0, 2.0]})
+        return reply
+
+    splits, failed = final.final_evaluation(
+        FakeGrid([1, 2], handler), _sites("a", "b"), {"w": torch.zeros(1)}, 2, timeout=5
+    )
+    assert list(failed) == ["b"] and "malformed" in failed["b"]
+    assert "b" not in splits["test"].sites
+
+
+def test_describe_sites_names_nodes_and_rejects_duplicate_names():
+    def handler(node, message):
+        assert message.metadata.message_type == "query"
+        return RecordDict(
+            {
+                "metrics": MetricRecord({"train-images": 10 * node, "test-images": node}),
+                "site": ConfigRecord({"site-name": f"h{node}"}),
+            }
+        )
+
+    sites = final.describe_sites(FakeGrid([1, 2], handler), [1, 2], timeout=5)
+    assert sites[2].name == "h2" and sites[2].counts["train-images"] == 20
+
+    def same_name(node, message):
+        return RecordDict({"metrics": MetricRecord({}), "site": ConfigRecord({"site-name": "x"})})
+
+    with pytest.raises(final.RadFLError, match="share the name"):
+        final.describe_sites(FakeGrid([1, 2], same_name), [1, 2], timeout=5)
+
+
+def test_waiting_for_sites_fails_within_the_deadline_naming_the_counts():
+    grid = FakeGrid([7], lambda node, message: None)
+    with pytest.raises(final.QuorumError, match=r"1 site\(s\) connected .* needs 3"):
+        final.wait_for_sites(grid, minimum=3, deadline_s=0.2)
+    assert final.wait_for_sites(grid, minimum=1, deadline_s=0.2) == [7]
+
+
+def test_left_out_sites_get_no_training_message():
+    from common.config import ServerConfig, default_run_config, from_run_config
+    from server.strategies import build_strategy
+
+    config = from_run_config(ServerConfig, {**default_run_config(), "min-sites": 3})
+    strategy = build_strategy(config)
+    final.exclude_from_training(strategy, {2})
+    grid = FakeGrid([1, 2, 3], lambda node, message: None)
+    messages = strategy.configure_train(
+        1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({}), grid
+    )
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 3]
+    evaluated = strategy.configure_evaluate(
+        1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({}), grid
+    )
+    assert sorted(m.metadata.dst_node_id for m in evaluated) == [1, 2, 3]
+
+
+def test_report_metrics_are_valid_mlflow_keys():
+    from mlflow.utils.validation import _validate_metric_name
+
+    splits, _ = final.final_evaluation(
+        FakeGrid([1, 2], lambda node, m: _final_reply(f"s{node}", node)),
+        _sites("a", "b"),
+        {"w": torch.zeros(1)},
+        2,
+        timeout=5,
+    )
+    splits["test"].cells["age=>=65"] = splits["test"].cells["sex=F"]
+    splits["test"].patients["age=>=65"] = splits["test"].patients["sex=F"]
+    states = EvaluationStates(
+        splits, [], {}, {"num_rounds": 2}, {"subgroups": "sex,age,site", "min_cell_size": 10}
+    )
+    metrics = final.report_metrics(build_report(states))
+    assert "test/auc" in metrics and "test/auc-low" in metrics
+    assert "test/subgroup/age/ge65/auc" in metrics and "test/subgroup/sex/F/auc" in metrics
+    for key in metrics:
+        _validate_metric_name(key)
+    assert not any("sex/O" in key for key in metrics)  # suppressed: no number at all
+    assert isinstance(pd.DataFrame([metrics]), pd.DataFrame)
