@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
@@ -17,10 +18,7 @@ from common.config import ClientConfig, from_run_config
 from common.splits import TEST, VALIDATION
 from common.tasks import Task, get_task
 
-app = ClientApp()
 
-
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
     task, trainer, model, site = _prepare(msg, context)
@@ -43,7 +41,6 @@ def train(msg: Message, context: Context) -> Message:
     return _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; reply metric states."""
     task, trainer, model, _ = _prepare(msg, context)
@@ -52,7 +49,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _reply(msg, context, metrics)
 
 
-@app.evaluate(keys.FINAL_EVALUATION)
 def final_evaluation(msg: Message, context: Context) -> Message:
     """Evaluate the final model on the validation and test splits, overall and per subgroup.
 
@@ -85,7 +81,6 @@ def final_evaluation(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.train(keys.LOCAL_TRAINING)
 def local_training(msg: Message, context: Context) -> Message:
     """Train only on this site's data for ``local-rounds`` rounds' worth of epochs (the
     local-only model of cross-site validation), starting from the received weights."""
@@ -101,7 +96,6 @@ def local_training(msg: Message, context: Context) -> Message:
     return _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
 
 
-@app.query()
 def describe(msg: Message, context: Context) -> Message:
     """The site's name and the size of each split, so the server can plan and report."""
     config = from_run_config(ClientConfig, context.run_config)
@@ -115,6 +109,18 @@ def describe(msg: Message, context: Context) -> Message:
         }
     )
     return _reply(msg, context, metrics)
+
+
+def build_app(mods: list[Mod] | None = None) -> ClientApp:
+    """The site ClientApp with every handler; ``mods`` wrap them all (for example a mod that
+    records each reply, as the privacy test does)."""
+    client_app = ClientApp(mods=mods)
+    client_app.train()(train)
+    client_app.train(keys.LOCAL_TRAINING)(local_training)
+    client_app.evaluate()(evaluate)
+    client_app.evaluate(keys.FINAL_EVALUATION)(final_evaluation)
+    client_app.query()(describe)
+    return client_app
 
 
 def _prepare(
@@ -141,3 +147,6 @@ def _reply(
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+app = build_app()

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", help="run a federation of synthetic hospitals on this machine"
     )
     simulate.add_arguments(sim)
+    simulate.add_evaluation_arguments(sim)
     sim.set_defaults(handler=_simulate)
 
     central = commands.add_parser(

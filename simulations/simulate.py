@@ -74,6 +74,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show Flower's full log")
 
 
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options only a federated simulation has."""
+    parser.add_argument(
+        "--leave-out",
+        action="append",
+        default=[],
+        metavar="SITE",
+        help="train without this site and report on it as external validation, e.g. "
+        "--leave-out site-2 (repeatable; run config leave-out)",
+    )
+    parser.add_argument(
+        "--cross-site",
+        action="store_true",
+        help="also train a local-only model at each site and evaluate every model on every "
+        "site (run config cross-site)",
+    )
+    parser.add_argument(
+        "--app-dir",
+        type=Path,
+        default=APP_DIR,
+        help="Flower app directory to run (default: this repository's apps)",
+    )
+
+
 def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The run-config values this invocation sets, validated against the app's schema."""
     overrides: dict[str, Any] = {}
@@ -91,6 +115,10 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
     }
     overrides.update({k: v for k, v in named.items() if v is not None})
+    if getattr(args, "leave_out", None):
+        overrides["leave-out"] = ",".join(args.leave_out)
+    if getattr(args, "cross_site", False):
+        overrides["cross-site"] = True
     overrides["min-sites"] = args.sites
     overrides.setdefault("run-key", uuid.uuid4().hex)
     # Validate now, not inside the simulation: a typo fails here, naming the key.
@@ -101,6 +129,12 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def simulate(args: argparse.Namespace) -> int:
     overrides = run_config_overrides(args)
     config = from_run_config(ServerConfig, {**default_run_config(), **overrides})
+    names = [f"site-{i}" for i in range(args.sites)]
+    unknown = [name for name in config.left_out_sites if name not in names]
+    if unknown:
+        raise RadFLError(f"--leave-out {', '.join(unknown)}: the sites are {', '.join(names)}")
+    if len(set(config.left_out_sites)) >= args.sites:
+        raise RadFLError("--leave-out would leave no site to train on")
     workdir = args.workdir.resolve()
     env = simulation_env(workdir)
     data_root = federation_data(args, overrides)
@@ -117,7 +151,7 @@ def simulate(args: argparse.Namespace) -> int:
         command = [
             "flwr",
             "run",
-            str(APP_DIR),
+            str(args.app_dir.resolve()),
             CONNECTION_NAME,
             "--stream",
             "--run-config",
