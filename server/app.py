@@ -20,7 +20,6 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as keys
 from common.config import ServerConfig, from_run_config
 from common.errors import ConfigError
-from common.report import EvaluationStates
 from common.tasks import get_task
 from server import final, tracking
 from server.rounds import RoundRecorder
@@ -103,27 +102,13 @@ def main(grid: Grid, context: Context) -> None:
             if config.cross_site
             else None
         )
-        states = EvaluationStates(
-            splits=splits,
-            external_sites=sorted(config.left_out_sites),
+        states = final.evaluation_states(
+            config,
+            splits,
+            run_id=run.info.run_id,
+            mode="federated",
+            selected_round=selected_round,
             site_summary={s.name: s.counts for s in sites.values()},
-            run={
-                "run_id": run.info.run_id,
-                "task": config.task,
-                "model": config.model,
-                "spatial_dims": config.spatial_dims,
-                "strategy": config.strategy,
-                "num_rounds": config.num_rounds,
-                "final_model": config.final_model,
-                "selected_round": selected_round,
-            },
-            settings={
-                "threshold_method": config.threshold_method,
-                "target_sensitivity": config.target_sensitivity,
-                "confidence_level": config.confidence_level,
-                "min_cell_size": config.min_cell_size,
-                "subgroups": config.subgroups,
-            },
             cross_site=cross_site,
         )
         if splits["test"].sites:

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
 from common import messages as keys
+from common.config import ServerConfig
 from common.errors import RadFLError
 from common.report import SPLITS, EvaluationStates, Report, SplitStates, build_report
 from common.report_files import write_report
@@ -195,6 +196,43 @@ def cross_site_validation(
         matrix[model_name] = row
         log(INFO, "[radfl] cross-site: %s evaluated on %d sites", model_name, len(row))
     return matrix
+
+
+def evaluation_states(
+    config: ServerConfig,
+    splits: dict[str, SplitStates],
+    *,
+    run_id: str,
+    mode: str,
+    selected_round: int | None,
+    site_summary: dict[str, dict[str, Any]],
+    cross_site: dict[str, dict[str, float]] | None = None,
+) -> EvaluationStates:
+    """The stored input of a report: the split states plus the run facts and settings."""
+    return EvaluationStates(
+        splits=splits,
+        external_sites=sorted(config.left_out_sites) if mode == "federated" else [],
+        site_summary=site_summary,
+        run={
+            "run_id": run_id,
+            "mode": mode,
+            "task": config.task,
+            "model": config.model,
+            "spatial_dims": config.spatial_dims,
+            "strategy": config.strategy if mode == "federated" else "pooled (centralized)",
+            "num_rounds": config.num_rounds,
+            "final_model": config.final_model,
+            "selected_round": selected_round,
+        },
+        settings={
+            "threshold_method": config.threshold_method,
+            "target_sensitivity": config.target_sensitivity,
+            "confidence_level": config.confidence_level,
+            "min_cell_size": config.min_cell_size,
+            "subgroups": config.subgroups,
+        },
+        cross_site=cross_site,
+    )
 
 
 def publish_report(

@@ -3,7 +3,9 @@
 The comparison federated learning is judged against. Same seed, same sites, same splits, and the
 same sample budget: ``num-rounds`` blocks of ``local-epochs`` epochs over the pooled training
 data, the learning-rate schedule stepping through the blocks as it steps through rounds. Each
-block's validation metrics are logged to MLflow under the same names as a federated run's.
+block's validation metrics are logged to MLflow under the same names as a federated run's, and
+the selected model gets the same end-of-run report (test splits, subgroups, plots, model card)
+from each site's states, so the two runs compare table for table.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from flwr.common.logger import log
 from client.site import site_folder, synthetic_site
 from client.trainer import ConcatLabelled, LocalTrainer
 from common.config import ClientConfig, ServerConfig, default_run_config, from_run_config
+from common.report import SPLITS, SplitStates
+from common.splits import TEST, VALIDATION
 from common.tasks import get_task
-from server import tracking
+from server import final, tracking
 from server.rounds import POOLED, TRAIN
 from simulations.simulate import federation_data, run_config_overrides
 from simulations.summary import print_summary
@@ -72,6 +76,41 @@ def centralized(args: argparse.Namespace) -> int:
             ):
                 best_value, best_round = value, block
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        use_best = server_config.final_model == "best" and best_state is not None
+        if use_best:
+            model.load_state_dict(best_state)  # type: ignore[arg-type]
+        selected_round = best_round if use_best else server_config.num_rounds
+        splits = {split: SplitStates(client_config.num_classes) for split in SPLITS}
+        for site in sites:
+            for split, dataset in ((VALIDATION, site.validation), (TEST, site.test)):
+                if dataset is None or len(dataset) == 0:
+                    continue
+                cells = trainer.evaluate_cells(model, dataset, client_config.subgroup_spec)
+                splits[split].add_site(
+                    site.name,
+                    cells.overall.to_record(),
+                    {name: states.to_record() for name, states in cells.cells.items()},
+                    cells.patients,
+                    cells.suppressed,
+                )
+        if splits[TEST].sites:
+            final.publish_report(
+                final.evaluation_states(
+                    server_config,
+                    splits,
+                    run_id=run.info.run_id,
+                    mode="centralized",
+                    selected_round=selected_round,
+                    site_summary={
+                        s.name: {
+                            "train-images": len(s.train),
+                            "validation-images": len(s.validation),
+                            "test-images": len(s.test) if s.test is not None else 0,
+                        }
+                        for s in sites
+                    },
+                )
+            )
         wall_time_s = time.monotonic() - started
         tracking.log_metrics({"wall-time-s": wall_time_s}, step=server_config.num_rounds)
         tracking.log_models(

@@ -123,6 +123,11 @@ def test_centralized_uses_the_same_sites_and_tracks_a_run(tmp_path: Path):
     run = _only_run(client, "centralized")
     history = client.get_metric_history(run.info.run_id, "pooled/auc")
     assert sorted(m.step for m in history) == [1, 2]
+    # The same end-of-run report as a federated run, from the same sites' test splits.
+    report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/metrics.csv", "report/subgroups.csv", "report/model_card.md"} <= report
+    assert "test/auc" in run.data.metrics
+    assert "Test split, final model" in done.stdout
 
 
 def test_bad_run_config_key_fails_before_starting(tmp_path: Path):
