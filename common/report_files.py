@@ -311,6 +311,17 @@ def _plot_roc(report: Report, path: Path) -> None:
         label = f"{curve.label}: AUC {fmt_ci(curve.auc.value, curve.auc.low, curve.auc.high)}"
         ax.plot(curve.fpr, curve.tpr, label=label, **style)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    overall = report.overall.set_index("metric")["value"]
+    if _finite(report.threshold) and {"sensitivity", "specificity"} <= set(overall.index):
+        ax.plot(
+            1 - overall["specificity"],
+            overall["sensitivity"],
+            marker="*",
+            markersize=14,
+            color="red",
+            linestyle="none",
+            label=f"operating point (threshold {report.threshold:.3f})",
+        )
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, test split")
     ax.legend(fontsize=7, loc="lower right")
     _save(fig, path)

@@ -34,8 +34,8 @@ from common.errors import ConfigError
 
 # Patients in this subgroup get smaller, lower-contrast lesions (attribute, value).
 HARDER_SUBGROUP = ("sex", "F")
-HARDER_LESION_SIZE_FACTOR = 0.7  # lesion radius, relative to the other patients
-HARDER_LESION_CONTRAST_FACTOR = 0.6  # lesion contrast, relative to the other patients
+HARDER_LESION_SIZE_FACTOR = 0.55  # lesion radius, relative to the other patients
+HARDER_LESION_CONTRAST_FACTOR = 0.45  # lesion contrast, relative to the other patients
 
 MAX_LESIONS = 3
 # Probability of 1, 2, ... MAX_LESIONS lesions in a positive image.
