@@ -317,7 +317,7 @@ class LocalTrainer:
             overall.update(prediction, target)
             stop = start + len(target)
             for name, mask in kept.items():
-                rows = torch.from_numpy(mask[start:stop]).to(target.device)
+                rows = torch.tensor(mask[start:stop], device=target.device)
                 if bool(rows.any()):
                     states[name].update(prediction[rows], target[rows])
             start = stop
