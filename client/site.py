@@ -39,6 +39,7 @@ from common.config import ClientConfig
 from common.errors import ConfigError
 from common.splits import TEST, TRAIN, VALIDATION, SplitFractions, assign_splits
 from common.synthetic import SiteData, make_site, site_profiles
+from common.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,19 @@ def synthetic_site(index: int, count: int, config: ClientConfig) -> SiteSplits:
         num_classes=config.num_classes,
         seed=config.seed,
     )
-    return split_site(data, split_fractions(config), config.seed)
+    return split_site(data, split_fractions(config), config.seed, get_task(config.model_config))
 
 
-def split_site(data: SiteData, fractions: SplitFractions, seed: int) -> SiteSplits:
-    """Normalise each image (z-score) and split the site by patient (``common.splits``)."""
+def split_site(
+    data: SiteData, fractions: SplitFractions, seed: int, task: Task | None = None
+) -> SiteSplits:
+    """Normalise each image (z-score) and split the site by patient (``common.splits``).
+
+    Samples are labelled for ``task`` (``Task.synthetic_targets``); by default with the
+    image's class.
+    """
     images = normalize_intensity(data.images)
+    targets = None if task is None else task.synthetic_targets(data)
     splits = assign_splits(data.patient_ids, seed=seed, fractions=fractions).to_numpy()
 
     attributes = pd.DataFrame(
@@ -197,7 +205,12 @@ def split_site(data: SiteData, fractions: SplitFractions, seed: int) -> SiteSpli
     def part(name: str) -> SampleDataset:
         selected = splits == name
         index = torch.from_numpy(selected)
-        return SampleDataset(images[index], data.labels[index], attributes[selected])
+        return SampleDataset(
+            images[index],
+            data.labels[index],
+            attributes[selected],
+            None if targets is None else targets[index],
+        )
 
     return SiteSplits(
         name=data.profile.name, train=part(TRAIN), validation=part(VALIDATION), test=part(TEST)

@@ -47,24 +47,37 @@ class LabelledDataset(Protocol):
 
 
 class SampleDataset(Dataset[dict[str, Any]]):
-    """Images and labels held in memory (synthetic sites, tests)."""
+    """Images and labels held in memory (synthetic sites, tests).
+
+    ``labels`` are image-level classes (for class weights and balanced sampling); a sample's
+    ``"label"`` is ``targets[i]`` when targets are given (segmentation masks), else
+    ``labels[i]``.
+    """
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, attributes: pd.DataFrame | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        attributes: pd.DataFrame | None = None,
+        targets: torch.Tensor | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if attributes is not None and len(attributes) != len(labels):
             raise ValueError(f"{len(labels)} samples but {len(attributes)} attribute rows")
+        if targets is not None and len(targets) != len(labels):
+            raise ValueError(f"{len(labels)} samples but {len(targets)} targets")
         self.images = images
         self.labels = labels
         self.attributes = None if attributes is None else attributes.reset_index(drop=True)
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self.images[index], "label": self.labels[index]}
+        target = self.labels[index] if self.targets is None else self.targets[index]
+        return {"image": self.images[index], "label": target}
 
 
 class ConcatLabelled(ConcatDataset[dict[str, Any]]):
@@ -93,9 +106,11 @@ class Augmented(Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.transform(dict(self.base[index]))
-        image = sample["image"]
         # MONAI returns MetaTensors; the model and collation need plain tensors.
-        sample["image"] = (image.as_tensor() if hasattr(image, "as_tensor") else image).float()
+        for key, value in sample.items():
+            if hasattr(value, "as_tensor"):
+                sample[key] = value.as_tensor()
+        sample["image"] = sample["image"].float()
         return sample
 
 

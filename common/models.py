@@ -47,7 +47,16 @@ from typing import Any, Final, Protocol, TypeVar
 
 import torch
 from monai.networks.layers import Conv, Norm, Pool
-from monai.networks.nets import DenseNet121, EfficientNetBN, resnet18, resnet34, resnet50
+from monai.networks.nets import (
+    DenseNet121,
+    DynUNet,
+    EfficientNetBN,
+    SegResNet,
+    UNet,
+    resnet18,
+    resnet34,
+    resnet50,
+)
 from torch import nn
 
 from common.errors import ConfigError, RegistryError
@@ -297,4 +306,54 @@ def _build_small_cnn(
 ) -> nn.Module:
     return SmallCNN(
         spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs
+    )
+
+
+# ------------------------------------------------------------------ segmentation networks
+# These map (N, C, *spatial) to per-voxel logits (N, out_channels, *spatial); the spatial size
+# must be divisible by 16 (four downsamplings).
+
+
+@register_model("unet")
+def _build_unet(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    """MONAI's residual U-Net (Ronneberger et al., 2015; Kerfoot et al., 2018)."""
+    settings: dict[str, Any] = {
+        "channels": (16, 32, 64, 128, 256),
+        "strides": (2, 2, 2, 2),
+        "num_res_units": 2,
+        **kwargs,
+    }
+    return UNet(
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **settings
+    )
+
+
+@register_model("segresnet")
+def _build_segresnet(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    """MONAI's SegResNet (Myronenko, 2018) without the VAE branch."""
+    settings: dict[str, Any] = {"init_filters": 16, "blocks_down": (1, 2, 2, 4), **kwargs}
+    return SegResNet(
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **settings
+    )
+
+
+@register_model("dynunet")
+def _build_dynunet(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    """MONAI's DynUNet, the nnU-Net architecture (Isensee et al., 2021), five levels."""
+    settings: dict[str, Any] = {
+        "kernel_size": [3, 3, 3, 3, 3],
+        "strides": [1, 2, 2, 2, 2],
+        "upsample_kernel_size": [2, 2, 2, 2],
+        "filters": [16, 32, 64, 128, 256],
+        "res_block": True,
+        **kwargs,
+    }
+    return DynUNet(
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **settings
     )

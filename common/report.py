@@ -1,8 +1,9 @@
 """The evaluation report: pooled metrics with intervals, per-site and subgroup tables, fairness.
 
-Everything here reads summed metric states (``common.metrics.ClassificationStates``), never a
-per-patient prediction. The server builds :class:`EvaluationStates` from the sites' final
-replies, stores it as JSON in MLflow, and :func:`build_report` turns it into tables;
+Everything here reads summed metric states (``common.metrics.ClassificationStates``,
+``common.seg_metrics.SegmentationStates``), never a per-patient prediction. The server builds
+:class:`EvaluationStates` from the sites' final replies, stores it as JSON in MLflow, and
+:func:`build_report` turns it into tables;
 ``common.report_files`` writes those as CSV, Markdown, plots and a model card. ``radfl report
 RUN_ID`` runs the same two steps on the stored JSON, so a regenerated report equals the first.
 
@@ -14,7 +15,7 @@ of every pooled value and reported on their own, as external validation.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import pandas as pd
 
 from common import evaluation as ev
 from common.metrics import ClassificationStates
+from common.seg_metrics import SegmentationStates
 from common.splits import TEST, VALIDATION
 from common.subgroups import SITE_ATTRIBUTE, parse_cell_name
 
@@ -41,7 +43,9 @@ class SplitStates:
     Attributes
     ----------
     num_classes : int
-    sites : dict of str to ClassificationStates
+    task : str
+        Which metric states the split holds (``STATE_TYPES``).
+    sites : dict of str to states
         Each site's own states over the split.
     cells : dict of str to dict of str to ClassificationStates
         ``cells[cell][site]``: the states a site sent for a subgroup cell (``sex=F``).
@@ -53,8 +57,9 @@ class SplitStates:
     """
 
     num_classes: int
-    sites: dict[str, ClassificationStates] = field(default_factory=dict)
-    cells: dict[str, dict[str, ClassificationStates]] = field(default_factory=dict)
+    task: str = "classification"
+    sites: dict[str, Any] = field(default_factory=dict)
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)
     patients: dict[str, dict[str, int]] = field(default_factory=dict)
     suppressed: dict[str, list[str]] = field(default_factory=dict)
 
@@ -69,29 +74,30 @@ class SplitStates:
         """Add one site's reply: overall states, per-cell states and the suppressed cells."""
         if site in self.sites:
             raise ValueError(f"site {site!r} replied twice")
-        self.sites[site] = _states(self.num_classes, overall)
+        self.sites[site] = _states(self.task, self.num_classes, overall)
         for cell, record in cells.items():
             parse_cell_name(cell)
-            self.cells.setdefault(cell, {})[site] = _states(self.num_classes, record)
+            self.cells.setdefault(cell, {})[site] = _states(self.task, self.num_classes, record)
             self.patients.setdefault(cell, {})[site] = int(patients[cell])
         for cell in suppressed:
             self.suppressed.setdefault(cell, []).append(site)
 
-    def pooled(self, sites: Iterable[str] | None = None) -> ClassificationStates:
+    def pooled(self, sites: Iterable[str] | None = None) -> Any:
         """States summed over ``sites`` (all sites by default)."""
         chosen = self.sites if sites is None else {s: self.sites[s] for s in sites}
-        return _sum(self.num_classes, chosen.values())
+        return _sum(self.task, self.num_classes, chosen.values())
 
-    def pooled_cell(self, cell: str, sites: Iterable[str]) -> tuple[ClassificationStates, int]:
+    def pooled_cell(self, cell: str, sites: Iterable[str]) -> tuple[Any, int]:
         """A cell's states and patients summed over those of ``sites`` that sent it."""
         wanted = set(sites)
         sent = {s: v for s, v in self.cells.get(cell, {}).items() if s in wanted}
         patients = sum(self.patients.get(cell, {}).get(s, 0) for s in sent)
-        return _sum(self.num_classes, sent.values()), patients
+        return _sum(self.task, self.num_classes, sent.values()), patients
 
     def to_json(self) -> dict[str, Any]:
         return {
             "num_classes": self.num_classes,
+            "task": self.task,
             "sites": {s: _record(v) for s, v in self.sites.items()},
             "cells": {c: {s: _record(v) for s, v in by.items()} for c, by in self.cells.items()},
             "patients": self.patients,
@@ -101,11 +107,13 @@ class SplitStates:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SplitStates:
         num_classes = int(data["num_classes"])
+        task = str(data.get("task", "classification"))
         return cls(
             num_classes,
-            sites={s: _states(num_classes, r) for s, r in data["sites"].items()},
+            task,
+            sites={s: _states(task, num_classes, r) for s, r in data["sites"].items()},
             cells={
-                c: {s: _states(num_classes, r) for s, r in by.items()}
+                c: {s: _states(task, num_classes, r) for s, r in by.items()}
                 for c, by in data["cells"].items()
             },
             patients={c: {s: int(n) for s, n in by.items()} for c, by in data["patients"].items()},
@@ -168,21 +176,40 @@ class EvaluationStates:
         )
 
 
-def _record(states: ClassificationStates) -> dict[str, list[float]]:
-    return states.to_record()
+#: The metric states of each task, by task name; a task whose report is built here adds its own.
+STATE_TYPES: dict[str, Callable[[int], Any]] = {
+    "classification": ClassificationStates,
+    "segmentation": SegmentationStates,
+}
 
 
-def _states(num_classes: int, record: Mapping[str, Any]) -> ClassificationStates:
-    states = ClassificationStates(num_classes)
+def _record(states: Any) -> dict[str, list[float]]:
+    return states.to_record()  # type: ignore[no-any-return]
+
+
+def _empty(task: str, num_classes: int) -> Any:
+    try:
+        return STATE_TYPES[task](num_classes)
+    except KeyError:
+        raise ValueError(f"no report metric states for task {task!r}") from None
+
+
+def _states(task: str, num_classes: int, record: Mapping[str, Any]) -> Any:
+    states = _empty(task, num_classes)
     states.add_record(record)
     return states
 
 
-def _sum(num_classes: int, parts: Iterable[ClassificationStates]) -> ClassificationStates:
-    total = ClassificationStates(num_classes)
+def _sum(task: str, num_classes: int, parts: Iterable[Any]) -> Any:
+    total = _empty(task, num_classes)
     for part in parts:
         total.add_record(part.to_record())
     return total
+
+
+def primary_metric(states: Any) -> str:
+    """The metric the subgroup gaps and fairness summaries centre on."""
+    return "dice_case_mean" if isinstance(states, SegmentationStates) else "auc"
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -216,6 +243,9 @@ class Report:
     curves: list[CurveSet]
     per_class: pd.DataFrame
     states: EvaluationStates
+    #: The metric subgroup gaps centre on (``auc``, ``dice_case_mean``) and the ones shown first.
+    primary: str = "auc"
+    headline: tuple[str, ...] = ("auc", "sensitivity", "specificity", "ece")
 
 
 def positive_histograms(states: ClassificationStates) -> tuple[np.ndarray, np.ndarray]:
@@ -224,13 +254,15 @@ def positive_histograms(states: ClassificationStates) -> tuple[np.ndarray, np.nd
 
 
 def choose_operating_threshold(
-    validation: ClassificationStates, method: str, target_sensitivity: float
+    validation: Any, method: str, target_sensitivity: float
 ) -> tuple[float, str]:
     """The threshold chosen on pooled validation states, with a note on how.
 
     Multi-class tasks predict the arg-max class and have no threshold (returns NaN). Without
     the validation positives or negatives the method needs, 0.5 is used and the note says so.
     """
+    if isinstance(validation, SegmentationStates):
+        return math.nan, "segmentation: each voxel takes its arg-max class, no threshold"
     if validation.num_classes != 2:
         return math.nan, "multi-class: the predicted class is the arg-max, no threshold"
     neg, pos = positive_histograms(validation)
@@ -250,9 +282,7 @@ def choose_operating_threshold(
     return threshold, f"{threshold:.4f} ({how}; applied unchanged to test)"
 
 
-def metrics_with_ci(
-    states: ClassificationStates, threshold: float, alpha: float
-) -> dict[str, ev.MetricWithCI]:
+def metrics_with_ci(states: Any, threshold: float, alpha: float) -> dict[str, ev.MetricWithCI]:
     """AUC (DeLong), threshold metrics (Wilson) and ECE for one population.
 
     Binary: at ``threshold`` on the positive class. Multi-class: ``auc`` is the macro
@@ -260,6 +290,8 @@ def metrics_with_ci(
     """
     nan = math.nan
     n = int(states.count)
+    if isinstance(states, SegmentationStates):
+        return segmentation_metrics_with_ci(states, alpha)
     if states.num_classes == 2:
         neg, pos = positive_histograms(states)
         out = {m.name: m for m in ev.binary_report(neg, pos, threshold, alpha)}
@@ -285,6 +317,59 @@ def metrics_with_ci(
     }
 
 
+def segmentation_metrics_with_ci(
+    states: SegmentationStates, alpha: float
+) -> dict[str, ev.MetricWithCI]:
+    """Per-case means with normal intervals (``mean +/- z sd / sqrt(n)``), global Dice and IoU,
+    HD95 summaries; averaged over the foreground classes, intervals with one foreground class."""
+    nan = math.nan
+    z = ev.z_value(alpha)
+    a = states.arrays
+    rows = states.per_class()
+    single = len(rows) == 1
+    out: dict[str, ev.MetricWithCI] = {}
+
+    def mean_ci(name: str, total: str, squares: str, count: str) -> None:
+        n = int(a[count].sum())
+        value = _mean([r[name] for r in rows])
+        low = high = nan
+        method = "normal (mean of cases)" if single else "point estimate (mean of classes)"
+        if single and a[count][0] >= 2:
+            sd = math.sqrt(
+                max((a[squares][0] - a[total][0] ** 2 / a[count][0]) / (a[count][0] - 1), 0.0)
+            )
+            half = z * sd / math.sqrt(a[count][0])
+            low, high = value - half, value + half
+        out[name] = ev.MetricWithCI(name, value, low, high, method, n)
+
+    mean_ci("dice_case_mean", "dice_sum", "dice_sumsq", "dice_count")
+    cases = int(a["dice_count"].sum())
+    for name in ("dice", "iou", "dice_case_median", "iou_case_mean"):
+        out[name] = ev.MetricWithCI(
+            name, _mean([r[name] for r in rows]), nan, nan, "point estimate", cases
+        )
+    mean_ci("hd95_mean", "hd_sum", "hd_sumsq", "hd_count")
+    out["hd95_median"] = ev.MetricWithCI(
+        "hd95_median",
+        _mean([r["hd95_median"] for r in rows]),
+        nan,
+        nan,
+        "point estimate",
+        int(a["hd_count"].sum()),
+    )
+    missed = int(a["missed"].sum())
+    detected, low, high = ev.wilson_ci(cases - missed, cases, alpha) if cases else (nan, nan, nan)
+    out["case_detection_rate"] = ev.MetricWithCI(
+        "case_detection_rate", detected, low, high, "Wilson", cases
+    )
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def difference_ci(
     a: ev.MetricWithCI, b: ev.MetricWithCI, alpha: float
 ) -> tuple[float, float, float, str]:
@@ -297,15 +382,16 @@ def difference_ci(
     """
     diff = a.value - b.value
     nan = math.nan
+    label = "DeLong (independent groups)" if a.method == "DeLong" else "normal (independent groups)"
     if not (math.isfinite(a.value) and math.isfinite(b.value)):
         return nan, nan, nan, "undefined"
     if not all(math.isfinite(v) for v in (a.low, a.high, b.low, b.high)):
         return diff, nan, nan, "point estimate"
-    if a.method == "DeLong" and b.method == "DeLong":
+    if a.method.startswith(("DeLong", "normal")) and b.method == a.method:
         z = ev.z_value(alpha)
         se_a, se_b = (a.high - a.low) / (2 * z), (b.high - b.low) / (2 * z)
         half = z * math.hypot(se_a, se_b)
-        return diff, diff - half, diff + half, "DeLong (independent groups)"
+        return diff, diff - half, diff + half, label
     if a.method == "Wilson" and b.method == "Wilson":
         low = diff - math.hypot(a.value - a.low, b.high - b.value)
         high = diff + math.hypot(a.high - a.value, b.value - b.low)
@@ -344,9 +430,24 @@ def build_report(states: EvaluationStates) -> Report:
         fairness=fairness_table(subgroups),
         confusion=_confusion(pooled_test, threshold),
         curves=_curves(test, internal, states.external_sites, alpha),
-        per_class=pd.DataFrame(ev.per_class_one_vs_rest(pooled_test.histogram, alpha)),
+        per_class=_per_class(pooled_test, alpha),
         states=states,
+        primary=primary_metric(pooled_test),
+        headline=HEADLINE[type(pooled_test).__name__],
     )
+
+
+#: The metrics shown first, per kind of metric states.
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "ClassificationStates": ("auc", "sensitivity", "specificity", "ece"),
+    "SegmentationStates": ("dice_case_mean", "dice", "hd95_mean", "case_detection_rate"),
+}
+
+
+def _per_class(states: Any, alpha: float) -> pd.DataFrame:
+    if isinstance(states, SegmentationStates):
+        return pd.DataFrame(states.per_class())
+    return pd.DataFrame(ev.per_class_one_vs_rest(states.histogram, alpha))
 
 
 def _attributes(settings: Mapping[str, Any]) -> list[str]:
@@ -380,7 +481,7 @@ def _site_table(
             "site": site,
             "role": "external (left out of training)" if site in external else "training",
             "n": int(states.count),
-            "positives": int(states.histogram[1, 1].sum()) if states.num_classes == 2 else None,
+            "positives": _positives(states),
         }
         for name, metric in metrics.items():
             row[name] = metric.value
@@ -389,10 +490,16 @@ def _site_table(
     return pd.DataFrame(rows)
 
 
+def _positives(states: Any) -> int | None:
+    if isinstance(states, ClassificationStates) and states.num_classes == 2:
+        return int(states.histogram[1, 1].sum())
+    return None
+
+
 def _subgroup_table(
     split: SplitStates,
     sites: list[str],
-    overall_states: ClassificationStates,
+    overall_states: Any,
     threshold: float,
     alpha: float,
     attributes: list[str],
@@ -403,7 +510,7 @@ def _subgroup_table(
     other groups of the same attribute pooled (disjoint patients), with its interval.
     """
     overall = metrics_with_ci(overall_states, threshold, alpha)
-    groups: dict[str, dict[str, tuple[ClassificationStates | None, int, list[str], list[str]]]]
+    groups: dict[str, dict[str, tuple[Any, int, list[str], list[str]]]]
     groups = {}
     for cell in sorted(set(split.cells) | set(split.suppressed)):
         attribute, value = parse_cell_name(cell)
@@ -432,6 +539,7 @@ def _subgroup_table(
                     rows.append({**base, "metric": name, "status": SUPPRESSED})
                 continue
             rest = _sum(
+                split.task,
                 states.num_classes,
                 [s for v, (s, *_) in by_value.items() if v != value and s is not None],
             )
@@ -501,7 +609,8 @@ def fairness_table(subgroups: pd.DataFrame) -> pd.DataFrame:
             column = frame[metric].dropna()
             return float(column.max() - column.min()), f"{column.idxmax()} vs {column.idxmin()}"
 
-        auc_gap, auc_groups = spread("auc")
+        primary = "auc" if "auc" in values else "dice_case_mean"
+        auc_gap, auc_groups = spread(primary)
         tpr_gap, tpr_groups = spread("sensitivity")
         fpr_gap, _ = spread("specificity")
         ece_gap, ece_groups = spread("ece")
@@ -509,8 +618,8 @@ def fairness_table(subgroups: pd.DataFrame) -> pd.DataFrame:
             {
                 "attribute": attribute,
                 "groups": int(values.shape[0]),
-                "largest_auc_gap": auc_gap,
-                "auc_gap_between": auc_groups,
+                f"largest_{primary}_gap": auc_gap,
+                f"{primary}_gap_between": auc_groups,
                 "equal_opportunity_difference": tpr_gap,
                 "tpr_gap_between": tpr_groups,
                 "equalized_odds_difference": (
@@ -525,7 +634,9 @@ def fairness_table(subgroups: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _confusion(states: ClassificationStates, threshold: float) -> np.ndarray:
+def _confusion(states: Any, threshold: float) -> np.ndarray:
+    if isinstance(states, SegmentationStates):
+        return np.zeros((0, 0), dtype=np.int64)
     if states.num_classes != 2:
         return states.confusion.copy()
     counts = ev.threshold_metrics(*positive_histograms(states), threshold)
@@ -535,7 +646,7 @@ def _confusion(states: ClassificationStates, threshold: float) -> np.ndarray:
 def _curves(
     split: SplitStates, internal: list[str], external: list[str], alpha: float
 ) -> list[CurveSet]:
-    if split.num_classes != 2:
+    if split.task != "classification" or split.num_classes != 2:
         return []
     populations = [("pooled", split.pooled(internal))]
     populations += [(site, split.sites[site]) for site in sorted(split.sites)]

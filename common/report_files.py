@@ -13,10 +13,13 @@
 ``roc.png``                 ROC curves, pooled and per site, AUC with DeLong interval
 ``calibration.png``         reliability curves, pooled and per site, with ECE
 ``confusion.png``           the confusion matrix at the operating threshold
-``subgroup_auc.png``        subgroup AUCs with intervals against the overall AUC
+``subgroups.png``           subgroup values of the primary metric (AUC, per-case Dice) with
+                            intervals against the overall value
 ``model_card.md``           data per site, metrics, subgroup findings, intended use and limits
 ``states.json``             the stored states every file above is computed from
 ==========================  ==================================================================
+
+ROC, calibration and confusion plots exist for classification only.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ FILES = (
     "roc.png",
     "calibration.png",
     "confusion.png",
-    "subgroup_auc.png",
+    "subgroups.png",
     "model_card.md",
     "states.json",
 )
@@ -78,12 +81,12 @@ def write_report(report: Report, folder: Path) -> list[Path]:
     save_text("subgroups.md", subgroup_page(report))
     save_text("model_card.md", model_card(report))
     save_text("states.json", json.dumps(report.states.to_json()))
-    for name, draw in (
-        ("roc.png", _plot_roc),
-        ("calibration.png", _plot_calibration),
-        ("confusion.png", _plot_confusion),
-        ("subgroup_auc.png", _plot_subgroup_auc),
-    ):
+    plots = [("subgroups.png", _plot_subgroups)]
+    if report.curves:
+        plots += [("roc.png", _plot_roc), ("calibration.png", _plot_calibration)]
+    if report.confusion.size:
+        plots.append(("confusion.png", _plot_confusion))
+    for name, draw in plots:
         path = folder / name
         draw(report, path)
         written.append(path)
@@ -141,6 +144,7 @@ def subgroup_markdown(report: Report) -> str:
     """One table per attribute: groups as rows, metrics with intervals as columns."""
     table = report.subgroups
     k = report.states.settings.get("min_cell_size", "k")
+    gap_column = f"{report.primary} gap to rest (CI)"
     parts = []
     for attribute, rows in table.groupby("attribute", sort=False):
         display: dict[str, dict[str, Any]] = {}
@@ -155,16 +159,16 @@ def subgroup_markdown(report: Report) -> str:
             if row.status == SUPPRESSED:
                 entry["status"] = f"suppressed (< {k} patients at every site)"
                 continue
-            if row.metric in ("auc", "sensitivity", "specificity", "ece"):
+            if row.metric in report.headline:
                 entry[row.metric] = fmt_ci(row.value, row.low, row.high)
-            if row.metric == "auc":
-                entry["AUC gap to rest (CI)"] = fmt_ci(row.gap_to_rest, row.gap_low, row.gap_high)
+            if row.metric == report.primary:
+                entry[gap_column] = fmt_ci(row.gap_to_rest, row.gap_low, row.gap_high)
                 entry["n"] = int(row.n)
             entry["status"] = (
                 f"partial: suppressed at {row.sites_suppressed}" if row.status == "partial" else ""
             )
-        columns = ["group", "patients", "n", "auc", "AUC gap to rest (CI)"]
-        columns += ["sensitivity", "specificity", "ece", "status"]
+        columns = ["group", "patients", "n", report.primary, gap_column]
+        columns += [m for m in report.headline if m != report.primary] + ["status"]
         frame = pd.DataFrame(list(display.values()), columns=columns)
         frame["status"] = frame["status"].fillna("")
         frame = frame.fillna("suppressed")
@@ -233,7 +237,7 @@ def model_card(report: Report) -> str:
         metrics_markdown(report.overall),
         "## Per site",
         "",
-        _markdown(_site_display(report.sites)),
+        _markdown(_site_display(report.sites, report.headline)),
         "## External validation",
         "",
         external,
@@ -264,11 +268,11 @@ def model_card(report: Report) -> str:
     return "\n".join(sections) + "\n"
 
 
-def _site_display(sites: pd.DataFrame) -> pd.DataFrame:
+def _site_display(sites: pd.DataFrame, headline: tuple[str, ...]) -> pd.DataFrame:
     if sites.empty:
         return sites
     out = pd.DataFrame({"site": sites["site"], "role": sites["role"], "n": sites["n"]})
-    for metric in ("auc", "sensitivity", "specificity"):
+    for metric in headline:
         if metric in sites:
             out[metric] = [
                 fmt_ci(v, lo, hi)
@@ -281,13 +285,14 @@ def _site_display(sites: pd.DataFrame) -> pd.DataFrame:
 
 def _findings(report: Report) -> list[str]:
     table = report.subgroups
-    auc = table[(table["metric"] == "auc") & (table["status"] != SUPPRESSED)]
+    auc = table[(table["metric"] == report.primary) & (table["status"] != SUPPRESSED)]
     lines = []
     for row in auc.itertuples(index=False):
         if _finite(row.gap_low) and _finite(row.gap_high) and (row.gap_low > 0 or row.gap_high < 0):
             direction = "lower" if row.gap_to_rest < 0 else "higher"
             lines.append(
-                f"- **{row.attribute}={row.group}**: AUC {fmt_ci(row.value, row.low, row.high)}, "
+                f"- **{row.attribute}={row.group}**: {report.primary} "
+                f"{fmt_ci(row.value, row.low, row.high)}, "
                 f"{direction} than the other {row.attribute} groups by "
                 f"{fmt_ci(abs(row.gap_to_rest), *sorted((abs(row.gap_low), abs(row.gap_high))))} "
                 "(interval excludes zero)."
@@ -295,7 +300,10 @@ def _findings(report: Report) -> list[str]:
     hidden = table[table["status"] == SUPPRESSED]
     suppressed = sorted({f"{r.attribute}={r.group}" for r in hidden.itertuples(index=False)})
     if not lines:
-        lines.append("- No subgroup AUC differs from the rest with an interval excluding zero.")
+        lines.append(
+            f"- No subgroup's {report.primary} differs from the rest with an interval excluding "
+            "zero."
+        )
     if suppressed:
         lines.append(f"- Suppressed everywhere (too few patients): {', '.join(suppressed)}.")
     return lines
@@ -372,10 +380,10 @@ def _plot_confusion(report: Report, path: Path) -> None:
     _save(fig, path)
 
 
-def _plot_subgroup_auc(report: Report, path: Path) -> None:
+def _plot_subgroups(report: Report, path: Path) -> None:
     table = report.subgroups
-    rows = table[(table["metric"] == "auc") & (table["status"] != SUPPRESSED)]
-    overall = report.overall.set_index("metric")["value"].get("auc", math.nan)
+    rows = table[(table["metric"] == report.primary) & (table["status"] != SUPPRESSED)]
+    overall = report.overall.set_index("metric")["value"].get(report.primary, math.nan)
     fig, ax = plt.subplots(figsize=(6, 0.35 * max(len(rows), 2) + 1.2))
     labels = [f"{r.attribute}={r.group}" for r in rows.itertuples(index=False)]
     y = np.arange(len(rows))
@@ -386,7 +394,12 @@ def _plot_subgroup_auc(report: Report, path: Path) -> None:
     if _finite(overall):
         ax.axvline(overall, linestyle="--", color="grey", label=f"overall {overall:.3f}")
         ax.legend(fontsize=7)
-    ax.set(yticks=y, yticklabels=labels, xlabel="AUC (95% CI)", title="Subgroup AUC, test split")
+    ax.set(
+        yticks=y,
+        yticklabels=labels,
+        xlabel=f"{report.primary} ({100 * (1 - report.alpha):.0f}% CI)",
+        title=f"Subgroup {report.primary}, test split",
+    )
     ax.invert_yaxis()
     _save(fig, path)
 

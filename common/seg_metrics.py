@@ -143,6 +143,8 @@ class SegmentationStates:
             with warnings.catch_warnings():
                 # MONAI warns about empty masks; those cases are excluded below.
                 warnings.filterwarnings("ignore", message=".* is all 0")
+                # MONAI 1.6 calls one of its own deprecated arguments internally.
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy")
                 distances = compute_hausdorff_distance(
                     pred[cases].float(), true[cases].float(), include_background=True, percentile=95
                 )

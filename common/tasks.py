@@ -14,12 +14,16 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from monai import transforms as mt
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
 from torch import nn
 
 from common.config import ModelConfig
 from common.errors import RegistryError
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates, MetricInfo
 from common.models import build_model
+from common.seg_metrics import SEGMENTATION_METRICS, SegmentationStates
+from common.synthetic import SiteData
 
 Batch = dict[str, torch.Tensor]
 
@@ -97,6 +101,10 @@ class Task(ABC):
         """Random MONAI transforms applied to each training sample dictionary."""
         return mt.Compose([])
 
+    def synthetic_targets(self, data: SiteData) -> torch.Tensor | None:
+        """What a synthetic site's samples are labelled with; ``None``: the image's class."""
+        return None
+
 
 class ClassificationTask(Task):
     """Binary or multi-class image classification (class 0: no finding)."""
@@ -150,6 +158,63 @@ class ClassificationTask(Task):
         )
 
 
+class SegmentationTask(Task):
+    """Semantic segmentation: a label map per image, class 0 background (``num-classes``
+    counts it). Dice plus cross-entropy loss; volumes larger than the training size are
+    predicted with MONAI's sliding-window inference over ``image-size`` patches."""
+
+    name = "segmentation"
+    primary_metric = "dice"
+    metrics = SEGMENTATION_METRICS
+
+    def output_channels(self) -> int:
+        return self.config.num_classes
+
+    def loss_function(self, train_labels: torch.Tensor | None, balance: bool) -> nn.Module:
+        # Dice is insensitive to class imbalance by construction; ``balance`` changes nothing.
+        return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+
+    def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(labels, minlength=2).float()
+        weights = torch.where(counts > 0, labels.numel() / (len(counts) * counts.clamp(min=1)), 0.0)
+        return weights[labels]
+
+    def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
+        logits = model(batch["image"])
+        return loss_function(logits.float(), batch["label"])
+
+    def new_states(self) -> SegmentationStates:
+        return SegmentationStates(self.config.num_classes)
+
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        image = batch["image"]
+        patch = (self.config.image_size,) * self.config.spatial_dims
+        if any(size > edge for size, edge in zip(image.shape[2:], patch, strict=True)):
+            logits = sliding_window_inference(
+                image, roi_size=patch, sw_batch_size=4, predictor=model, overlap=0.25
+            )
+        else:
+            logits = model(image)
+        return torch.softmax(torch.as_tensor(logits).float(), dim=1), batch["label"]
+
+    def synthetic_targets(self, data: SiteData) -> torch.Tensor | None:
+        if data.masks is None:
+            raise ValueError(f"synthetic site {data.profile.name} has no lesion masks")
+        return data.masks.long()
+
+    def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        keys = ["image", "label"]
+        return mt.Compose(
+            [
+                mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+                mt.RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+                mt.RandRotate90d(keys=keys, prob=0.5, spatial_axes=(0, 1)),
+                mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                mt.RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.5),
+            ]
+        )
+
+
 _TASKS: dict[str, type[Task]] = {}
 
 
@@ -177,3 +242,4 @@ def get_task(config: ModelConfig) -> Task:
 
 
 register_task(ClassificationTask)
+register_task(SegmentationTask)

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as keys
 from common.config import ServerConfig, from_run_config
 from common.errors import ConfigError
+from common.report import Report
 from common.tasks import get_task
 from server import final, tracking
 from server.rounds import RoundRecorder
@@ -85,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
             selected_round,
         )
         splits, failed = final.final_evaluation(
-            grid, sites, selected, config.num_classes, config.round_timeout_s
+            grid, sites, selected, config.num_classes, config.round_timeout_s, task=config.task
         )
         if failed:
             mlflow.set_tag("radfl.final-evaluation-failed", ", ".join(sorted(failed)))
@@ -118,7 +119,7 @@ def main(grid: Grid, context: Context) -> None:
                     "sites_by_round.csv": pd.DataFrame(recorder.site_rows).to_csv(index=False)
                 },
             )
-            log(INFO, "[radfl] test %s", _headline(report.overall))
+            log(INFO, "[radfl] test %s", _headline(report))
         else:
             log(WARNING, "[radfl] no site returned test states; no report was written")
         tracking.log_metrics({"wall-time-s": time.monotonic() - started}, step=config.num_rounds)
@@ -147,10 +148,10 @@ def _left_out_nodes(config: ServerConfig, sites: dict[int, final.Site]) -> set[i
     return {names[name] for name in config.left_out_sites}
 
 
-def _headline(table: pd.DataFrame) -> str:
-    rows = table.set_index("metric")
+def _headline(report: Report) -> str:
+    rows = report.overall.set_index("metric")
     parts = []
-    for metric in ("auc", "sensitivity", "specificity"):
+    for metric in report.headline[:3]:
         if metric in rows.index:
             r = rows.loc[metric]
             parts.append(f"{metric} {r['value']:.3f} ({r['low']:.3f} to {r['high']:.3f})")

@@ -105,12 +105,13 @@ def final_evaluation(
     state: Mapping[str, torch.Tensor],
     num_classes: int,
     timeout: float,
+    task: str = "classification",
 ) -> tuple[dict[str, SplitStates], dict[str, str]]:
     """Validation and test states of the final model from every site, and the sites that
     failed (name to reason)."""
     content = {node: RecordDict({keys.ARRAYS: ArrayRecord(dict(state))}) for node in sites}
     replies = _send(grid, content, f"{MessageType.EVALUATE}.{keys.FINAL_EVALUATION}", timeout)
-    splits = {split: SplitStates(num_classes) for split in SPLITS}
+    splits = {split: SplitStates(num_classes, task) for split in SPLITS}
     failed: dict[str, str] = {}
     for node, reply in replies.items():
         name = sites[node].name
@@ -259,14 +260,14 @@ def report_metrics(report: Report) -> dict[str, float]:
         out[f"test/{row.metric}-high"] = row.high
     for row in report.sites.to_dict("records"):
         role = "external" if str(row["role"]).startswith("external") else "site"
-        for metric in ("auc", "sensitivity", "specificity"):
+        for metric in report.headline:
             if metric in row:
                 out[f"test/{role}/{metric_key(row['site'])}/{metric}"] = row[metric]
     table = report.subgroups[report.subgroups["status"] != "suppressed"]
     for row in table.itertuples(index=False):
         base = f"test/subgroup/{metric_key(row.attribute)}/{metric_key(row.group)}/{row.metric}"
         out[base] = row.value
-        if row.metric == "auc":
+        if row.metric == report.primary:
             out[f"{base}-gap-to-rest"] = row.gap_to_rest
     for row in report.fairness.to_dict("records"):
         for column, value in row.items():

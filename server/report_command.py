@@ -68,7 +68,9 @@ def print_report(result: Report) -> None:
     """The headline tables: test metrics with intervals, per site, fairness, subgroups."""
     print(f"Test split, final model; operating threshold {result.threshold_note}")
     print(metrics_markdown(result.overall))
-    columns = [c for c in ("site", "role", "n", "auc", "auc_low", "auc_high") if c in result.sites]
+    primary = result.primary
+    wanted = ("site", "role", "n", primary, f"{primary}_low", f"{primary}_high")
+    columns = [c for c in wanted if c in result.sites]
     print("Per site (test):")
     print(result.sites[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print()

@@ -80,7 +80,9 @@ def centralized(args: argparse.Namespace) -> int:
         if use_best:
             model.load_state_dict(best_state)  # type: ignore[arg-type]
         selected_round = best_round if use_best else server_config.num_rounds
-        splits = {split: SplitStates(client_config.num_classes) for split in SPLITS}
+        splits = {
+            split: SplitStates(client_config.num_classes, client_config.task) for split in SPLITS
+        }
         for site in sites:
             for split, dataset in ((VALIDATION, site.validation), (TEST, site.test)):
                 if dataset is None or len(dataset) == 0:
