@@ -294,10 +294,13 @@ def image_transforms(
     *,
     ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
     spacing_mm: Sequence[float] | None = None,
+    with_mask: bool = False,
 ) -> mt.Compose:
     """The deterministic preprocessing of one modality: read, orient, normalise, resize.
 
     Applies to a dictionary whose ``"image"`` is a path. See the module docstring for each step.
+    With ``with_mask``, ``"mask"`` (a label map on the image's grid) is read, oriented and
+    resized with it, by nearest neighbour, and never normalised.
 
     Parameters
     ----------
@@ -320,15 +323,17 @@ def image_transforms(
     if image_size < 1:
         raise SiteDataError(f"image_size must be positive, got {image_size}")
     keys = ["image"]
+    both = ["image", "mask"] if with_mask else keys
     steps: list[Any] = [
-        _load_image(keys),
-        mt.EnsureChannelFirstd(keys),
-        OneChannel(keys),
+        _load_image(both),
+        mt.EnsureChannelFirstd(both),
+        OneChannel(both),
     ]
     if spatial_dims == 3:
-        steps.append(mt.Orientationd(keys, axcodes="RAS", labels=None))
+        steps.append(mt.Orientationd(both, axcodes="RAS", labels=None))
         if spacing_mm is not None:
-            steps.append(mt.Spacingd(keys, pixdim=tuple(spacing_mm), mode="bilinear"))
+            modes = ("bilinear", "nearest") if with_mask else "bilinear"
+            steps.append(mt.Spacingd(both, pixdim=tuple(spacing_mm), mode=modes))
     if normalisation_for(modality or "") == "ct-window":
         level, width = ct_window_hu
         if width <= 0:
@@ -358,6 +363,11 @@ def image_transforms(
         ),
         mt.EnsureTyped(keys, dtype=torch.float32, track_meta=False),
     ]
+    if with_mask:
+        steps += [
+            mt.Resized("mask", spatial_size=(image_size,) * spatial_dims, mode="nearest"),
+            mt.EnsureTyped("mask", dtype=torch.int64, track_meta=False),
+        ]
     return mt.Compose(steps)
 
 
@@ -409,8 +419,10 @@ class _ByModality(mt.MapTransform):
 class SiteDataset(Dataset[dict[str, Any]]):
     """One split of a site's manifest rows, preprocessed once and cached on disk.
 
-    Items are ``{"image": float32 (1, *spatial), "label": long scalar}`` (classification).
-    ``labels`` holds every row's label without decoding (class weights, balanced sampling).
+    Items are ``{"image": float32 (1, *spatial), "label": ...}``: a long scalar class
+    (classification) or a long ``(1, *spatial)`` label map read from the ``mask`` column
+    (segmentation). ``labels`` holds every row's image-level class without decoding (class
+    weights, balanced sampling; for segmentation the ``label`` column when present, else 0).
 
     The preprocessed tensor of each row is stored by MONAI's ``PersistentDataset`` under
     ``cache_dir / <preprocessing_key(...)>``; ``cache_dir`` defaults to ``ROOT/.radfl-cache``.
@@ -441,12 +453,19 @@ class SiteDataset(Dataset[dict[str, Any]]):
         ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
         spacing_mm: Sequence[float] | None = None,
     ) -> None:
-        if task != "classification":
+        if task not in ("classification", "segmentation"):
             raise SiteDataError(f"task {task} loading arrives with issue #5")
         self.root = Path(root)
         self.lines = [int(line) for line in rows.index]
         self.files = [str(v) for v in rows[mf.IMAGE]]
-        labels = [_parse_label(v, line) for line, v in zip(self.lines, rows[mf.LABEL], strict=True)]
+        self.with_mask = task == "segmentation"
+        if mf.LABEL in rows.columns and not self.with_mask:
+            label_values = list(rows[mf.LABEL])
+        elif mf.LABEL in rows.columns:
+            label_values = [v if str(v).strip() else 0 for v in rows[mf.LABEL]]
+        else:
+            label_values = [0] * len(rows)
+        labels = [_parse_label(v, line) for line, v in zip(self.lines, label_values, strict=True)]
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.attributes = attribute_table(rows)
         modalities = rows[mf.MODALITY] if mf.MODALITY in rows.columns else [""] * len(rows)
@@ -457,13 +476,19 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 stamp = file_stamp(path)
             except OSError as exc:
                 raise SiteDataError(f"line {line}: {file}: {exc.strerror or exc}") from exc
-            items.append(
-                {
-                    "image": str(path),
-                    "stamp": stamp,
-                    "normalisation": normalisation_for(str(modality)),
-                }
-            )
+            item = {
+                "image": str(path),
+                "stamp": stamp,
+                "normalisation": normalisation_for(str(modality)),
+            }
+            if self.with_mask:
+                mask = resolve_path(self.root, str(rows.at[line, mf.MASK]))
+                try:
+                    item["mask_stamp"] = file_stamp(mask)
+                except OSError as exc:
+                    raise SiteDataError(f"line {line}: {mask}: {exc.strerror or exc}") from exc
+                item["mask"] = str(mask)
+            items.append(item)
         pipelines = {
             kind: image_transforms(
                 spatial_dims,
@@ -471,6 +496,7 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 "CT" if kind == "ct-window" else None,
                 ct_window_hu=ct_window_hu,
                 spacing_mm=spacing_mm,
+                with_mask=self.with_mask,
             )
             for kind in ("ct-window", "percentile")
         }
@@ -499,8 +525,10 @@ class SiteDataset(Dataset[dict[str, Any]]):
             raise SiteDataError(
                 f"line {self.lines[index]}: {self.files[index]}: {type(cause).__name__}: {cause}"
             ) from cause
-        image = item["image"]
-        return {"image": torch.as_tensor(image, dtype=torch.float32), "label": self.labels[index]}
+        image = torch.as_tensor(item["image"], dtype=torch.float32)
+        if self.with_mask:
+            return {"image": image, "label": torch.as_tensor(item["mask"], dtype=torch.int64)}
+        return {"image": image, "label": self.labels[index]}
 
 
 def attribute_table(rows: pd.DataFrame) -> pd.DataFrame:

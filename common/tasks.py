@@ -47,6 +47,8 @@ class Task(ABC):
     #: The validation metric that picks the best global model.
     primary_metric: ClassVar[str]
     metrics: ClassVar[dict[str, MetricInfo]]
+    #: The model ``radfl simulate --task NAME`` trains when no ``--model`` is given.
+    default_model: ClassVar[str]
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -112,6 +114,7 @@ class ClassificationTask(Task):
     name = "classification"
     primary_metric = "auc"
     metrics = CLASSIFICATION_METRICS
+    default_model = "resnet18"
 
     def output_channels(self) -> int:
         return self.config.num_classes
@@ -166,6 +169,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     primary_metric = "dice"
     metrics = SEGMENTATION_METRICS
+    default_model = "unet"
 
     def output_channels(self) -> int:
         return self.config.num_classes
@@ -230,15 +234,19 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def get_task(config: ModelConfig) -> Task:
-    """The task named by ``config.task``, bound to that model configuration."""
+def task_class(name: str) -> type[Task]:
+    """The task class registered as ``name``."""
     try:
-        cls = _TASKS[config.task]
+        return _TASKS[name]
     except KeyError:
         raise RegistryError(
-            f"unknown task {config.task!r}; known tasks: {', '.join(list_tasks())}"
+            f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}"
         ) from None
-    return cls(config)
+
+
+def get_task(config: ModelConfig) -> Task:
+    """The task named by ``config.task``, bound to that model configuration."""
+    return task_class(config.task)(config)
 
 
 register_task(ClassificationTask)

@@ -27,6 +27,7 @@ from common.config import (
     load_toml_config,
 )
 from common.errors import RadFLError
+from common.tasks import task_class
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
 from simulations.summary import print_summary
 from simulations.synth import FederationSpec, ensure_federation
@@ -40,7 +41,13 @@ PROGRESS_MARKERS = ("[radfl]", "[ROUND", "ERROR", "Error", "Traceback", "Excepti
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", type=int, default=3, help="number of simulated hospitals")
     parser.add_argument("--rounds", type=int, help="federated rounds (run config num-rounds)")
-    parser.add_argument("--model", help="model name, see `radfl models`")
+    parser.add_argument(
+        "--task", help="classification or segmentation (run config task; default classification)"
+    )
+    parser.add_argument("--dims", type=int, choices=(2, 3), help="2D images or 3D volumes")
+    parser.add_argument(
+        "--model", help="model name, see `radfl models` (default: the task's own, e.g. unet)"
+    )
     parser.add_argument("--strategy", help="aggregation strategy name")
     parser.add_argument("--seed", type=int, help="seed of data, model and training")
     parser.add_argument("--config", type=Path, help="TOML file of run-config overrides")
@@ -110,11 +117,15 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides[key.strip()] = _parse_value(value.strip())
     named = {
         "num-rounds": args.rounds,
+        "task": args.task,
+        "spatial-dims": args.dims,
         "model": args.model,
         "strategy": args.strategy,
         "seed": args.seed,
     }
     overrides.update({k: v for k, v in named.items() if v is not None})
+    if args.task is not None and args.model is None and "model" not in overrides:
+        overrides["model"] = task_class(args.task).default_model
     if getattr(args, "leave_out", None):
         overrides["leave-out"] = ",".join(args.leave_out)
     if getattr(args, "cross_site", False):

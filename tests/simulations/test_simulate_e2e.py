@@ -184,3 +184,44 @@ def test_flwr_run_from_repository_root(tmp_path: Path):
     assert "[radfl] round 1/1" in done.stdout + done.stderr
     run = _only_run(_client(tmp_path), "federated")
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(("dims", "size"), [(2, "32"), (3, "16")])
+def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: int, size: str):
+    """`radfl simulate --task segmentation` on synthetic DICOM/NIfTI/PNG-or-NPY sites with masks."""
+    command = [
+        RADFL,
+        "simulate",
+        "--task",
+        "segmentation",
+        "--dims",
+        str(dims),
+        "--sites",
+        "2",
+        "--rounds",
+        "2",
+        "--set",
+        f"image-size={size}",
+        "--set",
+        "synthetic-samples-per-site=40",
+        "--set",
+        "batch-size=4",
+        "--set",
+        "local-epochs=1",
+        "--set",
+        "min-cell-size=2",
+    ]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    client = _client(tmp_path)
+    run = _only_run(client, "federated")
+    assert run.data.params["model"] == "unet" and run.data.params["spatial_dims"] == str(dims)
+    history = client.get_metric_history(run.info.run_id, "pooled/dice")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert all(0.0 <= m.value <= 1.0 for m in history)
+    report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/metrics.csv", "report/subgroups.csv", "report/model_card.md"} <= report
+    assert "report/roc.png" not in report  # classification only
+    assert "test/dice_case_mean" in run.data.metrics
