@@ -35,6 +35,7 @@ def train(msg: Message, context: Context) -> Message:
             keys.TRAIN_LOSS: result.train_loss,
             keys.VALIDATION_LOSS: result.validation_loss,
             keys.EPOCHS_RUN: result.epochs_run,
+            keys.SKIPPED_STEPS: result.skipped_steps,
             keys.SKIPPED_ROWS: site.skipped_rows,
         }
     )

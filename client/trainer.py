@@ -145,6 +145,8 @@ class FitResult:
     epochs_run: int
     validation_loss: float
     stopped_early: bool
+    #: Steps skipped because reduced precision gave a non-finite loss or gradient.
+    skipped_steps: int = 0
 
 
 def learning_rate_at(
@@ -235,6 +237,7 @@ class LocalTrainer:
         scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
 
         best_loss, best_state, epochs_without_gain = math.inf, None, 0
+        skipped_steps = 0
         loss_sum, loss_count, epochs_run, step = 0.0, 0, 0, 0
         validation_loss = math.nan
         for _epoch in range(cfg.local_epochs):
@@ -255,13 +258,20 @@ class LocalTrainer:
                 if global_params is not None:
                     loss = loss + _proximal_term(model, global_params, proximal_mu)
                 optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if not torch.isfinite(loss.detach()):
+                    # Reduced precision overflowed: skip the step, as a GradScaler would.
+                    skipped_steps += 1
+                    continue
                 scaler.scale(loss).backward()
+                if self.autocast_dtype == torch.bfloat16 and not _finite_gradients(model):
+                    skipped_steps += 1
+                    continue
                 scaler.step(optimizer)
                 scaler.update()
                 n = len(batch["label"])
                 loss_sum += float(loss.detach()) * n
                 loss_count += n
-                step += 1
             epochs_run += 1
             validation_loss = self.evaluate(model).compute().get("loss", math.nan)
             if not math.isfinite(validation_loss) or validation_loss < best_loss - 1e-6:
@@ -271,6 +281,11 @@ class LocalTrainer:
                 epochs_without_gain += 1
                 if epochs_without_gain >= cfg.early_stopping_patience:
                     break
+        if step and skipped_steps == step:
+            raise FloatingPointError(
+                f"all {step} training steps gave non-finite losses or gradients at precision "
+                f"{cfg.precision}; try precision = \"fp32\" or a lower learning-rate"
+            )
         stopped_early = epochs_run < cfg.local_epochs
         if best_state is not None and math.isfinite(best_loss):
             model.load_state_dict(best_state)
@@ -281,6 +296,7 @@ class LocalTrainer:
             epochs_run=epochs_run,
             validation_loss=validation_loss,
             stopped_early=stopped_early,
+            skipped_steps=skipped_steps,
         )
 
     @torch.no_grad()
@@ -411,6 +427,12 @@ def _cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _finite_gradients(model: nn.Module) -> bool:
+    return all(
+        bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
+    )
 
 
 def _proximal_term(model: nn.Module, global_params: list[torch.Tensor], mu: float) -> torch.Tensor:

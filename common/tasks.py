@@ -19,7 +19,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from common.config import ModelConfig
-from common.errors import RegistryError
+from common.errors import ConfigError, RegistryError
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates, MetricInfo
 from common.models import build_model
 from common.seg_metrics import SEGMENTATION_METRICS, SegmentationStates
@@ -170,6 +170,19 @@ class SegmentationTask(Task):
     primary_metric = "dice"
     metrics = SEGMENTATION_METRICS
     default_model = "unet"
+
+    #: Four 2x downsamplings with at least 2 voxels left at the bottom.
+    MIN_IMAGE_SIZE = 32
+    SIZE_MULTIPLE = 16
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        size = config.image_size
+        if size < self.MIN_IMAGE_SIZE or size % self.SIZE_MULTIPLE:
+            raise ConfigError(
+                f"run-config key image-size must be a multiple of {self.SIZE_MULTIPLE} and at "
+                f"least {self.MIN_IMAGE_SIZE} for segmentation networks, got {size}"
+            )
 
     def output_channels(self) -> int:
         return self.config.num_classes

@@ -73,6 +73,7 @@ class RoundRecorder:
             out[f"{SITE}/{name}/train-loss"] = keys.scalar(metrics, keys.TRAIN_LOSS)
             out[f"{SITE}/{name}/num-examples"] = keys.scalar(metrics, weighted_by_key)
             out[f"{SITE}/{name}/skipped-rows"] = keys.scalar(metrics, keys.SKIPPED_ROWS, 0.0)
+            out[f"{SITE}/{name}/skipped-steps"] = keys.scalar(metrics, keys.SKIPPED_STEPS, 0.0)
             self.site_status.setdefault(name, []).append("trained")
         self.pending.update(out)
         self.rounds_completed += 1
@@ -80,9 +81,23 @@ class RoundRecorder:
 
     # Flower's evaluate_metrics_aggr_fn
     def aggregate_evaluate(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+        out: dict[str, float] = {}
+        valid = []
+        for record in records:
+            name = reply_site_name(record)
+            try:
+                self.task.pool([_metric_record(record)])
+            except ValueError as exc:
+                # One site's bad states must not end the run: leave it out of this round.
+                log(WARNING, "[radfl] round evaluation of site %s rejected: %s", name, exc)
+                out[f"{SITE}/{name}/rejected-evaluation"] = 1.0
+                self.site_status.setdefault(name, []).append("rejected")
+                continue
+            valid.append(record)
+        records = valid
         internal = [r for r in records if reply_site_name(r) not in self.external_sites]
         pooled = self.task.pool(_metric_record(r) for r in internal).compute()
-        out = {f"{POOLED}/{name}": value for name, value in pooled.items()}
+        out.update({f"{POOLED}/{name}": value for name, value in pooled.items()})
         out[f"{POOLED}/num-examples"] = sum(
             keys.scalar(_metric_record(r), weighted_by_key) for r in internal
         )

@@ -160,3 +160,26 @@ def test_evaluate_cells_without_attributes_sends_only_the_overall_states():
     result = trainer.evaluate_cells(task.build_model(), plain, SubgroupSpec(("sex",)))
     assert result.cells == {} and result.suppressed == []
     assert result.overall.count == len(plain)
+
+
+def test_non_finite_steps_are_skipped_and_a_run_of_only_such_steps_fails(monkeypatch):
+    config = _config(local_epochs=1)
+    task, trainer = _trainer(config)
+    model = task.build_model()
+    original = task.train_step
+    calls = {"n": 0}
+
+    def every_other_nan(model, batch, loss_function):
+        calls["n"] += 1
+        loss = original(model, batch, loss_function)
+        return loss * float("nan") if calls["n"] % 2 else loss
+
+    monkeypatch.setattr(task, "train_step", every_other_nan)
+    result = trainer.fit(model)
+    assert result.skipped_steps == (calls["n"] + 1) // 2 > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert math.isfinite(result.train_loss)
+
+    monkeypatch.setattr(task, "train_step", lambda m, b, f: original(m, b, f) * float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.fit(task.build_model())

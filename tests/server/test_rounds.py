@@ -91,3 +91,13 @@ def test_external_sites_are_kept_out_of_pooled_values_and_logged_on_their_own(mo
         (1, "north", "training"),
         (1, "south", "external"),
     ]
+
+
+def test_a_site_with_bad_states_is_left_out_of_the_round_not_the_run(recorder):
+    good = _eval_reply("north", [[0.9, 0.1], [0.2, 0.8]], [0, 1])
+    bad = _eval_reply("south", [[0.4, 0.6]], [0])
+    bad["metrics"]["state.histogram"] = [float("nan")] * len(bad["metrics"]["state.histogram"])
+    out = recorder.aggregate_evaluate([good, bad], "num-examples")
+    assert out["pooled/auc"] == 1.0 and out["pooled/num-examples"] == 2
+    assert out["site/south/rejected-evaluation"] == 1.0
+    assert "site/south/auc" not in out

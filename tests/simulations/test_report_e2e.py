@@ -143,7 +143,7 @@ def test_sites_send_only_weights_fixed_size_states_counts_of_at_least_k_and_conf
         "state.count": 1,
     }
     counts = {"num-examples", "patients", "train-images", "validation-images", "test-images"}
-    summaries = {"train-loss", "validation-loss", "epochs-run"}
+    summaries = {"train-loss", "validation-loss", "epochs-run", "skipped-steps"}
     cell = re.compile(r"^(validation|test)/[a-z_]+=.+$")
     checked_states = 0
     for reply in replies:

@@ -186,7 +186,7 @@ def test_flwr_run_from_repository_root(tmp_path: Path):
     assert run.info.status == "FINISHED"
 
 
-@pytest.mark.parametrize(("dims", "size"), [(2, "32"), (3, "16")])
+@pytest.mark.parametrize(("dims", "size"), [(2, "32"), (3, "32")])
 def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: int, size: str):
     """`radfl simulate --task segmentation` on synthetic DICOM/NIfTI/PNG-or-NPY sites with masks."""
     command = [
