@@ -62,6 +62,11 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
         )
         final.exclude_from_training(strategy, left_out)
+        # The untrained model's metrics at step 0: what every round is measured against.
+        recorder.baseline(
+            final.evaluate_everywhere(grid, sites, initial_state, config.round_timeout_s),
+            keys.NUM_EXAMPLES,
+        )
         result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),

@@ -83,6 +83,26 @@ def describe_sites(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[
     return sites
 
 
+def evaluate_everywhere(
+    grid: Grid, sites: Mapping[int, Site], state: Mapping[str, torch.Tensor], timeout: float
+) -> list[RecordDict]:
+    """Every site's validation states of one model (the default ``evaluate`` message)."""
+    record = ArrayRecord(dict(state))
+    replies = _send(
+        grid,
+        {node: RecordDict({keys.ARRAYS: record}) for node in sites},
+        MessageType.EVALUATE,
+        timeout,
+    )
+    out = []
+    for node, reply in replies.items():
+        if isinstance(reply, str):
+            log(WARNING, "[radfl] site %s did not evaluate: %s", sites[node].name, reply)
+        else:
+            out.append(reply.content)
+    return out
+
+
 def exclude_from_training(strategy: flwr_strategy.FedAvg, node_ids: set[int]) -> None:
     """Make ``strategy`` send no training message to ``node_ids`` (left-out sites): they are
     still evaluated every round, as external validation."""

@@ -118,6 +118,20 @@ class RoundRecorder:
         self.pending.update(out)
         return _to_record(out)
 
+    def baseline(self, records: list[RecordDict], weighted_by_key: str) -> dict[str, float]:
+        """Log the untrained model's pooled and per-site validation metrics at step 0."""
+        out = self.aggregate_evaluate(records, weighted_by_key)
+        self.pending, self.pending_rows, self.site_status = {}, [], {}
+        metrics = {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
+        tracking.log_metrics(metrics, step=0)
+        log(
+            INFO,
+            "[radfl] untrained model: pooled %s %.4f",
+            self.task.primary_metric,
+            metrics.get(f"{POOLED}/{self.task.primary_metric}", math.nan),
+        )
+        return metrics
+
     # Flower's evaluate_fn: called at round 0 and after each round
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:

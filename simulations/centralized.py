@@ -59,6 +59,8 @@ def centralized(args: argparse.Namespace) -> int:
     with tracking.start_run(server_config, mode="centralized") as run:
         best_value, best_round, best_state = None, None, None
         primary = task.metrics[task.primary_metric]
+        untrained = trainer.evaluate(model).compute()
+        tracking.log_metrics({f"{POOLED}/{k}": v for k, v in untrained.items()}, step=0)
         for block in range(1, server_config.num_rounds + 1):
             result = trainer.fit(model, server_round=block, num_rounds=server_config.num_rounds)
             metrics = trainer.evaluate(model).compute()

@@ -23,7 +23,19 @@ def round_table(run_id: str, metric_names: list[str]) -> pd.DataFrame:
         columns[name] = {m.step: m.value for m in history}
     table = pd.DataFrame(columns)
     table.index.name = "round"
-    return table.sort_index()
+    # Step 0 holds the untrained model's metrics (see baseline_table), not a round.
+    return table[table.index > 0].sort_index()
+
+
+def baseline_table(run_id: str, metric_names: list[str]) -> dict[str, float]:
+    """The untrained model's metrics, logged at step 0."""
+    client = MlflowClient(tracking.tracking_uri())
+    values = {}
+    for name in metric_names:
+        at_zero = [m.value for m in client.get_metric_history(run_id, name) if m.step == 0]
+        if at_zero:
+            values[name] = at_zero[0]
+    return values
 
 
 def site_table(run_id: str, metric: str) -> pd.DataFrame:
@@ -75,8 +87,12 @@ def print_summary(config: ServerConfig, *, wall_time_s: float) -> int:
         print(sites.to_string(float_format=lambda v: f"{v:.4f}"))
     final = rounds[f"{POOLED}/{primary}"].dropna() if f"{POOLED}/{primary}" in rounds else None
     print()
+    untrained = baseline_table(run.info.run_id, [f"{POOLED}/{primary}"]).get(f"{POOLED}/{primary}")
     if final is not None and len(final):
-        print(f"Final pooled validation {primary}: {final.iloc[-1]:.4f} (best {final.max():.4f})")
+        print(
+            f"Final pooled validation {primary}: {final.iloc[-1]:.4f} (best {final.max():.4f}"
+            + (f"; untrained model {untrained:.4f})" if untrained is not None else ")")
+        )
     has_report = status == "FINISHED"
     if has_report:
         try:

@@ -82,9 +82,11 @@ def test_simulate_two_sites_two_rounds_is_tracked_in_mlflow(tmp_path: Path):
 
     # Site 0 has the lowest prevalence: its tiny validation split may hold no positive (AUC
     # undefined, so not logged); the loss is always defined.
+    # Step 0: the untrained model, evaluated at every site before the first round.
     for name in ("pooled/auc", "pooled/loss", "train/loss", "site/site-1/auc", "site/site-0/loss"):
         history = client.get_metric_history(run.info.run_id, name)
-        assert sorted(m.step for m in history) == [1, 2], name
+        expected = [1, 2] if name.startswith("train/") else [0, 1, 2]
+        assert sorted(m.step for m in history) == expected, name
     site_examples = sum(
         client.get_metric_history(run.info.run_id, f"site/site-{i}/num-examples")[0].value
         for i in range(2)
@@ -122,7 +124,7 @@ def test_centralized_uses_the_same_sites_and_tracks_a_run(tmp_path: Path):
     client = _client(tmp_path)
     run = _only_run(client, "centralized")
     history = client.get_metric_history(run.info.run_id, "pooled/auc")
-    assert sorted(m.step for m in history) == [1, 2]
+    assert sorted(m.step for m in history) == [0, 1, 2]
     # The same end-of-run report as a federated run, from the same sites' test splits.
     report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/metrics.csv", "report/subgroups.csv", "report/model_card.md"} <= report
@@ -219,7 +221,7 @@ def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: i
     run = _only_run(client, "federated")
     assert run.data.params["model"] == "unet" and run.data.params["spatial_dims"] == str(dims)
     history = client.get_metric_history(run.info.run_id, "pooled/dice")
-    assert sorted(m.step for m in history) == [1, 2]
+    assert sorted(m.step for m in history) == [0, 1, 2]
     assert all(0.0 <= m.value <= 1.0 for m in history)
     report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/metrics.csv", "report/subgroups.csv", "report/model_card.md"} <= report
