@@ -28,7 +28,9 @@ from common.config import (
 )
 from common.errors import RadFLError
 from common.tasks import task_class
+from server import tracking
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
+from simulations.overlays import log_overlays
 from simulations.summary import print_summary
 from simulations.synth import FederationSpec, ensure_federation
 
@@ -175,6 +177,11 @@ def simulate(args: argparse.Namespace) -> int:
             print(f"flwr run exited with {returncode}; SuperLink log: {superlink.log_path}")
     wall_time_s = time.monotonic() - started
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    run = tracking.find_run(config.run_key, config.experiment_name)
+    if run is not None and run.info.status == "FINISHED":
+        client_config = from_run_config(ClientConfig, {**default_run_config(), **overrides})
+        # Only because every site is synthetic and local: a real site's images never move.
+        log_overlays(run.info.run_id, config, client_config, args.sites, data_root)
     return print_summary(config, wall_time_s=wall_time_s)
 
 

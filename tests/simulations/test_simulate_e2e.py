@@ -226,4 +226,5 @@ def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: i
     report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert {"report/metrics.csv", "report/subgroups.csv", "report/model_card.md"} <= report
     assert "report/roc.png" not in report  # classification only
+    assert "report/overlays.png" in report  # simulation only: synthetic images on this machine
     assert "test/dice_case_mean" in run.data.metrics
