@@ -160,8 +160,10 @@ class RoundRecorder:
             f"{name}: {'+'.join(status)}"
             + (" [external]" if name in self.external_sites else "")
             + _fmt(
-                metrics.get(f"{SITE}/{name}/{self.task.primary_metric}")
-                or metrics.get(f"{EXTERNAL}/{name}/{self.task.primary_metric}"),
+                metrics.get(
+                    f"{SITE}/{name}/{self.task.primary_metric}",
+                    metrics.get(f"{EXTERNAL}/{name}/{self.task.primary_metric}"),
+                ),
                 self.task.primary_metric,
             )
             for name, status in sorted(self.site_status.items())

@@ -45,3 +45,48 @@ def test_augmentation_keeps_shape():
     task = get_task(_config(**{"image-size": 32}))
     sample = task.augmentation()({"image": torch.randn(1, 32, 32), "label": torch.tensor(1)})
     assert tuple(sample["image"].shape) == (1, 32, 32)
+
+
+def test_segmentation_predicts_larger_volumes_with_a_sliding_window(monkeypatch):
+    from common import tasks
+
+    task = get_task(_config(task="segmentation", model="unet", **{"image-size": 32}))
+    model = task.build_model().eval()
+    calls = []
+    original = tasks.sliding_window_inference
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["roi_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "sliding_window_inference", spy)
+    with torch.no_grad():
+        same, _ = task.predict(model, {"image": torch.randn(1, 1, 32, 32), "label": None})
+        assert calls == []
+        large, _ = task.predict(model, {"image": torch.randn(1, 1, 48, 80), "label": None})
+    assert calls == [(32, 32)]
+    assert same.shape == (1, 2, 32, 32) and large.shape == (1, 2, 48, 80)
+    assert torch.allclose(large.sum(1), torch.ones(1, 48, 80), atol=1e-5)
+
+
+def test_segmentation_steps_run_and_augmentation_moves_mask_with_image():
+    task = get_task(_config(task="segmentation", model="unet", **{"image-size": 32}))
+    model = task.build_model()
+    label = torch.zeros(2, 1, 32, 32, dtype=torch.long)
+    label[:, :, 4:9, 20:26] = 1
+    batch = {"image": label.float() + 0.1 * torch.randn(2, 1, 32, 32), "label": label}
+    loss = task.train_step(model, batch, task.loss_function(None, balance=False))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    augment = task.augmentation()
+    augment.set_random_state(seed=3)
+    for _ in range(5):
+        out = augment({"image": batch["image"][0].clone(), "label": label[0].clone()})
+        # The lesion stays where the bright pixels are: the mask moved with the image.
+        assert out["image"][out["label"] > 0].mean() > out["image"][out["label"] == 0].mean() + 0.5
+
+
+def test_segmentation_needs_an_image_size_the_networks_can_halve_four_times():
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="image-size"):
+        get_task(_config(task="segmentation", model="unet", **{"image-size": 40}))
