@@ -21,6 +21,7 @@ from common import messages as keys
 from common.config import ServerConfig, from_run_config
 from common.errors import ConfigError
 from common.report import Report
+from common.report_files import fmt_ci
 from common.tasks import get_task
 from server import final, tracking
 from server.rounds import RoundRecorder
@@ -158,6 +159,6 @@ def _headline(report: Report) -> str:
     parts = []
     for metric in report.headline[:3]:
         if metric in rows.index:
-            r = rows.loc[metric]
-            parts.append(f"{metric} {r['value']:.3f} ({r['low']:.3f} to {r['high']:.3f})")
+            value, low, high = (rows.loc[metric, c] for c in ("value", "low", "high"))
+            parts.append(f"{metric} {fmt_ci(value, low, high)}")
     return ", ".join(parts)
