@@ -75,9 +75,10 @@ class Task(ABC):
     def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample weights that balance the classes, for a weighted sampler."""
 
-    @abstractmethod
     def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
         """Forward a batch and return the loss to minimise (no backward here)."""
+        logits = model(batch["image"])
+        return loss_function(logits.float(), batch["label"])  # type: ignore[no-any-return]
 
     @abstractmethod
     def new_states(self) -> MetricStates:
@@ -128,13 +129,7 @@ class ClassificationTask(Task):
         return self._class_weights(labels)[labels]
 
     def _class_weights(self, labels: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(labels, minlength=self.config.num_classes).float()
-        # Classes absent at this site get weight 0 rather than infinity.
-        return torch.where(counts > 0, labels.numel() / (len(counts) * counts.clamp(min=1)), 0.0)
-
-    def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
-        logits = model(batch["image"])
-        return loss_function(logits.float(), batch["label"])
+        return inverse_frequency_weights(labels, self.config.num_classes)
 
     def new_states(self) -> ClassificationStates:
         return ClassificationStates(self.config.num_classes)
@@ -192,13 +187,8 @@ class SegmentationTask(Task):
         return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
     def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
-        counts = torch.bincount(labels, minlength=2).float()
-        weights = torch.where(counts > 0, labels.numel() / (len(counts) * counts.clamp(min=1)), 0.0)
-        return weights[labels]
-
-    def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
-        logits = model(batch["image"])
-        return loss_function(logits.float(), batch["label"])
+        # Images with and without a lesion weigh the same in total.
+        return inverse_frequency_weights((labels > 0).long(), 2)[(labels > 0).long()]
 
     def new_states(self) -> SegmentationStates:
         return SegmentationStates(self.config.num_classes)
@@ -230,6 +220,12 @@ class SegmentationTask(Task):
                 mt.RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.5),
             ]
         )
+
+
+def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class weights ``n / (num_classes * count)``; a class absent here gets 0, not infinity."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return torch.where(counts > 0, labels.numel() / (len(counts) * counts.clamp(min=1)), 0.0)
 
 
 _TASKS: dict[str, type[Task]] = {}

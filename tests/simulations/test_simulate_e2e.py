@@ -191,30 +191,22 @@ def test_flwr_run_from_repository_root(tmp_path: Path):
 @pytest.mark.parametrize(("dims", "size"), [(2, "32"), (3, "32")])
 def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: int, size: str):
     """`radfl simulate --task segmentation` on synthetic DICOM/NIfTI/PNG-or-NPY sites with masks."""
-    command = [
-        RADFL,
-        "simulate",
-        "--task",
-        "segmentation",
-        "--dims",
-        str(dims),
-        "--sites",
-        "2",
-        "--rounds",
-        "2",
-        "--set",
-        f"image-size={size}",
-        "--set",
-        "synthetic-samples-per-site=40",
-        "--set",
-        "batch-size=4",
-        "--set",
-        "local-epochs=1",
-        "--set",
-        "min-cell-size=2",
-    ]
+    settings = {
+        "image-size": size,
+        "synthetic-samples-per-site": 40,
+        "batch-size": 4,
+        "local-epochs": 1,
+        "min-cell-size": 2,
+    }
+    overrides = [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
+    options = ["--task", "segmentation", "--dims", str(dims), "--sites", "2", "--rounds", "2"]
     done = subprocess.run(
-        command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900
+        [RADFL, "simulate", *options, *overrides],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     client = _client(tmp_path)
