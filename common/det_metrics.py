@@ -1,0 +1,229 @@
+"""Object detection metrics whose states add up across sites (towards issue #5).
+
+A site matches its predicted boxes to the ground truth with MONAI's COCO-style matcher
+(``monai.apps.detection.metrics.matching.matching_batch``: greedy by score, each ground-truth
+box matched at most once, at most ``max_detections`` boxes per image) at every IoU threshold,
+then keeps, per threshold and class, two histograms of detection scores: matched (true
+positive) and unmatched (false positive) detections, plus the number of ground-truth boxes
+and of images. No box and no per-image value leaves the site.
+
+From the summed histograms the server computes, per class and averaged over classes:
+
+* AP at IoU 0.1 and 0.5 and mAP over IoU 0.50:0.95 (step 0.05), with COCO's 101-point
+  interpolated precision; detections whose scores share a histogram bin enter the
+  precision-recall curve together, so AP can differ from COCO's by the effect of reordering
+  detections within one bin (1/``num_bins`` wide);
+* FROC: sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per image at IoU 0.1
+  (lesion detection's usual hit criterion), and its mean over 1, 2, 4 and 8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from monai.apps.detection.metrics.matching import matching_batch
+from monai.data.box_utils import box_iou
+
+from common.errors import ConfigError
+from common.metrics import STATE_PREFIX, MetricInfo
+
+IOU_THRESHOLDS: tuple[float, ...] = (0.1, *np.round(np.arange(0.5, 0.951, 0.05), 2).tolist())
+FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+FROC_IOU = 0.1
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+
+DETECTION_METRICS: dict[str, MetricInfo] = {
+    info.name: info
+    for info in (
+        MetricInfo("map", True),
+        MetricInfo("ap50", True),
+        MetricInfo("ap10", True),
+        MetricInfo("froc", True),
+        *(MetricInfo(f"sensitivity_at_{rate:g}_fp", True) for rate in FROC_RATES),
+        MetricInfo("loss", False),
+    )
+}
+
+
+@dataclass
+class DetectionStates:
+    """Summable detection states.
+
+    Parameters
+    ----------
+    num_classes : int
+        Object classes (not counting background).
+    num_bins : int
+        Score histogram bins over [0, 1].
+    max_detections : int
+        Highest-scoring detections kept per image, as COCO's ``maxDets``.
+    """
+
+    num_classes: int
+    num_bins: int = 1000
+    max_detections: int = 100
+    ARRAYS: ClassVar[tuple[str, ...]] = ("tp", "fp", "gt")
+    arrays: dict[str, np.ndarray] = field(init=False)
+    images: int = field(init=False, default=0)
+    loss_sum: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        shape = (len(IOU_THRESHOLDS), self.num_classes, self.num_bins)
+        self.arrays = {
+            "tp": np.zeros(shape),
+            "fp": np.zeros(shape),
+            "gt": np.zeros(self.num_classes),
+        }
+
+    @property
+    def count(self) -> int:
+        return self.images
+
+    def update(
+        self,
+        predictions: Sequence[Mapping[str, torch.Tensor | np.ndarray]],
+        targets: Sequence[Mapping[str, torch.Tensor | np.ndarray]],
+    ) -> None:
+        """Add a batch: per image ``{"boxes", "labels", "scores"}`` predicted and
+        ``{"boxes", "labels"}`` true (boxes as corners ``x0, y0, (z0,) x1, y1, (z1)``)."""
+        if len(predictions) != len(targets):
+            raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
+        if not predictions:
+            return
+        results = matching_batch(
+            iou_fn=box_iou,
+            iou_thresholds=IOU_THRESHOLDS,
+            pred_boxes=[_numpy(p["boxes"]) for p in predictions],
+            pred_classes=[_numpy(p["labels"]).astype(np.int64) for p in predictions],
+            pred_scores=[_numpy(p["scores"]) for p in predictions],
+            gt_boxes=[_numpy(t["boxes"]) for t in targets],
+            gt_classes=[_numpy(t["labels"]).astype(np.int64) for t in targets],
+            max_detections=self.max_detections,
+        )
+        for image in results:
+            for cls, match in image.items():
+                if not 0 <= cls < self.num_classes:
+                    raise ValueError(f"class {cls} outside [0, {self.num_classes})")
+                scores = np.asarray(match["dtScores"], dtype=np.float64)
+                matched = np.asarray(match["dtMatches"], dtype=bool)
+                ignored = np.asarray(match["dtIgnore"], dtype=bool)
+                bins = np.clip((scores * self.num_bins).astype(np.int64), 0, self.num_bins - 1)
+                for t in range(len(IOU_THRESHOLDS)):
+                    np.add.at(self.arrays["tp"][t, cls], bins[matched[t] & ~ignored[t]], 1)
+                    np.add.at(self.arrays["fp"][t, cls], bins[~matched[t] & ~ignored[t]], 1)
+                gt_ignore = np.asarray(match["gtIgnore"], dtype=bool).reshape(-1)
+                self.arrays["gt"][cls] += (~gt_ignore).sum()
+        self.images += len(predictions)
+
+    # ------------------------------------------------------------- federation
+    def to_record(self) -> dict[str, list[float]]:
+        record = {
+            f"{STATE_PREFIX}{name}": array.reshape(-1).astype(float).tolist()
+            for name, array in self.arrays.items()
+        }
+        record[f"{STATE_PREFIX}count"] = [float(self.images)]
+        record[f"{STATE_PREFIX}loss_sum"] = [self.loss_sum]
+        return record
+
+    def add_record(self, record: Mapping[str, object]) -> None:
+        incoming = {}
+        for name, array in self.arrays.items():
+            key = f"{STATE_PREFIX}{name}"
+            if key not in record:
+                raise ValueError(f"metric states lack key {key!r}")
+            values = np.asarray(record[key], dtype=np.float64)
+            if values.size != array.size:
+                raise ValueError(
+                    f"metric state {key} has {values.size} values, expected {array.size}"
+                )
+            incoming[name] = values.reshape(array.shape)
+        try:
+            images = float(np.asarray(record[f"{STATE_PREFIX}count"]).reshape(-1)[0])
+            loss_sum = float(np.asarray(record[f"{STATE_PREFIX}loss_sum"]).reshape(-1)[0])
+        except KeyError as exc:
+            raise ValueError(f"metric states lack key {exc.args[0]!r}") from exc
+        flat = np.concatenate([v.reshape(-1) for v in incoming.values()] + [[images]])
+        if not np.all(np.isfinite(flat)) or np.any(flat < 0) or not math.isfinite(loss_sum):
+            raise ValueError("metric states must be finite, non-negative counts")
+        for name, values in incoming.items():
+            self.arrays[name] += values
+        self.images += int(round(images))
+        self.loss_sum += loss_sum
+
+    # ---------------------------------------------------------------- compute
+    def curve(self, iou: float, cls: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Recall, precision and false positives per image at every score-bin edge, from the
+        highest scores down."""
+        t = IOU_THRESHOLDS.index(iou)
+        tp = np.cumsum(self.arrays["tp"][t, cls][::-1])
+        fp = np.cumsum(self.arrays["fp"][t, cls][::-1])
+        gt = self.arrays["gt"][cls]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = tp / gt if gt > 0 else np.full_like(tp, np.nan)
+            precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        fp_per_image = fp / self.images if self.images else np.full_like(fp, np.nan)
+        return recall, precision, fp_per_image
+
+    def average_precision(self, iou: float, cls: int) -> float:
+        """COCO's 101-point interpolated AP (NaN without ground-truth boxes)."""
+        if self.arrays["gt"][cls] == 0:
+            return math.nan
+        recall, precision, _ = self.curve(iou, cls)
+        keep = (self.arrays["tp"][IOU_THRESHOLDS.index(iou), cls][::-1] > 0) | (
+            self.arrays["fp"][IOU_THRESHOLDS.index(iou), cls][::-1] > 0
+        )
+        recall, precision = recall[keep], precision[keep]
+        if recall.size == 0:
+            return 0.0
+        envelope = np.maximum.accumulate(precision[::-1])[::-1]
+        index = np.searchsorted(recall, RECALL_POINTS, side="left")
+        values = np.where(index < recall.size, envelope[np.minimum(index, recall.size - 1)], 0.0)
+        return float(values.mean())
+
+    def froc(self, cls: int) -> dict[float, float]:
+        """Sensitivity (recall at IoU 0.1) at each rate of false positives per image."""
+        if self.arrays["gt"][cls] == 0 or self.images == 0:
+            return {rate: math.nan for rate in FROC_RATES}
+        recall, _, fp_per_image = self.curve(FROC_IOU, cls)
+        out = {}
+        for rate in FROC_RATES:
+            within = fp_per_image <= rate
+            out[rate] = float(recall[within].max()) if within.any() else 0.0
+        return out
+
+    def compute(self) -> dict[str, float]:
+        classes = range(self.num_classes)
+        out = {
+            "ap10": _nanmean([self.average_precision(0.1, c) for c in classes]),
+            "ap50": _nanmean([self.average_precision(0.5, c) for c in classes]),
+            "map": _nanmean(
+                [
+                    _nanmean([self.average_precision(t, c) for t in IOU_THRESHOLDS[1:]])
+                    for c in classes
+                ]
+            ),
+        }
+        frocs = [self.froc(c) for c in classes]
+        for rate in FROC_RATES:
+            out[f"sensitivity_at_{rate:g}_fp"] = _nanmean([f[rate] for f in frocs])
+        out["froc"] = _nanmean([out[f"sensitivity_at_{r:g}_fp"] for r in (1.0, 2.0, 4.0, 8.0)])
+        out["loss"] = self.loss_sum / self.images if self.images else math.nan
+        return out
+
+
+def _numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
