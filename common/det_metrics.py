@@ -98,7 +98,7 @@ class DetectionStates:
         if not predictions:
             return
         results = matching_batch(
-            iou_fn=box_iou,
+            iou_fn=_iou,
             iou_thresholds=IOU_THRESHOLDS,
             pred_boxes=[_numpy(p["boxes"]) for p in predictions],
             pred_classes=[_numpy(p["labels"]).astype(np.int64) for p in predictions],
@@ -216,6 +216,10 @@ class DetectionStates:
         out["froc"] = _nanmean([out[f"sensitivity_at_{r:g}_fp"] for r in (1.0, 2.0, 4.0, 8.0)])
         out["loss"] = self.loss_sum / self.images if self.images else math.nan
         return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray(box_iou(a, b))
 
 
 def _numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
