@@ -41,11 +41,14 @@ other sizes it still runs, with the padding of a strided layer at most one pixel
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final, Protocol, TypeVar
 
 import torch
+from monai.apps.detection.networks.retinanet_network import RetinaNet
+from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
 from monai.networks.layers import Conv, Norm, Pool
 from monai.networks.nets import (
     DenseNet121,
@@ -89,9 +92,12 @@ class ModelFactory(Protocol):
 _FactoryT = TypeVar("_FactoryT", bound=ModelFactory)
 
 _REGISTRY: dict[str, ModelFactory] = {}
+#: The task each model's output serves (``classification``: logits ``(N, C)``; ``segmentation``:
+#: ``(N, C, *spatial)``; ``detection``: RetinaNet head outputs).
+_TASK_OF: dict[str, str] = {}
 
 
-def register_model(name: str) -> Callable[[_FactoryT], _FactoryT]:
+def register_model(name: str, task: str = "classification") -> Callable[[_FactoryT], _FactoryT]:
     """Register a model factory under ``name``.
 
     Parameters
@@ -116,12 +122,13 @@ def register_model(name: str) -> Callable[[_FactoryT], _FactoryT]:
         if name in _REGISTRY:
             raise RegistryError(f"register_model: model name {name!r} is already registered")
         _REGISTRY[name] = factory
+        _TASK_OF[name] = task
         return factory
 
     return decorator
 
 
-def list_models() -> list[str]:
+def list_models(task: str | None = None) -> list[str]:
     """Return the registered model names, sorted.
 
     Returns
@@ -129,7 +136,14 @@ def list_models() -> list[str]:
     list[str]
         Every name :func:`build_model` accepts.
     """
-    return sorted(_REGISTRY)
+    return sorted(n for n in _REGISTRY if task is None or _TASK_OF[n] == task)
+
+
+def model_task(name: str) -> str:
+    """The task a registered model's output serves."""
+    if name not in _TASK_OF:
+        raise RegistryError(f"unknown model name {name!r}; known names: {', '.join(list_models())}")
+    return _TASK_OF[name]
 
 
 def build_model(
@@ -314,7 +328,7 @@ def _build_small_cnn(
 # must be divisible by 16 (four downsamplings).
 
 
-@register_model("unet")
+@register_model("unet", task="segmentation")
 def _build_unet(
     *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
 ) -> nn.Module:
@@ -330,7 +344,7 @@ def _build_unet(
     )
 
 
-@register_model("segresnet")
+@register_model("segresnet", task="segmentation")
 def _build_segresnet(
     *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
 ) -> nn.Module:
@@ -341,7 +355,7 @@ def _build_segresnet(
     )
 
 
-@register_model("dynunet")
+@register_model("dynunet", task="segmentation")
 def _build_dynunet(
     *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
 ) -> nn.Module:
@@ -356,4 +370,60 @@ def _build_dynunet(
     }
     return DynUNet(
         spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **settings
+    )
+
+
+# ---------------------------------------------------------------------- detection networks
+class ResNetFPN(nn.Module):
+    """A ResNet-18 trunk (stride-2 stem, no max pool) under a feature pyramid network.
+
+    MONAI's own ``resnet_fpn_feature_extractor`` needs torchvision; this is the same idea on
+    MONAI blocks. Returns the pyramid's maps at strides 2, 4 and 8 (``FEATURE_STRIDES``), each
+    with ``out_channels`` channels, as RetinaNet expects.
+    """
+
+    FEATURE_STRIDES = (2, 4, 8)
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int = 64) -> None:
+        super().__init__()
+        trunk = resnet18(
+            spatial_dims=spatial_dims,
+            n_input_channels=in_channels,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            no_max_pool=True,
+            num_classes=1,
+        )
+        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.act)
+        self.layers = nn.ModuleList([trunk.layer1, trunk.layer2, trunk.layer3])
+        self.fpn = FeaturePyramidNetwork(spatial_dims, [64, 128, 256], out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        x = self.stem(x)
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            features[f"level{index}"] = x
+        return self.fpn(features)  # type: ignore[no-any-return]
+
+
+#: Anchors per feature-map location of the RetinaNet below.
+RETINANET_ANCHORS = 3
+
+
+@register_model("retinanet", task="detection")
+def _build_retinanet(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    """MONAI's RetinaNet (Lin et al., 2017: FPN, focal loss) on :class:`ResNetFPN`;
+    ``out_channels`` object classes. Training and box decoding need a detector around it
+    (``common.tasks.DetectionTask``)."""
+    return RetinaNet(
+        spatial_dims=spatial_dims,
+        num_classes=out_channels,
+        num_anchors=RETINANET_ANCHORS,
+        feature_extractor=ResNetFPN(spatial_dims, in_channels),
+        size_divisible=8,
+        **kwargs,
     )

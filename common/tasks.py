@@ -21,7 +21,7 @@ from torch import nn
 from common.config import ModelConfig
 from common.errors import ConfigError, RegistryError
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates, MetricInfo
-from common.models import build_model
+from common.models import build_model, list_models, model_task
 from common.seg_metrics import SEGMENTATION_METRICS, SegmentationStates
 from common.synthetic import SiteData
 
@@ -52,6 +52,11 @@ class Task(ABC):
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
+        if model_task(config.model) != self.name:
+            raise ConfigError(
+                f"model {config.model!r} is a {model_task(config.model)} network; task "
+                f"{self.name} takes {', '.join(list_models(self.name))}"
+            )
 
     def build_model(self) -> nn.Module:
         """A fresh network for this task, seeded by the run's seed."""

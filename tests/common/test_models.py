@@ -20,7 +20,7 @@ SPATIAL_SHAPE = {2: (32, 32), 3: (32, 32, 32)}
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models("classification"))
 def test_model_forward_backward(name: str, spatial_dims: int) -> None:
     torch.manual_seed(0)
     model = build_model(
@@ -66,3 +66,40 @@ def test_duplicate_registration_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_spatial_dims_raises(spatial_dims: int) -> None:
     with pytest.raises(ConfigError, match="spatial_dims"):
         build_model("small-cnn", spatial_dims=spatial_dims)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("name", list_models("segmentation"))
+def test_segmentation_models_give_a_map_per_class(name: str, spatial_dims: int) -> None:
+    model = build_model(name, spatial_dims=spatial_dims, out_channels=OUT_CHANNELS)
+    images = torch.randn(BATCH_SIZE, IN_CHANNELS, *SPATIAL_SHAPE[spatial_dims])
+    out = model(images)
+    assert out.shape == (BATCH_SIZE, OUT_CHANNELS, *SPATIAL_SHAPE[spatial_dims])
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_retinanet_gives_class_and_box_maps_per_pyramid_level(spatial_dims: int) -> None:
+    from common.models import RETINANET_ANCHORS, ResNetFPN
+
+    model = build_model("retinanet", spatial_dims=spatial_dims, out_channels=OUT_CHANNELS)
+    out = model(torch.randn(BATCH_SIZE, IN_CHANNELS, *SPATIAL_SHAPE[spatial_dims]))
+    assert len(out["classification"]) == len(ResNetFPN.FEATURE_STRIDES)
+    for level, stride in enumerate(ResNetFPN.FEATURE_STRIDES):
+        side = SPATIAL_SHAPE[spatial_dims][0] // stride
+        assert out["classification"][level].shape == (
+            BATCH_SIZE,
+            RETINANET_ANCHORS * OUT_CHANNELS,
+            *(side,) * spatial_dims,
+        )
+        assert out["box_regression"][level].shape[1] == RETINANET_ANCHORS * 2 * spatial_dims
+
+
+def test_a_task_refuses_a_network_built_for_another_task() -> None:
+    from common.config import ClientConfig, default_run_config, from_run_config
+    from common.tasks import get_task
+
+    config = from_run_config(ClientConfig, {**default_run_config(), "model": "unet"})
+    with pytest.raises(ConfigError, match="segmentation network"):
+        get_task(config.model_config)
