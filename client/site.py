@@ -205,12 +205,12 @@ def split_site(
     def part(name: str) -> SampleDataset:
         selected = splits == name
         index = torch.from_numpy(selected)
-        return SampleDataset(
-            images[index],
-            data.labels[index],
-            attributes[selected],
-            None if targets is None else targets[index],
-        )
+        chosen: torch.Tensor | list[Any] | None
+        if targets is None or isinstance(targets, torch.Tensor):
+            chosen = None if targets is None else targets[index]
+        else:
+            chosen = [t for t, keep in zip(targets, selected, strict=True) if keep]
+        return SampleDataset(images[index], data.labels[index], attributes[selected], chosen)
 
     return SiteSplits(
         name=data.profile.name, train=part(TRAIN), validation=part(VALIDATION), test=part(TEST)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -59,7 +59,7 @@ class SampleDataset(Dataset[dict[str, Any]]):
         images: torch.Tensor,
         labels: torch.Tensor,
         attributes: pd.DataFrame | None = None,
-        targets: torch.Tensor | None = None,
+        targets: torch.Tensor | Sequence[Any] | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -284,7 +284,7 @@ class LocalTrainer:
         if step and skipped_steps == step:
             raise FloatingPointError(
                 f"all {step} training steps gave non-finite losses or gradients at precision "
-                f"{cfg.precision}; try precision = \"fp32\" or a lower learning-rate"
+                f'{cfg.precision}; try precision = "fp32" or a lower learning-rate'
             )
         stopped_early = epochs_run < cfg.local_epochs
         if best_state is not None and math.isfinite(best_loss):
@@ -305,7 +305,11 @@ class LocalTrainer:
         dataset = dataset if dataset is not None else self.validation_set
         model.to(self.device).eval()
         states = self.task.new_states()
-        loader = DataLoader(_as_dataset(dataset), batch_size=self.config.batch_size * 2)
+        loader = DataLoader(
+            _as_dataset(dataset),
+            batch_size=self.config.batch_size * 2,
+            collate_fn=self.task.collate,
+        )
         for batch in loader:
             batch = _to_device(batch, self.device)
             with self._autocast():
@@ -339,7 +343,11 @@ class LocalTrainer:
         model.to(self.device).eval()
         overall = self.task.new_states()
         states = {name: self.task.new_states() for name in kept}
-        loader = DataLoader(_as_dataset(dataset), batch_size=self.config.batch_size * 2)
+        loader = DataLoader(
+            _as_dataset(dataset),
+            batch_size=self.config.batch_size * 2,
+            collate_fn=self.task.collate,
+        )
         start = 0
         for batch in loader:
             batch = _to_device(batch, self.device)
@@ -348,9 +356,9 @@ class LocalTrainer:
             overall.update(prediction, target)
             stop = start + len(target)
             for name, mask in kept.items():
-                rows = torch.tensor(mask[start:stop], device=target.device)
-                if bool(rows.any()):
-                    states[name].update(prediction[rows], target[rows])
+                rows = mask[start:stop]
+                if rows.any():
+                    states[name].update(_rows(prediction, rows), _rows(target, rows))
             start = stop
         return CellStates(overall, states, patients, suppressed)
 
@@ -370,6 +378,7 @@ class LocalTrainer:
                 batch_size=self.config.batch_size,
                 sampler=sampler,
                 drop_last=drop_last,
+                collate_fn=self.task.collate,
             )
         return DataLoader(
             _as_dataset(self.train_set),
@@ -377,6 +386,7 @@ class LocalTrainer:
             shuffle=True,
             generator=generator,
             drop_last=drop_last,
+            collate_fn=self.task.collate,
         )
 
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -430,9 +440,7 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def _finite_gradients(model: nn.Module) -> bool:
-    return all(
-        bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None
-    )
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
 
 def _proximal_term(model: nn.Module, global_params: list[torch.Tensor], mu: float) -> torch.Tensor:
@@ -444,7 +452,22 @@ def _proximal_term(model: nn.Module, global_params: list[torch.Tensor], mu: floa
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
+    return {k: _moved(v, device) for k, v in batch.items()}
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """Tensors on ``device``, also inside lists and dicts (detection targets)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_moved(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
+def _rows(values: Any, rows: np.ndarray) -> Any:
+    """The samples of a batch selected by a boolean mask: a tensor's rows or a list's items."""
+    if isinstance(values, torch.Tensor):
+        return values[torch.as_tensor(rows, device=values.device)]
+    return [v for v, keep in zip(values, rows, strict=True) if keep]

@@ -214,7 +214,9 @@ class DetectionStates:
         for rate in FROC_RATES:
             out[f"sensitivity_at_{rate:g}_fp"] = _nanmean([f[rate] for f in frocs])
         out["froc"] = _nanmean([out[f"sensitivity_at_{r:g}_fp"] for r in (1.0, 2.0, 4.0, 8.0)])
-        out["loss"] = self.loss_sum / self.images if self.images else math.nan
+        # Detection states hold no loss (RetinaNet computes it only in training): NaN here
+        # tells the trainer there is no validation loss to stop early on.
+        out["loss"] = math.nan
         return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from common import evaluation as ev
+from common.det_metrics import DetectionStates
 from common.metrics import ClassificationStates
 from common.seg_metrics import SegmentationStates
 from common.splits import TEST, VALIDATION
@@ -180,6 +181,8 @@ class EvaluationStates:
 STATE_TYPES: dict[str, Callable[[int], Any]] = {
     "classification": ClassificationStates,
     "segmentation": SegmentationStates,
+    # Detection counts "no finding" in num-classes, like classification; boxes have the rest.
+    "detection": lambda num_classes: DetectionStates(max(num_classes - 1, 1)),
 }
 
 
@@ -209,6 +212,8 @@ def _sum(task: str, num_classes: int, parts: Iterable[Any]) -> Any:
 
 def primary_metric(states: Any) -> str:
     """The metric the subgroup gaps and fairness summaries centre on."""
+    if isinstance(states, DetectionStates):
+        return "ap50"
     return "dice_case_mean" if isinstance(states, SegmentationStates) else "auc"
 
 
@@ -263,6 +268,8 @@ def choose_operating_threshold(
     """
     if isinstance(validation, SegmentationStates):
         return math.nan, "segmentation: each voxel takes its arg-max class, no threshold"
+    if isinstance(validation, DetectionStates):
+        return math.nan, "detection: every box scoring >= 0.02 counts, ranked by score"
     if validation.num_classes != 2:
         return math.nan, "multi-class: the predicted class is the arg-max, no threshold"
     neg, pos = positive_histograms(validation)
@@ -292,6 +299,8 @@ def metrics_with_ci(states: Any, threshold: float, alpha: float) -> dict[str, ev
     n = int(states.count)
     if isinstance(states, SegmentationStates):
         return segmentation_metrics_with_ci(states, alpha)
+    if isinstance(states, DetectionStates):
+        return detection_metrics_with_ci(states, alpha)
     if states.num_classes == 2:
         neg, pos = positive_histograms(states)
         out = {m.name: m for m in ev.binary_report(neg, pos, threshold, alpha)}
@@ -362,6 +371,27 @@ def segmentation_metrics_with_ci(
     out["case_detection_rate"] = ev.MetricWithCI(
         "case_detection_rate", detected, low, high, "Wilson", cases
     )
+    return out
+
+
+def detection_metrics_with_ci(states: DetectionStates, alpha: float) -> dict[str, ev.MetricWithCI]:
+    """AP, mAP and FROC as point estimates over the images; the sensitivity at 1 and 4 false
+    positives per image with Wilson intervals over the ground-truth lesions."""
+    nan = math.nan
+    values = states.compute()
+    images = int(states.images)
+    lesions = int(states.arrays["gt"].sum())
+    out = {
+        name: ev.MetricWithCI(name, values[name], nan, nan, "point estimate", images)
+        for name in ("ap50", "map", "ap10", "froc")
+    }
+    for name in ("sensitivity_at_1_fp", "sensitivity_at_4_fp"):
+        value = values[name]
+        if math.isfinite(value) and lesions:
+            _, low, high = ev.wilson_ci(int(round(value * lesions)), lesions, alpha)
+            out[name] = ev.MetricWithCI(name, value, low, high, "Wilson", lesions)
+        else:
+            out[name] = ev.MetricWithCI(name, value, nan, nan, "point estimate", lesions)
     return out
 
 
@@ -441,12 +471,20 @@ def build_report(states: EvaluationStates) -> Report:
 HEADLINE: dict[str, tuple[str, ...]] = {
     "ClassificationStates": ("auc", "sensitivity", "specificity", "ece"),
     "SegmentationStates": ("dice_case_mean", "dice", "hd95_mean", "case_detection_rate"),
+    "DetectionStates": ("ap50", "map", "froc", "sensitivity_at_1_fp"),
 }
 
 
 def _per_class(states: Any, alpha: float) -> pd.DataFrame:
     if isinstance(states, SegmentationStates):
         return pd.DataFrame(states.per_class())
+    if isinstance(states, DetectionStates):
+        return pd.DataFrame(
+            [
+                {"class": c, "ap50": states.average_precision(0.5, c)}
+                for c in range(states.num_classes)
+            ]
+        )
     return pd.DataFrame(ev.per_class_one_vs_rest(states.histogram, alpha))
 
 
@@ -635,7 +673,7 @@ def fairness_table(subgroups: pd.DataFrame) -> pd.DataFrame:
 
 
 def _confusion(states: Any, threshold: float) -> np.ndarray:
-    if isinstance(states, SegmentationStates):
+    if isinstance(states, SegmentationStates | DetectionStates):
         return np.zeros((0, 0), dtype=np.int64)
     if states.num_classes != 2:
         return states.confusion.copy()

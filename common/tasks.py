@@ -9,19 +9,22 @@ A batch is a MONAI-style dictionary: ``{"image": (N, C, *spatial), "label": ...}
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 import torch
 from monai import transforms as mt
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
 
 from common.config import ModelConfig
+from common.det_metrics import DETECTION_METRICS, DetectionStates
 from common.errors import ConfigError, RegistryError
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates, MetricInfo
-from common.models import build_model, list_models, model_task
+from common.models import ResNetFPN, build_model, list_models, model_task
 from common.seg_metrics import SEGMENTATION_METRICS, SegmentationStates
 from common.synthetic import SiteData
 
@@ -31,7 +34,7 @@ Batch = dict[str, torch.Tensor]
 class MetricStates(Protocol):
     """Summable metric states (see ``common.metrics``)."""
 
-    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None: ...
+    def update(self, prediction: Any, target: Any) -> None: ...
 
     def to_record(self) -> dict[str, list[float]]: ...
 
@@ -109,9 +112,13 @@ class Task(ABC):
         """Random MONAI transforms applied to each training sample dictionary."""
         return mt.Compose([])
 
-    def synthetic_targets(self, data: SiteData) -> torch.Tensor | None:
-        """What a synthetic site's samples are labelled with; ``None``: the image's class."""
+    def synthetic_targets(self, data: SiteData) -> Any:
+        """What a synthetic site's samples are labelled with (a tensor or a list, one item per
+        image); ``None``: the image's class."""
         return None
+
+    #: How samples form a batch; ``None``: PyTorch's default collation.
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
 
 
 class ClassificationTask(Task):
@@ -227,6 +234,122 @@ class SegmentationTask(Task):
         )
 
 
+class ATSSRetinaNetDetector(RetinaNetDetector):
+    """MONAI's RetinaNet detector matching anchors with MONAI's ATSS matcher only.
+
+    MONAI's own anchor matching first checks ``isinstance(matcher, torchvision's Matcher)``,
+    which fails where torchvision is not installed; ATSS (Zhang et al., 2020) needs nothing
+    from torchvision.
+    """
+
+    def compute_anchor_matched_idxs(
+        self,
+        anchors: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        num_anchor_locs_per_level: Sequence[int],
+    ) -> list[torch.Tensor]:
+        matched = []
+        for anchors_i, targets_i in zip(anchors, targets, strict=True):
+            boxes = targets_i[self.target_box_key]
+            if boxes.numel() == 0:
+                unmatched = torch.full((anchors_i.size(0),), -1, dtype=torch.int64)
+                matched.append(unmatched.to(anchors_i.device))
+                continue
+            _, index = self.proposal_matcher(
+                boxes.to(anchors_i.device),
+                anchors_i,
+                num_anchor_locs_per_level,
+                self.num_anchors_per_loc,
+            )
+            matched.append(index)
+        return matched
+
+
+class DetectionTask(Task):
+    """Lesion detection with boxes: RetinaNet with a feature pyramid and focal loss.
+
+    A sample's ``"label"`` is ``{"boxes": (k, 2 * dims) corners, "labels": (k,) classes}``
+    with object classes from 0 (a manifest's lesion kind minus one); ``num-classes`` counts
+    "no finding" as in classification, so there are ``num-classes - 1`` object classes.
+    """
+
+    name = "detection"
+    primary_metric = "ap50"
+    metrics = DETECTION_METRICS
+    default_model = "retinanet"
+    #: Anchor edge lengths at 64 px, scaled with ``image-size``: the synthetic lesions' range.
+    ANCHOR_SIZES_AT_64 = (4.0, 8.0, 14.0)
+
+    def output_channels(self) -> int:
+        return max(self.config.num_classes - 1, 1)
+
+    def loss_function(self, train_labels: torch.Tensor | None, balance: bool) -> nn.Module:
+        # The detector computes focal and box-regression losses itself.
+        return nn.Identity()
+
+    def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        return inverse_frequency_weights((labels > 0).long(), 2)[(labels > 0).long()]
+
+    def detector(self, model: nn.Module) -> ATSSRetinaNetDetector:
+        """A detector around ``model`` (a RetinaNet): anchors, matcher, sampler, box decoding."""
+        dims = self.config.spatial_dims
+        scale = self.config.image_size / 64.0
+        shapes = [(size * scale,) * dims for size in self.ANCHOR_SIZES_AT_64]
+        anchors = AnchorGeneratorWithAnchorShape(
+            feature_map_scales=ResNetFPN.FEATURE_STRIDES, base_anchor_shapes=shapes
+        )
+        detector = ATSSRetinaNetDetector(
+            model, anchors, spatial_dims=dims, num_classes=self.output_channels(), size_divisible=8
+        )
+        detector.set_atss_matcher(num_candidates=4, center_in_gt=False)
+        detector.set_hard_negative_sampler(
+            batch_size_per_image=64, positive_fraction=0.3, pool_size=20, min_neg=16
+        )
+        detector.set_target_keys(box_key="boxes", label_key="labels")
+        detector.set_box_selector_parameters(
+            score_thresh=0.02, topk_candidates_per_level=100, nms_thresh=0.2, detections_per_img=20
+        )
+        return detector
+
+    def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
+        detector = self.detector(model)
+        detector.train()
+        losses = detector(list(batch["image"]), list(batch["label"]))
+        return losses[detector.cls_key].float() + losses[detector.box_reg_key].float()
+
+    def new_states(self) -> DetectionStates:
+        return DetectionStates(self.output_channels())
+
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[Any, Any]:
+        detector = self.detector(model)
+        detector.eval()
+        outputs = detector(list(batch["image"]), use_inferer=False)
+        predictions = [
+            {
+                "boxes": o["boxes"].float(),
+                "labels": o["labels"],
+                "scores": o[detector.pred_score_key].float(),
+            }
+            for o in outputs
+        ]
+        return predictions, list(batch["label"])
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "image": torch.stack([s["image"] for s in samples]),
+            "label": [s["label"] for s in samples],
+        }
+
+    def synthetic_targets(self, data: SiteData) -> list[dict[str, torch.Tensor]]:
+        dims = self.config.spatial_dims
+        targets = []
+        for boxes in data.boxes:
+            corners = torch.tensor([b[: 2 * dims] for b in boxes], dtype=torch.float32)
+            kinds = torch.tensor([b[-1] - 1 for b in boxes], dtype=torch.int64)
+            targets.append({"boxes": corners.reshape(-1, 2 * dims), "labels": kinds.clamp(min=0)})
+        return targets
+
+
 def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-class weights ``n / (num_classes * count)``; a class absent here gets 0, not infinity."""
     counts = torch.bincount(labels, minlength=num_classes).float()
@@ -265,3 +388,4 @@ def get_task(config: ModelConfig) -> Task:
 
 register_task(ClassificationTask)
 register_task(SegmentationTask)
+register_task(DetectionTask)

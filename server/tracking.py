@@ -113,10 +113,15 @@ def log_models(
     model.load_state_dict(dict(registered_state if registered_state is not None else final_state))
     common_package = Path(__file__).resolve().parent.parent / "common"
     example = np.zeros((1, 1) + (config.image_size,) * config.spatial_dims, dtype=np.float32)
+    model = model.cpu().eval()
+    with torch.no_grad():
+        single_tensor = isinstance(model(torch.from_numpy(example)), torch.Tensor)
     mlflow.pytorch.log_model(
-        model.cpu().eval(),
+        model,
         name="final-model",
         input_example=example,
+        # MLflow's default pt2 export needs one output tensor; RetinaNet returns a dict of maps.
+        serialization_format="pt2" if single_tensor else "pickle",
         registered_model_name=register_as,
         # Given explicitly: inferring requirements would import the model in a subprocess.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"],

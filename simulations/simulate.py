@@ -193,6 +193,10 @@ def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> P
     """
     if args.in_memory:
         return None
+    if overrides.get("task") == "detection":
+        raise RadFLError(
+            "detection does not read boxes from site folders yet (issue #5); use --in-memory"
+        )
     if args.data is not None:
         root = args.data.resolve()
         missing = [i for i in range(args.sites) if not (root / f"site-{i}").is_dir()]

@@ -90,3 +90,26 @@ def test_segmentation_needs_an_image_size_the_networks_can_halve_four_times():
 
     with pytest.raises(ConfigError, match="image-size"):
         get_task(_config(task="segmentation", model="unet", **{"image-size": 40}))
+
+
+def test_detection_task_labels_synthetic_boxes_and_trains_a_step():
+    from common.synthetic import make_site, site_profiles
+
+    task = get_task(_config(task="detection", model="retinanet", **{"image-size": 32}))
+    data = make_site(site_profiles(1, 16, 0)[0], index=0, image_size=32, spatial_dims=2)
+    targets = task.synthetic_targets(data)
+    assert len(targets) == len(data.boxes)
+    for target, boxes in zip(targets, data.boxes, strict=True):
+        assert target["boxes"].shape == (len(boxes), 4)
+        assert (target["boxes"][:, 2:] > target["boxes"][:, :2]).all()
+        assert (target["labels"] == 0).all()  # one object class: lesion
+    samples = [{"image": data.images[i], "label": targets[i]} for i in range(4)]
+    batch = task.collate(samples)
+    assert batch["image"].shape == (4, 1, 32, 32) and len(batch["label"]) == 4
+    model = task.build_model()
+    loss = task.train_step(model, batch, task.loss_function(None, balance=False))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    predictions, truth = task.predict(model, batch)
+    assert len(predictions) == 4 and truth is batch["label"]
+    assert set(predictions[0]) == {"boxes", "labels", "scores"}
