@@ -96,7 +96,8 @@ def test_detection_task_labels_synthetic_boxes_and_trains_a_step():
     from common.synthetic import make_site, site_profiles
 
     task = get_task(_config(task="detection", model="retinanet", **{"image-size": 32}))
-    data = make_site(site_profiles(1, 16, 0)[0], index=0, image_size=32, spatial_dims=2)
+    profile = site_profiles(1, 16, 0)[0]
+    data = make_site(profile, index=0, image_size=32, spatial_dims=2, num_classes=2, seed=0)
     targets = task.synthetic_targets(data)
     assert len(targets) == len(data.boxes)
     for target, boxes in zip(targets, data.boxes, strict=True):
