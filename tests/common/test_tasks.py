@@ -112,5 +112,5 @@ def test_detection_task_labels_synthetic_boxes_and_trains_a_step():
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     predictions, truth = task.predict(model, batch)
-    assert len(predictions) == 4 and truth is batch["label"]
+    assert len(predictions) == 4 and truth == batch["label"]
     assert set(predictions[0]) == {"boxes", "labels", "scores"}
