@@ -117,9 +117,10 @@ def _list_registries(args: argparse.Namespace) -> int:
     from common.tasks import list_tasks
     from server.strategies import list_strategies
 
-    print("models:     ", ", ".join(list_models()))
-    print("tasks:      ", ", ".join(list_tasks()))
-    print("strategies: ", ", ".join(list_strategies()))
+    for task in list_tasks():
+        print(f"{task + ' models:':<26}", ", ".join(list_models(task)))
+    print(f"{'tasks:':<26}", ", ".join(list_tasks()))
+    print(f"{'strategies:':<26}", ", ".join(list_strategies()))
     return 0
 
 

@@ -103,3 +103,11 @@ def test_a_task_refuses_a_network_built_for_another_task() -> None:
     config = from_run_config(ClientConfig, {**default_run_config(), "model": "unet"})
     with pytest.raises(ConfigError, match="segmentation network"):
         get_task(config.model_config)
+
+
+def test_radfl_models_lists_the_networks_of_each_task(capsys) -> None:
+    from common.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "segmentation models:" in out and "unet" in out and "retinanet" in out
