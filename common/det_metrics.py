@@ -30,7 +30,7 @@ from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
 
 from common.errors import ConfigError
-from common.metrics import STATE_PREFIX, MetricInfo
+from common.metrics import MetricInfo, arrays_from_record, arrays_to_record
 
 IOU_THRESHOLDS: tuple[float, ...] = (0.1, *np.round(np.arange(0.5, 0.951, 0.05), 2).tolist())
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -124,37 +124,13 @@ class DetectionStates:
 
     # ------------------------------------------------------------- federation
     def to_record(self) -> dict[str, list[float]]:
-        record = {
-            f"{STATE_PREFIX}{name}": array.reshape(-1).astype(float).tolist()
-            for name, array in self.arrays.items()
-        }
-        record[f"{STATE_PREFIX}count"] = [float(self.images)]
-        record[f"{STATE_PREFIX}loss_sum"] = [self.loss_sum]
-        return record
+        return arrays_to_record(self.arrays, self.images, self.loss_sum)
 
     def add_record(self, record: Mapping[str, object]) -> None:
-        incoming = {}
-        for name, array in self.arrays.items():
-            key = f"{STATE_PREFIX}{name}"
-            if key not in record:
-                raise ValueError(f"metric states lack key {key!r}")
-            values = np.asarray(record[key], dtype=np.float64)
-            if values.size != array.size:
-                raise ValueError(
-                    f"metric state {key} has {values.size} values, expected {array.size}"
-                )
-            incoming[name] = values.reshape(array.shape)
-        try:
-            images = float(np.asarray(record[f"{STATE_PREFIX}count"]).reshape(-1)[0])
-            loss_sum = float(np.asarray(record[f"{STATE_PREFIX}loss_sum"]).reshape(-1)[0])
-        except KeyError as exc:
-            raise ValueError(f"metric states lack key {exc.args[0]!r}") from exc
-        flat = np.concatenate([v.reshape(-1) for v in incoming.values()] + [[images]])
-        if not np.all(np.isfinite(flat)) or np.any(flat < 0) or not math.isfinite(loss_sum):
-            raise ValueError("metric states must be finite, non-negative counts")
+        incoming, count, loss_sum = arrays_from_record(record, self.arrays)
         for name, values in incoming.items():
             self.arrays[name] += values
-        self.images += int(round(images))
+        self.images += count
         self.loss_sum += loss_sum
 
     # ---------------------------------------------------------------- compute

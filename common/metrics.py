@@ -14,6 +14,7 @@ pairs (below 1e-3 with the default 2000 bins on the score spreads seen here).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -213,3 +214,46 @@ def _to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().float().cpu().numpy()
     return np.asarray(value)
+
+
+def arrays_to_record(
+    arrays: Mapping[str, np.ndarray], count: float, loss_sum: float
+) -> dict[str, list[float]]:
+    """Named count arrays, the case count and the loss sum as a flat record."""
+    record = {
+        f"{STATE_PREFIX}{name}": array.reshape(-1).astype(float).tolist()
+        for name, array in arrays.items()
+    }
+    record[f"{STATE_PREFIX}loss_sum"] = [float(loss_sum)]
+    record[f"{STATE_PREFIX}count"] = [float(count)]
+    return record
+
+
+def arrays_from_record(
+    record: Mapping[str, object], like: Mapping[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], int, float]:
+    """Read arrays shaped as ``like``, the case count and the loss sum from a site's record.
+
+    Raises ``ValueError`` naming the problem: a missing key, a wrong size, a non-finite or
+    negative count (a malformed or hostile reply never reaches the sums).
+    """
+    incoming = {}
+    for name, array in like.items():
+        key = f"{STATE_PREFIX}{name}"
+        if key not in record:
+            raise ValueError(f"metric states lack key {key!r}")
+        values = np.asarray(record[key], dtype=np.float64)
+        if values.size != array.size:
+            raise ValueError(f"metric state {key} has {values.size} values, expected {array.size}")
+        incoming[name] = values.reshape(array.shape)
+    try:
+        loss_sum = float(np.asarray(record[f"{STATE_PREFIX}loss_sum"]).reshape(-1)[0])
+        count = float(np.asarray(record[f"{STATE_PREFIX}count"]).reshape(-1)[0])
+    except KeyError as exc:
+        raise ValueError(f"metric states lack key {exc.args[0]!r}") from exc
+    everything = np.concatenate([v.reshape(-1) for v in incoming.values()] + [[count]])
+    if not np.all(np.isfinite(everything)) or not math.isfinite(loss_sum):
+        raise ValueError("metric states must be finite")
+    if np.any(everything < 0):
+        raise ValueError("metric states must be non-negative")
+    return incoming, int(round(count)), loss_sum

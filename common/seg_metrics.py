@@ -31,7 +31,7 @@ import torch
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 
 from common.errors import ConfigError
-from common.metrics import STATE_PREFIX, MetricInfo
+from common.metrics import MetricInfo, arrays_from_record, arrays_to_record
 
 SEGMENTATION_METRICS: dict[str, MetricInfo] = {
     info.name: info
@@ -170,40 +170,14 @@ class SegmentationStates:
 
     # ------------------------------------------------------------- federation
     def to_record(self) -> dict[str, list[float]]:
-        record = {
-            f"{STATE_PREFIX}{name}": array.reshape(-1).astype(float).tolist()
-            for name, array in self.arrays.items()
-        }
-        record[f"{STATE_PREFIX}loss_sum"] = [self.loss_sum]
-        record[f"{STATE_PREFIX}count"] = [float(self.count)]
-        return record
+        return arrays_to_record(self.arrays, self.count, self.loss_sum)
 
     def add_record(self, record: Mapping[str, object]) -> None:
-        incoming = {}
-        for name, array in self.arrays.items():
-            key = f"{STATE_PREFIX}{name}"
-            if key not in record:
-                raise ValueError(f"metric states lack key {key!r}")
-            values = np.asarray(record[key], dtype=np.float64)
-            if values.size != array.size:
-                raise ValueError(
-                    f"metric state {key} has {values.size} values, expected {array.size}"
-                )
-            incoming[name] = values.reshape(array.shape)
-        try:
-            loss_sum = float(np.asarray(record[f"{STATE_PREFIX}loss_sum"]).reshape(-1)[0])
-            count = float(np.asarray(record[f"{STATE_PREFIX}count"]).reshape(-1)[0])
-        except KeyError as exc:
-            raise ValueError(f"metric states lack key {exc.args[0]!r}") from exc
-        everything = np.concatenate([v.reshape(-1) for v in incoming.values()] + [[count]])
-        if not np.all(np.isfinite(everything)) or not math.isfinite(loss_sum):
-            raise ValueError("metric states must be finite")
-        if np.any(everything < 0):
-            raise ValueError("metric states must be non-negative")
+        incoming, count, loss_sum = arrays_from_record(record, self.arrays)
         for name, values in incoming.items():
             self.arrays[name] += values
+        self.count += count
         self.loss_sum += loss_sum
-        self.count += int(round(count))
 
     # ---------------------------------------------------------------- compute
     def per_class(self) -> list[dict[str, float]]:
