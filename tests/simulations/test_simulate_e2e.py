@@ -188,20 +188,21 @@ def test_flwr_run_from_repository_root(tmp_path: Path):
     assert run.info.status == "FINISHED"
 
 
-@pytest.mark.parametrize(("dims", "size"), [(2, "32"), (3, "32")])
-def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: int, size: str):
-    """`radfl simulate --task segmentation` on synthetic DICOM/NIfTI/PNG-or-NPY sites with masks."""
+def _simulate_task(
+    tmp_path: Path, task: str, dims: int, *, samples: int, in_memory: bool = False
+) -> None:
+    """A tiny `radfl simulate --task TASK --dims DIMS` run: 2 sites, 2 rounds, 32 px."""
     settings = {
-        "image-size": size,
-        "synthetic-samples-per-site": 40,
+        "image-size": 32,
+        "synthetic-samples-per-site": samples,
         "batch-size": 4,
         "local-epochs": 1,
         "min-cell-size": 2,
     }
     overrides = [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
-    options = ["--task", "segmentation", "--dims", str(dims), "--sites", "2", "--rounds", "2"]
+    options = ["--task", task, "--dims", str(dims), "--sites", "2", "--rounds", "2"]
     done = subprocess.run(
-        [RADFL, "simulate", *options, *overrides],
+        [RADFL, "simulate", *(["--in-memory"] if in_memory else []), *options, *overrides],
         cwd=tmp_path,
         env=_env(tmp_path),
         capture_output=True,
@@ -209,6 +210,12 @@ def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: i
         timeout=900,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: int):
+    """`radfl simulate --task segmentation` on synthetic DICOM/NIfTI/PNG-or-NPY sites with masks."""
+    _simulate_task(tmp_path, "segmentation", dims, samples=40)
     client = _client(tmp_path)
     run = _only_run(client, "federated")
     assert run.data.params["model"] == "unet" and run.data.params["spatial_dims"] == str(dims)
@@ -225,24 +232,7 @@ def test_segmentation_trains_federated_from_site_folders(tmp_path: Path, dims: i
 @pytest.mark.parametrize("dims", [2, 3])
 def test_detection_trains_federated_on_in_memory_sites(tmp_path: Path, dims: int):
     """`radfl simulate --task detection`: RetinaNet without torchvision, boxes never leave."""
-    settings = {
-        "image-size": 32,
-        "synthetic-samples-per-site": 24 if dims == 3 else 40,
-        "batch-size": 4,
-        "local-epochs": 1,
-        "min-cell-size": 2,
-    }
-    overrides = [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
-    options = ["--task", "detection", "--dims", str(dims), "--sites", "2", "--rounds", "2"]
-    done = subprocess.run(
-        [RADFL, "simulate", "--in-memory", *options, *overrides],
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    _simulate_task(tmp_path, "detection", dims, samples=24 if dims == 3 else 40, in_memory=True)
     run = _only_run(_client(tmp_path), "federated")
     assert run.data.params["model"] == "retinanet"
     history = _client(tmp_path).get_metric_history(run.info.run_id, "pooled/ap50")
