@@ -340,8 +340,47 @@ def test_site_dataset_names_line_and_file_of_a_bad_image(tmp_path: Path) -> None
         dataset[1]
 
 
-def test_other_tasks_load_with_issue_5(tmp_path: Path) -> None:
-    write_manifest(tmp_path, "image,patient_id,study_id,mask", "a.nii,p1,s1,m.nii")
-    table = read_manifest(tmp_path, "segmentation")
-    with pytest.raises(SiteDataError, match="task segmentation loading arrives with issue #5"):
-        SiteDataset(table, tmp_path, task="segmentation", spatial_dims=3, image_size=8)
+def test_detection_does_not_load_from_site_folders_yet(tmp_path: Path) -> None:
+    write_manifest(tmp_path, "image,patient_id,study_id,boxes", "a.png,p1,s1,[]")
+    table = read_manifest(tmp_path, "detection")
+    with pytest.raises(SiteDataError, match="task detection loading arrives with issue #5"):
+        SiteDataset(table, tmp_path, task="detection", spatial_dims=2, image_size=8)
+
+
+def test_segmentation_loads_each_mask_on_its_image_grid(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    rows = []
+    rng = np.random.default_rng(0)
+    for i, (x, y) in enumerate([(4, 20), (18, 6)]):
+        image = (40 + 20 * rng.random((32, 32))).astype(np.uint8)
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        image[x : x + 6, y : y + 6] = 230
+        mask[x : x + 6, y : y + 6] = 1
+        Image.fromarray(image).save(tmp_path / "img" / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / "mask" / f"{i}.png")
+        rows.append(f"img/{i}.png,p{i},s{i},mask/{i}.png")
+    write_manifest(tmp_path, "image,patient_id,study_id,mask", *rows)
+    dataset = SiteDataset(
+        read_manifest(tmp_path, "segmentation"),
+        tmp_path,
+        task="segmentation",
+        spatial_dims=2,
+        image_size=16,
+    )
+    for index in range(2):
+        item = dataset[index]
+        label = item["label"]
+        assert label.shape == (1, 16, 16) and label.dtype == torch.int64
+        assert set(label.unique().tolist()) == {0, 1}  # nearest neighbour: no blended values
+        inside = item["image"][label > 0].mean()
+        assert inside > item["image"][label == 0].mean() + 0.4  # the mask sits on the lesion
+    (tmp_path / "mask" / "1.png").unlink()
+    with pytest.raises(SiteDataError, match="line 3"):
+        SiteDataset(
+            read_manifest(tmp_path, "segmentation"),
+            tmp_path,
+            task="segmentation",
+            spatial_dims=2,
+            image_size=16,
+        )
