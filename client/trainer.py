@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
+from common import manifest as mf
 from common.config import ClientConfig
 from common.errors import ConfigError
 from common.subgroups import SubgroupSpec, cell_name
@@ -335,7 +336,7 @@ class LocalTrainer:
         for (attribute, value), mask in masks.items():
             name = cell_name(attribute, value)
             assert table is not None  # masks is empty otherwise
-            count = int(table.loc[mask, "patient_id"].nunique())
+            count = int(table.loc[mask, mf.PATIENT_ID].nunique())
             if spec.is_small(count):
                 suppressed.append(name)
             else:

@@ -444,6 +444,7 @@ def build_report(states: EvaluationStates) -> Report:
     )
     test = states.splits[TEST]
     pooled_test = test.pooled(internal)
+    primary = primary_metric(pooled_test)
     overall = _metric_table(metrics_with_ci(pooled_test, threshold, alpha))
     validation_overall = _metric_table(metrics_with_ci(validation, threshold, alpha))
     subgroups = _subgroup_table(
@@ -457,12 +458,12 @@ def build_report(states: EvaluationStates) -> Report:
         validation_overall=validation_overall,
         sites=_site_table(test, states.external_sites, threshold, alpha),
         subgroups=subgroups,
-        fairness=fairness_table(subgroups),
+        fairness=fairness_table(subgroups, primary),
         confusion=_confusion(pooled_test, threshold),
         curves=_curves(test, internal, states.external_sites, alpha),
         per_class=_per_class(pooled_test, alpha),
         states=states,
-        primary=primary_metric(pooled_test),
+        primary=primary,
         headline=HEADLINE[type(pooled_test).__name__],
     )
 
@@ -628,9 +629,10 @@ def _subgroup_table(
     return pd.DataFrame(rows, columns=columns)
 
 
-def fairness_table(subgroups: pd.DataFrame) -> pd.DataFrame:
-    """Per attribute: largest AUC gap, equal-opportunity and equalized-odds differences,
-    calibration gap, over the groups with values (``unknown`` and suppressed groups excluded).
+def fairness_table(subgroups: pd.DataFrame, primary: str = "auc") -> pd.DataFrame:
+    """Per attribute: largest gap in ``primary`` (AUC, per-case Dice, AP), equal-opportunity
+    and equalized-odds differences, calibration gap, over the groups with values (``unknown``
+    and suppressed groups excluded).
 
     Equal opportunity compares true-positive rates (sensitivity); equalized odds takes the
     larger of the TPR and FPR (1 - specificity) spreads; the calibration gap is the spread of
@@ -647,7 +649,6 @@ def fairness_table(subgroups: pd.DataFrame) -> pd.DataFrame:
             column = frame[metric].dropna()
             return float(column.max() - column.min()), f"{column.idxmax()} vs {column.idxmin()}"
 
-        primary = "auc" if "auc" in values else "dice_case_mean"
         auc_gap, auc_groups = spread(primary)
         tpr_gap, tpr_groups = spread("sensitivity")
         fpr_gap, _ = spread("specificity")

@@ -361,13 +361,12 @@ def test_segmentation_loads_each_mask_on_its_image_grid(tmp_path: Path) -> None:
         Image.fromarray(mask).save(tmp_path / "mask" / f"{i}.png")
         rows.append(f"img/{i}.png,p{i},s{i},mask/{i}.png")
     write_manifest(tmp_path, "image,patient_id,study_id,mask", *rows)
-    dataset = SiteDataset(
-        read_manifest(tmp_path, "segmentation"),
-        tmp_path,
-        task="segmentation",
-        spatial_dims=2,
-        image_size=16,
-    )
+
+    def load() -> SiteDataset:
+        table = read_manifest(tmp_path, "segmentation")
+        return SiteDataset(table, tmp_path, task="segmentation", spatial_dims=2, image_size=16)
+
+    dataset = load()
     for index in range(2):
         item = dataset[index]
         label = item["label"]
@@ -377,10 +376,4 @@ def test_segmentation_loads_each_mask_on_its_image_grid(tmp_path: Path) -> None:
         assert inside > item["image"][label == 0].mean() + 0.4  # the mask sits on the lesion
     (tmp_path / "mask" / "1.png").unlink()
     with pytest.raises(SiteDataError, match="line 3"):
-        SiteDataset(
-            read_manifest(tmp_path, "segmentation"),
-            tmp_path,
-            task="segmentation",
-            spatial_dims=2,
-            image_size=16,
-        )
+        load()
