@@ -20,9 +20,8 @@ From the summed histograms the server computes, per class and averaged over clas
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -67,7 +66,6 @@ class DetectionStates:
     num_classes: int
     num_bins: int = 1000
     max_detections: int = 100
-    ARRAYS: ClassVar[tuple[str, ...]] = ("tp", "fp", "gt")
     arrays: dict[str, np.ndarray] = field(init=False)
     images: int = field(init=False, default=0)
     loss_sum: float = field(init=False, default=0.0)
@@ -97,16 +95,31 @@ class DetectionStates:
             raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
         if not predictions:
             return
-        results = matching_batch(
-            iou_fn=_iou,
+        self._accumulate(self._match(predictions, targets))
+        self.images += len(predictions)
+
+    def _match(
+        self,
+        predictions: Sequence[Mapping[str, torch.Tensor | np.ndarray]],
+        targets: Sequence[Mapping[str, torch.Tensor | np.ndarray]],
+    ) -> list[dict[int, dict[str, np.ndarray]]]:
+        """MONAI's COCO-style matches of each image, per class, by box IoU."""
+        return matching_batch(  # type: ignore[no-any-return]
+            iou_fn=_box_iou,
             iou_thresholds=IOU_THRESHOLDS,
             pred_boxes=[_numpy(p["boxes"]) for p in predictions],
-            pred_classes=[_numpy(p["labels"]).astype(np.int64) for p in predictions],
+            pred_classes=[_classes(p) for p in predictions],
             pred_scores=[_numpy(p["scores"]) for p in predictions],
             gt_boxes=[_numpy(t["boxes"]) for t in targets],
-            gt_classes=[_numpy(t["labels"]).astype(np.int64) for t in targets],
+            gt_classes=[_classes(t) for t in targets],
             max_detections=self.max_detections,
         )
+
+    def _accumulate(
+        self, results: Iterable[Mapping[int, Mapping[str, np.ndarray]]], kind: str = ""
+    ) -> None:
+        """Add matched detections to the score histograms ``{kind}tp``/``{kind}fp``."""
+        tp, fp, gt = self.arrays[f"{kind}tp"], self.arrays[f"{kind}fp"], self.arrays[f"{kind}gt"]
         for image in results:
             for cls, match in image.items():
                 if not 0 <= cls < self.num_classes:
@@ -116,11 +129,10 @@ class DetectionStates:
                 ignored = np.asarray(match["dtIgnore"], dtype=bool)
                 bins = np.clip((scores * self.num_bins).astype(np.int64), 0, self.num_bins - 1)
                 for t in range(len(IOU_THRESHOLDS)):
-                    np.add.at(self.arrays["tp"][t, cls], bins[matched[t] & ~ignored[t]], 1)
-                    np.add.at(self.arrays["fp"][t, cls], bins[~matched[t] & ~ignored[t]], 1)
+                    np.add.at(tp[t, cls], bins[matched[t] & ~ignored[t]], 1)
+                    np.add.at(fp[t, cls], bins[~matched[t] & ~ignored[t]], 1)
                 gt_ignore = np.asarray(match["gtIgnore"], dtype=bool).reshape(-1)
-                self.arrays["gt"][cls] += (~gt_ignore).sum()
-        self.images += len(predictions)
+                gt[cls] += (~gt_ignore).sum()
 
     # ------------------------------------------------------------- federation
     def to_record(self) -> dict[str, list[float]]:
@@ -134,26 +146,29 @@ class DetectionStates:
         self.loss_sum += loss_sum
 
     # ---------------------------------------------------------------- compute
-    def curve(self, iou: float, cls: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def curve(
+        self, iou: float, cls: int, kind: str = ""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Recall, precision and false positives per image at every score-bin edge, from the
-        highest scores down."""
+        highest scores down (``kind``: the prefix of the histograms, e.g. ``box_``)."""
         t = IOU_THRESHOLDS.index(iou)
-        tp = np.cumsum(self.arrays["tp"][t, cls][::-1])
-        fp = np.cumsum(self.arrays["fp"][t, cls][::-1])
-        gt = self.arrays["gt"][cls]
+        tp = np.cumsum(self.arrays[f"{kind}tp"][t, cls][::-1])
+        fp = np.cumsum(self.arrays[f"{kind}fp"][t, cls][::-1])
+        gt = self.arrays[f"{kind}gt"][cls]
         with np.errstate(invalid="ignore", divide="ignore"):
             recall = tp / gt if gt > 0 else np.full_like(tp, np.nan)
             precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
         fp_per_image = fp / self.images if self.images else np.full_like(fp, np.nan)
         return recall, precision, fp_per_image
 
-    def average_precision(self, iou: float, cls: int) -> float:
-        """COCO's 101-point interpolated AP (NaN without ground-truth boxes)."""
-        if self.arrays["gt"][cls] == 0:
+    def average_precision(self, iou: float, cls: int, kind: str = "") -> float:
+        """COCO's 101-point interpolated AP (NaN without ground-truth objects)."""
+        if self.arrays[f"{kind}gt"][cls] == 0:
             return math.nan
-        recall, precision, _ = self.curve(iou, cls)
-        keep = (self.arrays["tp"][IOU_THRESHOLDS.index(iou), cls][::-1] > 0) | (
-            self.arrays["fp"][IOU_THRESHOLDS.index(iou), cls][::-1] > 0
+        recall, precision, _ = self.curve(iou, cls, kind)
+        t = IOU_THRESHOLDS.index(iou)
+        keep = (self.arrays[f"{kind}tp"][t, cls][::-1] > 0) | (
+            self.arrays[f"{kind}fp"][t, cls][::-1] > 0
         )
         recall, precision = recall[keep], precision[keep]
         if recall.size == 0:
@@ -174,18 +189,19 @@ class DetectionStates:
             out[rate] = float(recall[within].max()) if within.any() else 0.0
         return out
 
+    def mean_ap(self, iou: float | None, kind: str = "") -> float:
+        """AP at ``iou`` averaged over classes; ``None``: COCO's mAP over IoU 0.50:0.95."""
+        ious = IOU_THRESHOLDS[1:] if iou is None else (iou,)
+        return _nanmean(
+            [
+                _nanmean([self.average_precision(t, c, kind) for t in ious])
+                for c in range(self.num_classes)
+            ]
+        )
+
     def compute(self) -> dict[str, float]:
         classes = range(self.num_classes)
-        out = {
-            "ap10": _nanmean([self.average_precision(0.1, c) for c in classes]),
-            "ap50": _nanmean([self.average_precision(0.5, c) for c in classes]),
-            "map": _nanmean(
-                [
-                    _nanmean([self.average_precision(t, c) for t in IOU_THRESHOLDS[1:]])
-                    for c in classes
-                ]
-            ),
-        }
+        out = {"ap10": self.mean_ap(0.1), "ap50": self.mean_ap(0.5), "map": self.mean_ap(None)}
         frocs = [self.froc(c) for c in classes]
         for rate in FROC_RATES:
             out[f"sensitivity_at_{rate:g}_fp"] = _nanmean([f[rate] for f in frocs])
@@ -196,8 +212,12 @@ class DetectionStates:
         return out
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(box_iou(a, b))
+
+
+def _classes(item: Mapping[str, torch.Tensor | np.ndarray]) -> np.ndarray:
+    return _numpy(item["labels"]).astype(np.int64)
 
 
 def _numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
