@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -103,7 +104,7 @@ class InstanceStates(DetectionStates):
             pred_index = np.arange(ious.shape[0], dtype=np.float64)[:, None]
             gt_index = np.arange(ious.shape[1], dtype=np.float64)[:, None]
             results += matching_batch(
-                iou_fn=lambda p, g, ious=ious: ious[np.ix_(_index(p), _index(g))],
+                iou_fn=partial(_lookup, ious),
                 iou_thresholds=IOU_THRESHOLDS,
                 pred_boxes=[pred_index],
                 pred_classes=[_numpy(prediction["labels"]).astype(np.int64)],
@@ -158,5 +159,6 @@ def _flat(masks: torch.Tensor | np.ndarray) -> np.ndarray:
     return array.reshape(array.shape[0], int(np.prod(array.shape[1:]))) > 0
 
 
-def _index(boxes: np.ndarray) -> np.ndarray:
-    return boxes[:, 0].astype(np.int64)
+def _lookup(ious: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """The IoUs of instances given by index "boxes" ``(k, 1)``."""
+    return ious[np.ix_(pred[:, 0].astype(np.int64), gt[:, 0].astype(np.int64))]
