@@ -427,3 +427,65 @@ def _build_retinanet(
         size_divisible=8,
         **kwargs,
     )
+
+
+# ------------------------------------------------------------ instance segmentation networks
+#: The key of the semantic segmentation logits in a Retina U-Net's outputs.
+SEGMENTATION_KEY: Final = "segmentation"
+
+
+class RetinaUNet(RetinaNet):
+    """Retina U-Net (Jaeger et al., 2020): RetinaNet plus a semantic segmentation head.
+
+    The head upsamples the finest pyramid level (stride 2) to the input grid, joins it with
+    features of the input image itself (U-Net's top skip connection) and predicts
+    ``num_classes + 1`` channels (background first). Outputs RetinaNet's classification and
+    box-regression maps and, under ``SEGMENTATION_KEY``, the segmentation logits. Instances are
+    the detected boxes, each masked by the segmentation of its class inside the box
+    (``common.tasks.InstanceTask``).
+    """
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, num_classes: int, width: int = 32
+    ) -> None:
+        extractor = ResNetFPN(spatial_dims, in_channels)
+        super().__init__(
+            spatial_dims=spatial_dims,
+            num_classes=num_classes,
+            num_anchors=RETINANET_ANCHORS,
+            feature_extractor=extractor,
+            size_divisible=8,
+        )
+        conv = Conv[Conv.CONV, spatial_dims]
+        norm = Norm[Norm.BATCH, spatial_dims]
+        pyramid = extractor.out_channels
+        self.upsample = nn.Upsample(
+            scale_factor=2, mode="bilinear" if spatial_dims == 2 else "trilinear"
+        )
+        self.image_features = nn.Sequential(
+            conv(in_channels, width // 2, 3, padding=1), norm(width // 2), nn.ReLU(inplace=True)
+        )
+        self.segmentation_head = nn.Sequential(
+            conv(pyramid + width // 2, width, 3, padding=1),
+            norm(width),
+            nn.ReLU(inplace=True),
+            conv(width, num_classes + 1, 1),
+        )
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:  # type: ignore[override]
+        maps = list(self.feature_extractor(images).values())
+        finest = self.upsample(maps[0])
+        joined = torch.cat([finest, self.image_features(images)], dim=1)
+        return {
+            self.cls_key: self.classification_head(maps),
+            self.box_reg_key: self.regression_head(maps),
+            SEGMENTATION_KEY: self.segmentation_head(joined),
+        }
+
+
+@register_model("retina-unet", task="instance")
+def _build_retina_unet(
+    *, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    """:class:`RetinaUNet` with ``out_channels`` object classes."""
+    return RetinaUNet(spatial_dims, in_channels, out_channels, **kwargs)

@@ -24,6 +24,7 @@ import pandas as pd
 
 from common import evaluation as ev
 from common.det_metrics import DetectionStates
+from common.instance_metrics import InstanceStates
 from common.metrics import ClassificationStates
 from common.seg_metrics import SegmentationStates
 from common.splits import TEST, VALIDATION
@@ -183,6 +184,7 @@ STATE_TYPES: dict[str, Callable[[int], Any]] = {
     "segmentation": SegmentationStates,
     # Detection counts "no finding" in num-classes, like classification; boxes have the rest.
     "detection": lambda num_classes: DetectionStates(max(num_classes - 1, 1)),
+    "instance": lambda num_classes: InstanceStates(max(num_classes - 1, 1)),
 }
 
 
@@ -392,6 +394,14 @@ def detection_metrics_with_ci(states: DetectionStates, alpha: float) -> dict[str
             out[name] = ev.MetricWithCI(name, value, low, high, "Wilson", lesions)
         else:
             out[name] = ev.MetricWithCI(name, value, nan, nan, "point estimate", lesions)
+    if isinstance(states, InstanceStates):
+        for name in ("box_ap50", "box_map"):
+            out[name] = ev.MetricWithCI(name, values[name], nan, nan, "point estimate", images)
+        mean, sd, n = values["instance_dice"], values["instance_dice_sd"], states.instances
+        half = ev.z_value(alpha) * sd / math.sqrt(n) if n > 1 and math.isfinite(sd) else nan
+        out["instance_dice"] = ev.MetricWithCI(
+            "instance_dice", mean, mean - half, mean + half, "normal (mean of instances)", n
+        )
     return out
 
 
@@ -473,6 +483,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "ClassificationStates": ("auc", "sensitivity", "specificity", "ece"),
     "SegmentationStates": ("dice_case_mean", "dice", "hd95_mean", "case_detection_rate"),
     "DetectionStates": ("ap50", "map", "froc", "sensitivity_at_1_fp"),
+    "InstanceStates": ("ap50", "map", "instance_dice", "box_ap50"),
 }
 
 

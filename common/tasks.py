@@ -1,7 +1,8 @@
 """Tasks by name: each knows its model family, loss, train and eval steps and metric states.
 
 Server, client and simulation code ask the task and never branch on its name, so a new task
-(segmentation, detection: issue #5) is a new class registered here, nothing else.
+(segmentation, detection, instance segmentation: issue #5) is a new class registered here,
+nothing else.
 
 A batch is a MONAI-style dictionary: ``{"image": (N, C, *spatial), "label": ...}``.
 """
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, ClassVar, Protocol
 
 import torch
 from monai import transforms as mt
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.transforms import dictionary as mdt
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
@@ -23,8 +26,9 @@ from torch import nn
 from common.config import ModelConfig
 from common.det_metrics import DETECTION_METRICS, DetectionStates
 from common.errors import ConfigError, RegistryError
+from common.instance_metrics import INSTANCE_METRICS, InstanceStates
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates, MetricInfo
-from common.models import ResNetFPN, build_model, list_models, model_task
+from common.models import SEGMENTATION_KEY, ResNetFPN, build_model, list_models, model_task
 from common.seg_metrics import SEGMENTATION_METRICS, SegmentationStates
 from common.synthetic import SiteData
 
@@ -291,7 +295,8 @@ class DetectionTask(Task):
         return inverse_frequency_weights((labels > 0).long(), 2)[(labels > 0).long()]
 
     def detector(self, model: nn.Module) -> ATSSRetinaNetDetector:
-        """A detector around ``model`` (a RetinaNet): anchors, matcher, sampler, box decoding."""
+        """A detector around ``model`` (a RetinaNet's detection maps): anchors, matcher,
+        sampler, box decoding."""
         dims = self.config.spatial_dims
         scale = self.config.image_size / 64.0
         shapes = [(size * scale,) * dims for size in self.ANCHOR_SIZES_AT_64]
@@ -320,6 +325,7 @@ class DetectionTask(Task):
     def new_states(self) -> DetectionStates:
         return DetectionStates(self.output_channels())
 
+    @torch.no_grad()
     def predict(self, model: nn.Module, batch: Batch) -> tuple[Any, Any]:
         detector = self.detector(model)
         detector.eval()
@@ -341,13 +347,181 @@ class DetectionTask(Task):
         }
 
     def synthetic_targets(self, data: SiteData) -> list[dict[str, torch.Tensor]]:
-        dims = self.config.spatial_dims
-        targets = []
-        for boxes in data.boxes:
-            corners = torch.tensor([b[: 2 * dims] for b in boxes], dtype=torch.float32)
-            kinds = torch.tensor([b[-1] - 1 for b in boxes], dtype=torch.int64)
-            targets.append({"boxes": corners.reshape(-1, 2 * dims), "labels": kinds.clamp(min=0)})
-        return targets
+        return [boxes_target(boxes, self.config.spatial_dims) for boxes in data.boxes]
+
+    #: Keys of a sample's target that are images (flipped and rotated with the image).
+    TARGET_IMAGES: ClassVar[tuple[str, ...]] = ()
+
+    def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """Flips on every axis and 90-degree rotations in the first plane, boxes moved with
+        the image (MONAI's box transforms), and intensity changes."""
+        images = ["image", *self.TARGET_IMAGES]
+        flips = [
+            mdt.RandFlipBoxd(images, "boxes", "image", prob=0.5, spatial_axis=axis)
+            for axis in range(self.config.spatial_dims)
+        ]
+        return mt.Compose(
+            [
+                mt.Lambda(_unnest_target),
+                *flips,
+                mdt.RandRotateBox90d(images, "boxes", "image", prob=0.5, spatial_axes=(0, 1)),
+                mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                mt.RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.5),
+                mt.Lambda(partial(_nest_target, keys=("boxes", "labels", *self.TARGET_IMAGES))),
+            ]
+        )
+
+
+class SegmentationTap(nn.Module):
+    """Hands a Retina U-Net's detection maps to MONAI's detector, which knows only those, and
+    keeps its segmentation logits in ``segmentation``."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.segmentation: torch.Tensor | None = None
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        outputs = dict(self.network(images))
+        self.segmentation = outputs.pop(SEGMENTATION_KEY)
+        return outputs
+
+
+class InstanceTask(DetectionTask):
+    """Instance segmentation: detect each lesion, then mask it (Retina U-Net).
+
+    A sample's ``"label"`` is the detection target plus ``"masks"``: ``(k, *spatial)``, one
+    binary mask per box. The loss is RetinaNet's (focal and box regression) plus Dice and
+    cross-entropy on the semantic segmentation (the union of the masks, by class). Each
+    detected box becomes an instance whose mask is the segmentation of its class inside the
+    box. Metrics: mask AP, box AP and per-instance Dice (``common.instance_metrics``).
+    """
+
+    name = "instance"
+    primary_metric = "ap50"
+    metrics = INSTANCE_METRICS
+    default_model = "retina-unet"
+    TARGET_IMAGES = ("masks",)
+
+    def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
+        tap = SegmentationTap(model)
+        detector = self.detector(tap)
+        detector.train()
+        losses = detector(list(batch["image"]), list(batch["label"]))
+        assert tap.segmentation is not None
+        semantic = torch.stack([semantic_map(t, batch["image"].shape[2:]) for t in batch["label"]])
+        segmentation = self._segmentation_loss(tap.segmentation.float(), semantic)
+        return (
+            losses[detector.cls_key].float() + losses[detector.box_reg_key].float() + segmentation
+        )
+
+    _segmentation_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+
+    def new_states(self) -> InstanceStates:
+        return InstanceStates(self.output_channels())
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[Any, Any]:
+        tap = SegmentationTap(model)
+        detector = self.detector(tap)
+        detector.eval()
+        outputs = detector(list(batch["image"]), use_inferer=False)
+        assert tap.segmentation is not None
+        semantic = tap.segmentation.argmax(dim=1)
+        predictions = []
+        for output, classes in zip(outputs, semantic, strict=True):
+            boxes = output["boxes"].float()
+            labels = output["labels"]
+            predictions.append(
+                {
+                    "boxes": boxes,
+                    "labels": labels,
+                    "scores": output[detector.pred_score_key].float(),
+                    "masks": masks_in_boxes(classes, boxes, labels),
+                }
+            )
+        return predictions, list(batch["label"])
+
+    def synthetic_targets(self, data: SiteData) -> list[dict[str, torch.Tensor]]:
+        if data.instances is None:
+            raise ValueError(f"synthetic site {data.profile.name} has no instance maps")
+        return [
+            instance_target(instances, kind)
+            for instances, kind in zip(data.instances, data.labels, strict=True)
+        ]
+
+
+def boxes_target(boxes: Sequence[Sequence[float]], spatial_dims: int) -> dict[str, torch.Tensor]:
+    """A detection target from ``[corners..., kind]`` boxes (kind 1 is object class 0)."""
+    corners = torch.tensor([b[: 2 * spatial_dims] for b in boxes], dtype=torch.float32)
+    kinds = torch.tensor([int(b[-1]) - 1 for b in boxes], dtype=torch.int64)
+    return {"boxes": corners.reshape(-1, 2 * spatial_dims), "labels": kinds.clamp(min=0)}
+
+
+def instance_target(instances: torch.Tensor, kind: int | torch.Tensor) -> dict[str, torch.Tensor]:
+    """An instance target from an instance map ``(1, *spatial)`` (0 background, ``k`` on
+    instance ``k``): one mask and box per instance, every instance of the image's ``kind``
+    (object class ``kind - 1``, at least 0)."""
+    ids = [int(i) for i in torch.unique(instances) if i > 0]
+    masks = torch.stack([instances[0] == i for i in ids]) if ids else None
+    dims = instances.dim() - 1
+    if masks is None:
+        return {
+            "boxes": torch.zeros((0, 2 * dims)),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros((0, *instances.shape[1:]), dtype=torch.bool),
+        }
+    return {
+        "boxes": mask_boxes(masks),
+        "labels": torch.full((len(ids),), max(int(kind) - 1, 0), dtype=torch.int64),
+        "masks": masks,
+    }
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """The half-open bounding box ``(lo..., hi...)`` of each non-empty mask ``(k, *spatial)``."""
+    dims = masks.dim() - 1
+    boxes = torch.zeros((masks.shape[0], 2 * dims))
+    for i, mask in enumerate(masks):
+        where = torch.nonzero(mask)
+        boxes[i, :dims] = where.min(0).values
+        boxes[i, dims:] = where.max(0).values + 1
+    return boxes
+
+
+def masks_in_boxes(
+    classes: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Per box, the voxels inside it that the semantic map ``classes`` gives its class
+    (object class ``c`` is segmentation class ``c + 1``)."""
+    masks = torch.zeros((boxes.shape[0], *classes.shape), dtype=torch.bool, device=classes.device)
+    dims = classes.dim()
+    for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+        region = tuple(
+            slice(max(int(box[d].floor()), 0), int(box[d + dims].ceil())) for d in range(dims)
+        )
+        masks[i][region] = classes[region] == label + 1
+    return masks
+
+
+def semantic_map(target: Mapping[str, torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """The long label map ``(1, *shape)`` of an instance target: object class + 1 on its
+    masks, 0 elsewhere."""
+    out = torch.zeros((1, *shape), dtype=torch.int64, device=target["masks"].device)
+    for mask, label in zip(target["masks"], target["labels"], strict=True):
+        out[0][mask.bool()] = label + 1
+    return out
+
+
+def _unnest_target(sample: dict[str, Any]) -> dict[str, Any]:
+    return {"image": sample["image"], **sample["label"]}
+
+
+def _nest_target(sample: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    target = {key: torch.as_tensor(sample[key]) for key in keys}
+    if "masks" in target:
+        target["masks"] = target["masks"].bool()
+    return {"image": torch.as_tensor(sample["image"]), "label": target}
 
 
 def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -389,3 +563,4 @@ def get_task(config: ModelConfig) -> Task:
 register_task(ClassificationTask)
 register_task(SegmentationTask)
 register_task(DetectionTask)
+register_task(InstanceTask)

@@ -114,3 +114,86 @@ def test_detection_task_labels_synthetic_boxes_and_trains_a_step():
     predictions, truth = task.predict(model, batch)
     assert len(predictions) == 4 and truth == batch["label"]
     assert set(predictions[0]) == {"boxes", "labels", "scores"}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_instance_task_targets_train_and_predict_masks_inside_boxes(dims):
+    from common.synthetic import make_site, site_profiles
+
+    task = get_task(
+        _config(task="instance", model="retina-unet", **{"image-size": 32, "spatial-dims": dims})
+    )
+    profile = site_profiles(1, 12, 0)[0]
+    data = make_site(profile, index=0, image_size=32, spatial_dims=dims, num_classes=2, seed=0)
+    targets = task.synthetic_targets(data)
+    for target, boxes, instances in zip(targets, data.boxes, data.instances, strict=True):
+        k = len(boxes)
+        assert target["masks"].shape == (k, *(32,) * dims) and target["masks"].dtype == torch.bool
+        # Each mask is one instance of the map, inside its box, which is the synthetic one.
+        assert int(target["masks"].sum()) == int((instances > 0).sum())
+        expected = torch.tensor([b[: 2 * dims] for b in boxes], dtype=torch.float32)
+        assert torch.equal(target["boxes"], expected.reshape(-1, 2 * dims))
+    with_lesions = [i for i, t in enumerate(targets) if len(t["boxes"])][:2]
+    without = [i for i, t in enumerate(targets) if not len(t["boxes"])][:1]
+    batch = task.collate(
+        [{"image": data.images[i], "label": targets[i]} for i in with_lesions + without]
+    )
+    model = task.build_model()
+    loss = task.train_step(model, batch, task.loss_function(None, balance=False))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert model.segmentation_head[0].weight.grad.abs().sum() > 0  # the mask head learns
+    predictions, _ = task.predict(model, batch)
+    states = task.new_states()
+    states.update(predictions, batch["label"])
+    assert states.images == 3 and np_finite(states.compute()["box_ap50"])
+    for prediction in predictions:
+        masks, boxes = prediction["masks"], prediction["boxes"]
+        assert masks.shape == (len(boxes), *(32,) * dims)
+        for mask, box in zip(masks, boxes, strict=True):
+            outside = mask.clone()
+            inside = tuple(
+                slice(int(box[d].floor()), int(box[d + dims].ceil())) for d in range(dims)
+            )
+            outside[inside] = False
+            assert not outside.any()
+
+
+def np_finite(value):
+    import math
+
+    return math.isfinite(value)
+
+
+@pytest.mark.parametrize("task_name", ["detection", "instance"])
+def test_box_augmentation_moves_boxes_and_masks_with_the_image(task_name):
+    from common.tasks import instance_target
+
+    model = "retinanet" if task_name == "detection" else "retina-unet"
+    task = get_task(_config(task=task_name, model=model, **{"image-size": 32}))
+    instances = torch.zeros((1, 32, 32), dtype=torch.uint8)
+    instances[0, 3:9, 20:30] = 1
+    instances[0, 15:18, 2:5] = 2
+    target = instance_target(instances, 1)
+    if task_name == "detection":
+        del target["masks"]
+    image = instances.float() * 0.5
+    augment = task.augmentation()
+    moved_somewhere = False
+    for seed in range(12):
+        augment.set_random_state(seed=seed)
+        out = augment({"image": image.clone(), "label": dict(target)})
+        label = out["label"]
+        assert set(label) == set(target)
+        assert len(label["boxes"]) == 2 and torch.equal(label["labels"], target["labels"])
+        # The bright voxels, wherever they went, still fill exactly the moved boxes.
+        bright = out["image"][0] > 0.1
+        for box in label["boxes"]:
+            region = bright[int(box[0]) : int(box[2]), int(box[1]) : int(box[3])]
+            assert region.all()
+        covered = sum(int((b[2] - b[0]) * (b[3] - b[1])) for b in label["boxes"])
+        assert covered == int(bright.sum())
+        if task_name == "instance":
+            assert torch.equal(label["masks"].any(0), bright)
+        moved_somewhere |= not torch.equal(label["boxes"], target["boxes"])
+    assert moved_somewhere
