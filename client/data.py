@@ -49,12 +49,14 @@ import pandas as pd
 import pydicom
 import torch
 from monai import transforms as mt
+from monai.apps.detection.transforms import dictionary as mdt
 from monai.data import PersistentDataset
 from pydicom.errors import InvalidDicomError
 from torch.utils.data import Dataset
 
 from common import manifest as mf
 from common.errors import RadFLError
+from common.tasks import instance_target
 
 log = logging.getLogger(__name__)
 # MONAI warns on every PydicomReader that its optional GPU decoder plugin (nvImageCodec) is
@@ -295,12 +297,20 @@ def image_transforms(
     ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
     spacing_mm: Sequence[float] | None = None,
     with_mask: bool = False,
+    with_boxes: bool = False,
+    instances: bool = False,
 ) -> mt.Compose:
     """The deterministic preprocessing of one modality: read, orient, normalise, resize.
 
     Applies to a dictionary whose ``"image"`` is a path. See the module docstring for each step.
     With ``with_mask``, ``"mask"`` (a label map on the image's grid) is read, oriented and
-    resized with it, by nearest neighbour, and never normalised.
+    resized with it, by nearest neighbour, and never normalised. With ``with_boxes``,
+    ``"boxes"`` (``(k, 2 * dims)`` corners in the loaded array's voxel indices) and
+    ``"box_labels"`` follow the image through orientation and resizing: MONAI draws each box as
+    a mask on the image's grid, the masks are transformed as the image, and boxes are read
+    back from them (``BoxToMaskd``, ``MaskToBoxd``). With ``instances`` the mask numbers
+    instances, and an instance that nearest-neighbour resizing would lose keeps the voxel at
+    its centre.
 
     Parameters
     ----------
@@ -329,11 +339,41 @@ def image_transforms(
         mt.EnsureChannelFirstd(both),
         OneChannel(both),
     ]
+    masks = both[1:]
+    if with_boxes:
+        steps += [
+            mt.Lambda(functools.partial(_box_arrays, spatial_dims=spatial_dims)),
+            mdt.BoxToMaskd(
+                box_keys="boxes",
+                box_mask_keys=BOX_MASK,
+                label_keys="box_labels",
+                box_ref_image_keys="image",
+                min_fg_label=0,
+            ),
+            mt.Lambda(_box_mask_on_image_grid),
+        ]
+        masks.append(BOX_MASK)
+    spatial = ["image", *masks]
     if spatial_dims == 3:
-        steps.append(mt.Orientationd(both, axcodes="RAS", labels=None))
+        steps.append(mt.Orientationd(spatial, axcodes="RAS", labels=None))
         if spacing_mm is not None:
-            modes = ("bilinear", "nearest") if with_mask else "bilinear"
-            steps.append(mt.Spacingd(both, pixdim=tuple(spacing_mm), mode=modes))
+            modes = ("bilinear", *["nearest"] * len(masks))
+            steps.append(mt.Spacingd(spatial, pixdim=tuple(spacing_mm), mode=modes))
+    if with_boxes:
+        # Boxes leave their masks on the oriented grid and are scaled to the training size
+        # exactly, so resizing never makes a thin box vanish.
+        steps += [
+            mdt.MaskToBoxd(
+                box_keys="boxes", box_mask_keys=BOX_MASK, label_keys="box_labels", min_fg_label=0
+            ),
+            mt.DeleteItemsd(BOX_MASK),
+            mt.Lambda(functools.partial(_scale_boxes, size=image_size)),
+            mt.EnsureTyped("boxes", dtype=torch.float32, track_meta=False),
+            mt.EnsureTyped("box_labels", dtype=torch.int64, track_meta=False),
+        ]
+        masks.remove(BOX_MASK)
+    if with_mask:
+        steps.append(mt.Lambda(_count_instances))
     if normalisation_for(modality or "") == "ct-window":
         level, width = ct_window_hu
         if width <= 0:
@@ -363,12 +403,62 @@ def image_transforms(
         ),
         mt.EnsureTyped(keys, dtype=torch.float32, track_meta=False),
     ]
+    if instances:
+        steps.append(mt.Lambda(functools.partial(_resize_instances, size=image_size)))
+    elif masks:
+        steps.append(mt.Resized(masks, spatial_size=(image_size,) * spatial_dims, mode="nearest"))
     if with_mask:
-        steps += [
-            mt.Resized("mask", spatial_size=(image_size,) * spatial_dims, mode="nearest"),
-            mt.EnsureTyped("mask", dtype=torch.int64, track_meta=False),
-        ]
+        steps.append(mt.EnsureTyped("mask", dtype=torch.int64, track_meta=False))
     return mt.Compose(steps)
+
+
+#: The key of the per-box masks that carry boxes through the image's spatial transforms.
+BOX_MASK = "box_mask"
+
+
+def _box_arrays(data: dict[str, Any], spatial_dims: int) -> dict[str, Any]:
+    """Boxes and their labels as arrays (the cached item holds JSON-friendly lists)."""
+    data["boxes"] = np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 2 * spatial_dims)
+    data["box_labels"] = np.asarray(data["box_labels"], dtype=np.int64).reshape(-1)
+    return data
+
+
+def _scale_boxes(data: dict[str, Any], size: int) -> dict[str, Any]:
+    """Boxes on the image's current grid scaled to ``size`` voxels per axis (the resize)."""
+    shape = torch.as_tensor(data["image"].shape[1:], dtype=torch.float64)
+    factor = (size / shape).repeat(2)
+    data["boxes"] = torch.as_tensor(data["boxes"], dtype=torch.float64) * factor
+    return data
+
+
+def _resize_instances(data: dict[str, Any], size: int) -> dict[str, Any]:
+    """Nearest-neighbour resizing of an instance map that keeps every instance: one that
+    would vanish (smaller than a voxel at ``size``) keeps the voxel at its centre."""
+    mask = torch.as_tensor(data["mask"])
+    shape = torch.tensor(mask.shape[1:], dtype=torch.float64)
+    resized = torch.as_tensor(mt.Resize((size,) * (mask.dim() - 1), mode="nearest")(mask))
+    for value in set(torch.unique(mask).tolist()) - set(torch.unique(resized).tolist()):
+        centre = torch.nonzero(mask[0] == value).double().mean(0)
+        voxel = ((centre + 0.5) * size / shape).floor().long().clamp(0, size - 1)
+        if resized[(0, *voxel.tolist())] == 0:
+            resized[(0, *voxel.tolist())] = value
+    data["mask"] = resized
+    return data
+
+
+def _count_instances(data: dict[str, Any]) -> dict[str, Any]:
+    """The number of distinct non-zero mask values before resizing (``mask_values``), so
+    the loader can tell when resizing drops a small instance."""
+    data["mask_values"] = int((torch.unique(torch.as_tensor(data["mask"])) > 0).sum())
+    return data
+
+
+def _box_mask_on_image_grid(data: dict[str, Any]) -> dict[str, Any]:
+    """Give the box masks the image's affine, so orientation moves them as the image."""
+    image = data["image"]
+    affine = image.affine if isinstance(image, monai.data.MetaTensor) else None
+    data[BOX_MASK] = monai.data.MetaTensor(torch.as_tensor(data[BOX_MASK]), affine=affine)
+    return data
 
 
 def preprocessing_key(
@@ -453,23 +543,36 @@ class SiteDataset(Dataset[dict[str, Any]]):
         ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
         spacing_mm: Sequence[float] | None = None,
     ) -> None:
-        if task not in ("classification", "segmentation"):
-            raise SiteDataError(f"task {task} loading arrives with issue #5")
+        if task not in TASK_TARGETS:
+            raise SiteDataError(
+                f"task {task!r} has no site loader; known: {', '.join(TASK_TARGETS)}"
+            )
+        self.task = task
+        self.spatial_dims = spatial_dims
         self.root = Path(root)
         self.lines = [int(line) for line in rows.index]
         self.files = [str(v) for v in rows[mf.IMAGE]]
-        self.with_mask = task == "segmentation"
-        if mf.LABEL in rows.columns and not self.with_mask:
+        self.mask_column = TASK_TARGETS[task]
+        self.with_boxes = task == "detection"
+        self.boxes = []
+        if self.with_boxes:
+            column = rows[mf.BOXES] if mf.BOXES in rows.columns else [""] * len(rows)
+            for line, value in zip(self.lines, column, strict=True):
+                self.boxes.append(_parse_boxes(value, line, spatial_dims))
+        if mf.LABEL in rows.columns and task == "classification":
             label_values = list(rows[mf.LABEL])
         elif mf.LABEL in rows.columns:
             label_values = [v if str(v).strip() else 0 for v in rows[mf.LABEL]]
+        elif self.boxes:
+            # The image's class: its boxes' largest kind, 0 without boxes (balanced sampling).
+            label_values = [int(b[:, -1].max()) if len(b) else 0 for b in self.boxes]
         else:
             label_values = [0] * len(rows)
         labels = [_parse_label(v, line) for line, v in zip(self.lines, label_values, strict=True)]
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.attributes = attribute_table(rows)
         modalities = rows[mf.MODALITY] if mf.MODALITY in rows.columns else [""] * len(rows)
-        items = []
+        items: list[dict[str, Any]] = []
         for line, file, modality in zip(self.lines, self.files, modalities, strict=True):
             path = resolve_path(self.root, file)
             try:
@@ -481,13 +584,18 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 "stamp": stamp,
                 "normalisation": normalisation_for(str(modality)),
             }
-            if self.with_mask:
-                mask = resolve_path(self.root, str(rows.at[line, mf.MASK]))
+            if self.mask_column:
+                mask = resolve_path(self.root, str(rows.at[line, self.mask_column]))
                 try:
                     item["mask_stamp"] = file_stamp(mask)
                 except OSError as exc:
                     raise SiteDataError(f"line {line}: {mask}: {exc.strerror or exc}") from exc
                 item["mask"] = str(mask)
+            if self.with_boxes:
+                boxes = self.boxes[len(items)]
+                item["boxes"] = boxes[:, :-1].tolist()
+                # Object classes from 0: a box of lesion kind k is class k - 1.
+                item["box_labels"] = np.maximum(boxes[:, -1] - 1, 0).astype(int).tolist()
             items.append(item)
         pipelines = {
             kind: image_transforms(
@@ -496,7 +604,9 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 "CT" if kind == "ct-window" else None,
                 ct_window_hu=ct_window_hu,
                 spacing_mm=spacing_mm,
-                with_mask=self.with_mask,
+                with_mask=self.mask_column is not None,
+                with_boxes=self.with_boxes,
+                instances=task == "instance",
             )
             for kind in ("ct-window", "percentile")
         }
@@ -526,9 +636,35 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 f"line {self.lines[index]}: {self.files[index]}: {type(cause).__name__}: {cause}"
             ) from cause
         image = torch.as_tensor(item["image"], dtype=torch.float32)
-        if self.with_mask:
+        if self.task == "segmentation":
             return {"image": image, "label": torch.as_tensor(item["mask"], dtype=torch.int64)}
+        if self.task == "instance":
+            instances = torch.as_tensor(item["mask"], dtype=torch.int64)
+            target = instance_target(instances, self.labels[index])
+            if len(target["masks"]) != item["mask_values"]:
+                raise SiteDataError(
+                    f"line {self.lines[index]}: {self.files[index]}: "
+                    f"{item['mask_values'] - len(target['masks'])} of {item['mask_values']} "
+                    "instances vanish at the training size (they share voxels there); raise "
+                    "image-size"
+                )
+            return {"image": image, "label": target}
+        if self.task == "detection":
+            return {"image": image, "label": self._box_target(index, item)}
         return {"image": image, "label": self.labels[index]}
+
+    def _box_target(self, index: int, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        boxes = torch.as_tensor(item["boxes"], dtype=torch.float32)
+        expected = len(self.boxes[index])
+        if len(boxes) != expected:
+            raise SiteDataError(
+                f"line {self.lines[index]}: {self.files[index]}: {expected - len(boxes)} of "
+                f"{expected} boxes were lost in preprocessing"
+            )
+        return {
+            "boxes": boxes.reshape(-1, 2 * self.spatial_dims),
+            "labels": torch.as_tensor(item["box_labels"], dtype=torch.int64).reshape(-1),
+        }
 
 
 def attribute_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -548,6 +684,38 @@ def transform_error_cause(exc: BaseException) -> BaseException:
     ):
         exc = exc.__cause__
     return exc
+
+
+#: The manifest column each task's targets are read from besides the image (``None``: the
+#: ``label`` column; detection boxes come from the ``boxes`` column).
+TASK_TARGETS: dict[str, str | None] = {
+    "classification": None,
+    "segmentation": mf.MASK,
+    "detection": None,
+    "instance": mf.INSTANCE_MASK,
+}
+
+
+def _parse_boxes(value: Any, line: int, spatial_dims: int) -> np.ndarray:
+    """A row's ``boxes`` JSON as ``(k, 2 * dims + 1)``: corners, then the lesion kind."""
+    text = str(value).strip() if value is not None else ""
+    if not text or text.lower() == "nan":
+        text = "[]"
+    width = 2 * spatial_dims + 1
+    try:
+        boxes = np.asarray(json.loads(text), dtype=np.float64)
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise SiteDataError(f"line {line}: boxes are not a JSON list of boxes: {exc}") from exc
+    if boxes.size == 0:
+        return np.zeros((0, width))
+    if boxes.ndim != 2 or boxes.shape[1] != width or not np.isfinite(boxes).all():
+        raise SiteDataError(
+            f"line {line}: boxes must be lists of {width} numbers ({spatial_dims}D corners and "
+            "the lesion kind)"
+        )
+    if (boxes[:, spatial_dims:-1] <= boxes[:, :spatial_dims]).any():
+        raise SiteDataError(f"line {line}: a box is empty or inverted")
+    return boxes
 
 
 def _parse_label(value: Any, line: int) -> int:

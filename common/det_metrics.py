@@ -1,4 +1,4 @@
-"""Object detection metrics whose states add up across sites (towards issue #5).
+"""Object detection metrics whose states add up across sites (issue #5).
 
 A site matches its predicted boxes to the ground truth with MONAI's COCO-style matcher
 (``monai.apps.detection.metrics.matching.matching_batch``: greedy by score, each ground-truth

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from monai import transforms as mt
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
@@ -124,6 +126,27 @@ class Task(ABC):
     #: How samples form a batch; ``None``: PyTorch's default collation.
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
 
+    def overlay(self, model: nn.Module, sample: dict[str, Any]) -> Overlay | None:
+        """Truth against prediction on one sample, for pictures of synthetic validation
+        images in simulation; ``None``: nothing to draw (image-level labels)."""
+        return None
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """What a picture of one prediction shows: label maps (0 background) and boxes."""
+
+    truth: np.ndarray
+    predicted: np.ndarray
+    truth_boxes: np.ndarray
+    predicted_boxes: np.ndarray
+    #: Predicted boxes scoring below this are left out of the picture.
+    SCORE = 0.3
+
+    @staticmethod
+    def boxes(value: Any) -> np.ndarray:
+        return np.asarray(torch.as_tensor(value).detach().cpu(), dtype=np.float64)
+
 
 class ClassificationTask(Task):
     """Binary or multi-class image classification (class 0: no finding)."""
@@ -219,6 +242,13 @@ class SegmentationTask(Task):
         else:
             logits = model(image)
         return torch.softmax(torch.as_tensor(logits).float(), dim=1), batch["label"]
+
+    def overlay(self, model: nn.Module, sample: dict[str, Any]) -> Overlay | None:
+        batch = {"image": sample["image"][None], "label": torch.as_tensor(sample["label"])[None]}
+        with torch.no_grad():
+            probabilities, target = self.predict(model, batch)
+        none = np.zeros((0, 2 * self.config.spatial_dims))
+        return Overlay(target[0, 0].numpy(), probabilities.argmax(1)[0].numpy(), none, none)
 
     def synthetic_targets(self, data: SiteData) -> torch.Tensor | None:
         if data.masks is None:
@@ -348,6 +378,18 @@ class DetectionTask(Task):
 
     def synthetic_targets(self, data: SiteData) -> list[dict[str, torch.Tensor]]:
         return [boxes_target(boxes, self.config.spatial_dims) for boxes in data.boxes]
+
+    def overlay(self, model: nn.Module, sample: dict[str, Any]) -> Overlay | None:
+        predictions, targets = self.predict(model, self.collate([sample]))
+        prediction, target = predictions[0], targets[0]
+        keep = prediction["scores"] >= Overlay.SCORE
+        shape = tuple(sample["image"].shape[1:])
+        return Overlay(
+            _union(target.get("masks"), target["labels"], shape),
+            _union(prediction.get("masks", None), prediction["labels"], shape, keep),
+            Overlay.boxes(target["boxes"]),
+            Overlay.boxes(prediction["boxes"][keep]),
+        )
 
     #: Keys of a sample's target that are images (flipped and rotated with the image).
     TARGET_IMAGES: ClassVar[tuple[str, ...]] = ()
@@ -511,6 +553,20 @@ def semantic_map(target: Mapping[str, torch.Tensor], shape: Sequence[int]) -> to
     for mask, label in zip(target["masks"], target["labels"], strict=True):
         out[0][mask.bool()] = label + 1
     return out
+
+
+def _union(
+    masks: torch.Tensor | None,
+    labels: torch.Tensor,
+    shape: tuple[int, ...],
+    keep: torch.Tensor | None = None,
+) -> np.ndarray:
+    """The label map of instance masks (object class + 1), zeros without masks."""
+    if masks is None:
+        return np.zeros(shape, dtype=np.int64)
+    if keep is not None:
+        masks, labels = masks[keep], labels[keep]
+    return semantic_map({"masks": masks, "labels": labels}, shape)[0].cpu().numpy()
 
 
 def _unnest_target(sample: dict[str, Any]) -> dict[str, Any]:

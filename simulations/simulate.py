@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", type=int, default=3, help="number of simulated hospitals")
     parser.add_argument("--rounds", type=int, help="federated rounds (run config num-rounds)")
     parser.add_argument(
-        "--task", help="classification or segmentation (run config task; default classification)"
+        "--task",
+        help="classification, segmentation, detection or instance (run config task; default "
+        "classification)",
     )
     parser.add_argument("--dims", type=int, choices=(2, 3), help="2D images or 3D volumes")
     parser.add_argument(
@@ -193,10 +195,6 @@ def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> P
     """
     if args.in_memory:
         return None
-    if overrides.get("task") == "detection":
-        raise RadFLError(
-            "detection does not read boxes from site folders yet (issue #5); use --in-memory"
-        )
     if args.data is not None:
         root = args.data.resolve()
         missing = [i for i in range(args.sites) if not (root / f"site-{i}").is_dir()]

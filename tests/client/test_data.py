@@ -340,11 +340,18 @@ def test_site_dataset_names_line_and_file_of_a_bad_image(tmp_path: Path) -> None
         dataset[1]
 
 
-def test_detection_does_not_load_from_site_folders_yet(tmp_path: Path) -> None:
-    write_manifest(tmp_path, "image,patient_id,study_id,boxes", "a.png,p1,s1,[]")
+def test_bad_boxes_and_unknown_tasks_are_refused_naming_the_line(tmp_path: Path) -> None:
+    write_manifest(
+        tmp_path,
+        "image,patient_id,study_id,boxes",
+        "a.png,p1,s1,[]",
+        'b.png,p2,s2,"[[1,2,3]]"',
+    )
     table = read_manifest(tmp_path, "detection")
-    with pytest.raises(SiteDataError, match="task detection loading arrives with issue #5"):
+    with pytest.raises(SiteDataError, match="line 3: boxes must be lists of 5 numbers"):
         SiteDataset(table, tmp_path, task="detection", spatial_dims=2, image_size=8)
+    with pytest.raises(SiteDataError, match="task 'ranking' has no site loader"):
+        SiteDataset(table, tmp_path, task="ranking", spatial_dims=2, image_size=8)
 
 
 def test_segmentation_loads_each_mask_on_its_image_grid(tmp_path: Path) -> None:

@@ -338,3 +338,57 @@ def test_cli_prints_one_line_per_site(tmp_path, capsys):
     assert len(lines) == 3
     assert "dicom" in lines[0] and "nifti" in lines[1] and "npy" in lines[2]
     assert all("rows" in line and "prevalence" in line for line in lines)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_site_folders_load_boxes_and_instances_on_the_training_grid(federations, tmp_path, dims):
+    """Every format: the detection loader's boxes (drawn, oriented and resized with the
+    image) agree with the boxes of the instance loader's masks, and sit on the lesions."""
+    from client.data import SiteDataset, read_manifest
+
+    size = 24  # at least every site's native size in 3D: no lesion is smaller than a voxel
+    checked, differences = 0, []
+    for boxed, labelled in zip(
+        federations["detection", dims], federations["instance", dims], strict=True
+    ):
+        detection, instance = (
+            SiteDataset(
+                read_manifest(folder, task),
+                folder,
+                task=task,
+                spatial_dims=dims,
+                image_size=size,
+                cache_dir=tmp_path / task / folder.name,
+            )
+            for folder, task in ((boxed, "detection"), (labelled, "instance"))
+        )
+        assert len(detection) == len(instance)
+        for index in range(len(detection)):
+            box_item, instance_item = detection[index], instance[index]
+            boxes = box_item["label"]["boxes"]
+            target = instance_item["label"]
+            assert boxes.shape == target["boxes"].shape == (len(target["masks"]), 2 * dims)
+            assert torch.equal(box_item["label"]["labels"], target["labels"])
+            # Exact box scaling against a nearest-neighbour resized mask: within a voxel or so.
+            differences.append((boxes - target["boxes"]).abs().reshape(-1))
+            image = instance_item["image"][0]
+            for mask in target["masks"]:
+                assert image[mask].mean() > image[~target["masks"].any(0)].mean()
+                checked += 1
+    assert checked >= 5
+    difference = torch.cat(differences)
+    assert difference.max() <= 1.5 and difference.mean() < 0.6, difference
+    # Shrunk far below the native size, every instance keeps at least one voxel.
+    folder = federations["instance", dims][1]
+    shrunk = SiteDataset(
+        read_manifest(folder, "instance"),
+        folder,
+        task="instance",
+        spatial_dims=dims,
+        image_size=6,
+        cache_dir=tmp_path / "shrunk",
+    )
+    rows = _rows(folder)
+    for index in range(len(shrunk)):
+        native = _load(folder / rows[index][manifest.INSTANCE_MASK])
+        assert len(shrunk[index]["label"]["masks"]) == len(np.unique(native[native > 0]))
