@@ -58,6 +58,8 @@ class Task(ABC):
     metrics: ClassVar[dict[str, MetricInfo]]
     #: The model ``radfl simulate --task NAME`` trains when no ``--model`` is given.
     default_model: ClassVar[str]
+    #: Metrics the simulation summary shows per round beside the primary metric and loss.
+    round_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -155,6 +157,7 @@ class ClassificationTask(Task):
     primary_metric = "auc"
     metrics = CLASSIFICATION_METRICS
     default_model = "resnet18"
+    round_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "sensitivity", "specificity")
 
     def output_channels(self) -> int:
         return self.config.num_classes
@@ -204,6 +207,7 @@ class SegmentationTask(Task):
     primary_metric = "dice"
     metrics = SEGMENTATION_METRICS
     default_model = "unet"
+    round_metrics: ClassVar[tuple[str, ...]] = ("dice_case_mean", "hd95_mean")
 
     #: Four 2x downsamplings with at least 2 voxels left at the bottom.
     MIN_IMAGE_SIZE = 32
@@ -311,6 +315,7 @@ class DetectionTask(Task):
     primary_metric = "ap50"
     metrics = DETECTION_METRICS
     default_model = "retinanet"
+    round_metrics: ClassVar[tuple[str, ...]] = ("map", "froc")
     #: Anchor edge lengths at 64 px, scaled with ``image-size``: the synthetic lesions' range.
     ANCHOR_SIZES_AT_64 = (4.0, 8.0, 14.0)
 
@@ -443,6 +448,7 @@ class InstanceTask(DetectionTask):
     primary_metric = "ap50"
     metrics = INSTANCE_METRICS
     default_model = "retina-unet"
+    round_metrics: ClassVar[tuple[str, ...]] = ("map", "instance_dice", "box_ap50")
     TARGET_IMAGES = ("masks",)
 
     def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:

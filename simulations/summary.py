@@ -66,11 +66,9 @@ def print_summary(config: ServerConfig, *, wall_time_s: float) -> int:
             f"{TRAIN}/loss",
             f"{POOLED}/{primary}",
             f"{POOLED}/loss",
-            f"{POOLED}/accuracy",
-            f"{POOLED}/sensitivity",
-            f"{POOLED}/specificity",
+            *(f"{POOLED}/{name}" for name in task.round_metrics),
         ],
-    )
+    ).dropna(axis=1, how="all")
     sites = site_table(run.info.run_id, primary)
     status = run.info.status
     print()
