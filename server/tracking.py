@@ -24,7 +24,9 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 
 from common.config import ServerConfig
 
@@ -116,12 +118,22 @@ def log_models(
     model = model.cpu().eval()
     with torch.no_grad():
         single_tensor = isinstance(model(torch.from_numpy(example)), torch.Tensor)
+    # MLflow's default pt2 export and its output-signature inference need one output tensor;
+    # RetinaNet returns a dict of maps, so it is pickled and its signature names the input only.
+    described: dict[str, Any] = (
+        {"input_example": example}
+        if single_tensor
+        else {
+            "signature": ModelSignature(
+                inputs=Schema([TensorSpec(example.dtype, (-1, *example.shape[1:]))])
+            )
+        }
+    )
     mlflow.pytorch.log_model(
         model,
         name="final-model",
-        input_example=example,
-        # MLflow's default pt2 export needs one output tensor; RetinaNet returns a dict of maps.
         serialization_format="pt2" if single_tensor else "pickle",
+        **described,
         registered_model_name=register_as,
         # Given explicitly: inferring requirements would import the model in a subprocess.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"],
