@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from common.errors import RadFLError
 
@@ -37,6 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_site_check_arguments(check)
     check.set_defaults(handler=_site_check)
+    keygen = site_commands.add_parser(
+        "keygen", help="make the site's key pair (site.key stays, site.pub goes to the coordinator)"
+    )
+    _daemon().add_keygen_arguments(keygen)
+    keygen.set_defaults(handler=lambda args: _daemon().run_keygen(args))
+    start = site_commands.add_parser(
+        "start", help="check the site folder, then run its SuperNode (TLS, site key) as a daemon"
+    )
+    _daemon().add_start_arguments(start)
+    start.set_defaults(handler=lambda args: _daemon().start(args))
+
+    coordinator = commands.add_parser(
+        "coordinator", help="commands the coordinator runs: federation folder, services, runs"
+    )
+    _coordinator().add_arguments(coordinator)
 
     synth = commands.add_parser(
         "synth", help="write synthetic hospitals to disk (DICOM, NIfTI, PNG) with manifests"
@@ -74,6 +90,18 @@ def _centralized(args: argparse.Namespace) -> int:
     from simulations.centralized import centralized
 
     return centralized(args)
+
+
+def _daemon() -> Any:
+    from client import daemon
+
+    return daemon
+
+
+def _coordinator() -> Any:
+    from server import coordinator
+
+    return coordinator
 
 
 def _add_site_check_arguments(parser: argparse.ArgumentParser) -> None:

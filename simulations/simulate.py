@@ -109,16 +109,23 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as run-config values (numbers, booleans and strings)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RadFLError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return overrides
+
+
 def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The run-config values this invocation sets, validated against the app's schema."""
     overrides: dict[str, Any] = {}
     if args.config is not None:
         overrides.update(load_toml_config(args.config))
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RadFLError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = _parse_value(value.strip())
+    overrides.update(parse_overrides(args.set))
     named = {
         "num-rounds": args.rounds,
         "task": args.task,

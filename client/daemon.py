@@ -1,0 +1,210 @@
+"""``radfl site keygen`` and ``radfl site start``: a hospital site's long-lived daemon.
+
+``keygen`` makes the site's authentication key pair; only ``site.pub`` goes to the coordinator.
+``start`` checks the site folder (the data check of ``radfl site check``), then runs Flower's
+SuperNode over TLS with the site's key, and keeps it running: when the SuperNode exits (the
+network went away longer than it retries, the coordinator restarted), it is started again after
+a growing pause. Everything is logged to a local file; nothing but weights, metric states and
+counts leaves the site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client import check
+from common import manifest as mf
+from common import pki
+from common.errors import RadFLError
+
+LOG_FOLDER = ".radfl-logs"
+#: Restart pauses after the SuperNode exits: doubling from 2 s up to 5 minutes.
+FIRST_PAUSE_S = 2.0
+LONGEST_PAUSE_S = 300.0
+
+
+def keygen(folder: Path, *, force: bool = False) -> tuple[Path, Path]:
+    """Write ``site.key`` (owner-only) and ``site.pub`` into ``folder``."""
+    folder = Path(folder)
+    private, public = folder / "site.key", folder / "site.pub"
+    if private.exists() and not force:
+        raise RadFLError(f"{private} exists; keep it, or pass --force to replace the site's key")
+    if force:
+        private.unlink(missing_ok=True)
+    key, pub = pki.site_key_pair()
+    pki.write_private(private, key)
+    public.write_bytes(pub)
+    return private, public
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    data: Path,
+    name: str,
+    root_certificates: Path,
+    auth_key: Path,
+    port: int | None,
+    extra_config: dict[str, str | int | float | bool],
+) -> list[str]:
+    """The ``flower-supernode`` command of a site (never ``--insecure``)."""
+    config = {"data-path": str(Path(data).resolve()), "site-name": name, **extra_config}
+    command = [
+        "flower-supernode",
+        "--superlink", superlink,
+        "--root-certificates", str(Path(root_certificates).resolve()),
+        "--auth-supernode-private-key", str(Path(auth_key).resolve()),
+        "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
+    ]  # fmt: skip
+    # The SuperNode's own runtime API serves its ClientApp processes: loopback only.
+    command += ["--host", "127.0.0.1"]
+    if port is not None:
+        command += ["--port", str(port)]
+    return command
+
+
+def start(args: argparse.Namespace) -> int:
+    """Check the site, then run its SuperNode until SIGINT or SIGTERM, restarting it when it
+    exits. 1 when the site check fails (nothing is started)."""
+    data = Path(args.data).resolve()
+    name = pki.check_site_name(args.name)
+    pki.check_site_private_key(args.auth_key)
+    if not Path(args.root_certificates).is_file():
+        raise RadFLError(f"--root-certificates {args.root_certificates}: no such file")
+    log_dir = data / LOG_FOLDER
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "site.log"
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} [radfl site {name}] {message}"
+        print(line, flush=True)
+        with log_path.open("a") as handle:
+            handle.write(line + "\n")
+
+    if args.skip_check:
+        log("site check skipped (--skip-check)")
+    else:
+        log(f"checking {data} for task {args.task} ({args.dims}D)")
+        report = check.check_site(
+            data, task=args.task, spatial_dims=args.dims, num_classes=args.num_classes
+        )
+        report.write_json(data / check.REPORT_NAME)
+        if not report.ok and not args.skip_bad_rows:
+            log(f"site check failed; see {data / check.REPORT_NAME}:\n{report.format_text()}")
+            return 1
+        log(f"site check: {report.rows} rows, {len(report.problems)} problems")
+    extra: dict[str, str | int | float | bool] = {}
+    if args.skip_bad_rows:
+        extra["skip-bad-rows"] = True
+    command = supernode_command(
+        superlink=args.superlink,
+        data=data,
+        name=name,
+        root_certificates=args.root_certificates,
+        auth_key=args.auth_key,
+        port=args.local_port,
+        extra_config=extra,
+    )
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    stopping = False
+    process: subprocess.Popen[bytes] | None = None
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    pause = FIRST_PAUSE_S
+    try:
+        while not stopping:
+            log(f"connecting to {args.superlink} (TLS, key {Path(args.auth_key).name})")
+            started = time.monotonic()
+            with (log_dir / "supernode.log").open("ab") as output:
+                process = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                code = process.wait()
+            if stopping:
+                break
+            if time.monotonic() - started > LONGEST_PAUSE_S:
+                pause = FIRST_PAUSE_S  # it ran a good while: start over
+            log(f"SuperNode exited with code {code}; restarting in {pause:.0f} s")
+            deadline = time.monotonic() + pause
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.2)
+            pause = min(pause * 2, LONGEST_PAUSE_S)
+    finally:
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log("stopped")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_keygen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "dir", type=Path, nargs="?", default=Path("."), help="where site.key and site.pub go"
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing key pair")
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    private, public = keygen(args.dir, force=args.force)
+    print(f"private key {private} (stays here, readable by you only)")
+    print(f"public key  {public} (send this file to the coordinator)")
+    return 0
+
+
+def add_start_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--superlink", required=True, help="the coordinator's HOST:PORT")
+    parser.add_argument("--data", type=Path, required=True, help="the site folder (manifest.csv)")
+    parser.add_argument("--name", required=True, help="the site's registered name")
+    parser.add_argument(
+        "--root-certificates", type=Path, required=True, help="the federation's ca.crt"
+    )
+    parser.add_argument("--auth-key", type=Path, required=True, help="the site's site.key")
+    parser.add_argument(
+        "--task", default="classification", choices=list(mf.REQUIRED_BY_TASK), help="data check"
+    )
+    parser.add_argument("--dims", type=int, default=2, choices=(2, 3), help="data check")
+    parser.add_argument("--num-classes", type=int, default=2, help="data check")
+    parser.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="train on the rows that pass the check instead of refusing to start",
+    )
+    parser.add_argument("--skip-check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--local-port",
+        type=int,
+        default=None,
+        help="loopback port of the SuperNode's runtime API (distinct per site on one machine)",
+    )
