@@ -1,0 +1,115 @@
+"""The federation folder: certificates that verify, keys that stay private, site registry."""
+
+from __future__ import annotations
+
+import ssl
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from client import daemon
+from common import pki
+from common.errors import RadFLError
+from server import coordinator
+
+
+def test_init_writes_a_ca_and_a_superlink_certificate_for_every_host(tmp_path: Path):
+    federation = coordinator.init(
+        tmp_path / "fed", ["fl.hospital-net.org", "10.1.2.3"], port=9000, mlflow_port=9001
+    )
+    ca = pki.load_certificate(federation.ca_cert)
+    server = pki.load_certificate(federation.server_cert)
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    assert sorted(pki.certificate_hosts(server)) == ["10.1.2.3", "fl.hospital-net.org"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # Python's TLS stack accepts the pair as a server certificate and key.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(federation.server_cert, federation.server_key)
+    for secret in ("ca.key", "superlink.key"):
+        assert (federation.root / secret).stat().st_mode & 0o777 == 0o600
+    connection = tomllib.loads((federation.flwr_home / "config.toml").read_text())
+    assert connection["superlink"]["radfl"] == {
+        "address": "fl.hospital-net.org:9000",
+        "root-certificates": str(federation.ca_cert),
+    }
+    assert coordinator.Federation.load(federation.root) == federation
+    with pytest.raises(RadFLError, match="already holds a federation"):
+        coordinator.init(tmp_path / "fed", ["x"])
+
+
+def test_site_keys_are_ec_openssh_and_private_keys_stay_owner_only(tmp_path: Path):
+    private, public = daemon.keygen(tmp_path / "site")
+    assert private.stat().st_mode & 0o777 == 0o600
+    key = serialization.load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    pki.check_site_private_key(private)
+    assert pki.read_site_public_key(public).startswith(b"ecdsa-sha2-nistp384 ")
+    with pytest.raises(RadFLError, match="exists"):
+        daemon.keygen(tmp_path / "site")
+    private.chmod(0o644)
+    with pytest.raises(RadFLError, match="readable by others"):
+        pki.check_site_private_key(private)
+
+
+def test_add_site_refuses_bad_names_keys_and_duplicates(tmp_path: Path):
+    federation = coordinator.init(tmp_path / "fed", ["127.0.0.1"])
+    _, public = daemon.keygen(tmp_path / "a")
+    stored = coordinator.add_site(federation.root, "site-a", public)
+    assert stored.read_bytes() == public.read_bytes()
+    with pytest.raises(RadFLError, match="already registered"):
+        coordinator.add_site(federation.root, "site-a", public)
+    with pytest.raises(RadFLError, match="already registered as site site-a"):
+        coordinator.add_site(federation.root, "site-b", public)
+    with pytest.raises(RadFLError, match="site name"):
+        coordinator.add_site(federation.root, "Site A", public)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    (tmp_path / "rsa.pub").write_bytes(
+        rsa_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    with pytest.raises(RadFLError, match="not an EC key"):
+        coordinator.add_site(federation.root, "site-c", tmp_path / "rsa.pub")
+    (tmp_path / "junk.pub").write_text("hello")
+    with pytest.raises(RadFLError, match="not an OpenSSH public key"):
+        coordinator.add_site(federation.root, "site-d", tmp_path / "junk.pub")
+
+
+def test_site_start_runs_the_supernode_with_tls_and_its_key_never_insecure(tmp_path: Path):
+    command = daemon.supernode_command(
+        superlink="fl.example.org:8000",
+        data=tmp_path / "data",
+        name="site-a",
+        root_certificates=tmp_path / "ca.crt",
+        auth_key=tmp_path / "site.key",
+        port=9100,
+        extra_config={"skip-bad-rows": True},
+    )
+    assert "--insecure" not in command
+    assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(tmp_path / "site.key")
+    node_config = command[command.index("--node-config") + 1]
+    assert f'data-path="{tmp_path / "data"}"' in node_config
+    assert 'site-name="site-a"' in node_config and "skip-bad-rows=true" in node_config
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+
+
+def test_a_site_that_fails_its_data_check_does_not_start(tmp_path: Path, capsys):
+    from common.cli import main
+
+    private, _ = daemon.keygen(tmp_path / "keys")
+    (tmp_path / "ca.crt").write_text("unused")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.csv").write_text("image,patient_id,study_id,label\n")
+    code = main(
+        [
+            "site", "start", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "data"),
+            "--name", "site-a", "--root-certificates", str(tmp_path / "ca.crt"),
+            "--auth-key", str(private),
+        ]
+    )  # fmt: skip
+    assert code == 1
+    assert "site check failed" in capsys.readouterr().out
+    assert (tmp_path / "data" / ".radfl-logs" / "site.log").exists()
