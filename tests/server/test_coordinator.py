@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import tomllib
 from pathlib import Path
@@ -113,3 +114,35 @@ def test_a_site_that_fails_its_data_check_does_not_start(tmp_path: Path, capsys)
     assert code == 1
     assert "site check failed" in capsys.readouterr().out
     assert (tmp_path / "data" / ".radfl-logs" / "site.log").exists()
+
+
+def test_run_exits_with_the_superlinks_final_status_not_flwr_runs(tmp_path: Path, monkeypatch):
+    """`flwr run --stream` exits 0 even when the run failed; `radfl coordinator run` asks the
+    SuperLink (`flwr ls`) and fails unless the run finished completed. A stand-in `flwr`
+    plays the CLI here; the real one is exercised in tests/deploy."""
+    federation = coordinator.init(tmp_path / "fed", ["127.0.0.1"])
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "flwr").write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = run ]; then echo "Successfully started run 42"; exit 0; fi\n'
+        'if [ "$1" = ls ]; then cat "$FAKE_STATUS"; exit 0; fi\n'
+        "exit 3\n"
+    )
+    (fake / "flwr").chmod(0o755)
+    environment = coordinator.Federation.env
+
+    def env(self):
+        values = environment(self)
+        values["PATH"] = f"{fake}:{values['PATH']}"
+        values["FAKE_STATUS"] = str(tmp_path / "status.json")
+        return values
+
+    monkeypatch.setattr(coordinator.Federation, "env", env)
+    for status, expected in (("finished:failed", 1), ("finished:completed", 0)):
+        (tmp_path / "status.json").write_text(
+            json.dumps({"success": True, "runs": [{"run-id": 42, "status": status}]})
+        )
+        assert coordinator.run(federation.root, tmp_path, {"num-rounds": 1}) == expected
+    with pytest.raises(RadFLError, match="num-rounds"):
+        coordinator.run(federation.root, tmp_path, {"num-rounds": "many"})
