@@ -11,10 +11,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client import faults
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
 from common import messages as keys
-from common.config import ClientConfig, from_run_config
+from common.config import LOCAL_NORMALISATION_STRATEGIES, ClientConfig, from_run_config
 from common.splits import TEST, VALIDATION
 from common.tasks import Task, get_task
 
@@ -39,6 +40,7 @@ def train(msg: Message, context: Context) -> Message:
             keys.SKIPPED_ROWS: site.skipped_rows,
         }
     )
+    _keep_local_normalisation(model, context)
     return _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
 
 
@@ -132,8 +134,49 @@ def _prepare(
     site: SiteSplits = load_site(context.node_config, config)
     model = task.build_model()
     model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
+    _restore_local_normalisation(model, context)
     trainer = LocalTrainer.for_site(task, config, site)
     return task, trainer, model, site
+
+
+# -- FedBN: normalisation layers stay at the site -------------------------------------------
+LOCAL_NORMALISATION = "radfl.local-normalisation"
+NORMALISATION_LAYERS = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+)
+
+
+def normalisation_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the model's normalisation layers (weights, biases, statistics)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, NORMALISATION_LAYERS):
+            names |= {f"{prefix}.{key}" if prefix else key for key in module.state_dict()}
+    return names
+
+
+def _keeps_local_normalisation(context: Context) -> bool:
+    return str(context.run_config.get("strategy", "")) in LOCAL_NORMALISATION_STRATEGIES
+
+
+def _keep_local_normalisation(model: torch.nn.Module, context: Context) -> None:
+    """After local training: remember this site's normalisation layers for the next rounds."""
+    if _keeps_local_normalisation(context):
+        state = model.state_dict()
+        kept = {k: state[k].detach().cpu() for k in normalisation_keys(model)}
+        context.state[LOCAL_NORMALISATION] = ArrayRecord(kept)
+
+
+def _restore_local_normalisation(model: torch.nn.Module, context: Context) -> None:
+    """Replace the received normalisation layers by this site's own (FedBN), once it has
+    trained: every model this site trains or evaluates uses its own statistics."""
+    if _keeps_local_normalisation(context) and LOCAL_NORMALISATION in context.state:
+        record = context.state[LOCAL_NORMALISATION]
+        assert isinstance(record, ArrayRecord)
+        model.load_state_dict(record.to_torch_state_dict(), strict=False)
 
 
 def _reply(
@@ -150,4 +193,5 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-app = build_app()
+# RADFL_FAULTS (tests only) makes chosen sites misbehave: see client.faults.
+app = build_app(mods=faults.mods_from_env())

@@ -35,6 +35,10 @@ class ModelConfig:
     seed: int
 
 
+#: Strategies whose sites keep their own normalisation layers (FedBN; ``client.app``).
+LOCAL_NORMALISATION_STRATEGIES = frozenset({"fedbn"})
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """The coordinator's ServerApp configuration."""
@@ -53,6 +57,11 @@ class ServerConfig:
     proximal_mu: float
     server_learning_rate: float
     round_timeout_s: float
+    start_timeout_s: float
+    min_replies: int
+    max_update_norm_ratio: float
+    max_num_examples: int
+    byzantine_sites: int
     experiment_name: str
     run_key: str
     subgroups: str
@@ -91,6 +100,13 @@ class ServerConfig:
                 f"run-config key confidence-level must lie in [0.5, 1), got {self.confidence_level}"
             )
         self.subgroup_spec  # noqa: B018 - validates subgroups, age-bands and min-cell-size
+        if self.min_replies < 1:
+            raise ConfigError(f"run-config key min-replies must be >= 1, got {self.min_replies}")
+        if self.max_update_norm_ratio < 0 or self.max_num_examples < 0:
+            raise ConfigError(
+                "run-config keys max-update-norm-ratio and max-num-examples must be >= 0 "
+                "(0 turns the check off)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from common.report_files import fmt_ci
 from common.tasks import get_task
 from server import final, tracking
 from server.rounds import RoundRecorder
-from server.strategies import build_strategy
+from server.strategies import build_strategy, reply_policy
 
 app = ServerApp()
 
@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.monotonic()
     with tracking.start_run(config, mode="federated") as run:
         log(INFO, "[radfl] MLflow run %s at %s", run.info.run_id, tracking.tracking_uri())
-        nodes = final.wait_for_sites(grid, config.min_sites, config.round_timeout_s)
+        nodes = final.wait_for_sites(grid, config.min_sites, config.start_timeout_s)
         sites = final.describe_sites(grid, nodes, config.round_timeout_s)
         left_out = _left_out_nodes(config, sites)
         log(
@@ -56,11 +56,16 @@ def main(grid: Grid, context: Context) -> None:
         recorder = RoundRecorder(
             task, num_rounds=config.num_rounds, external_sites=config.left_out_sites
         )
+        declared = {s.name: s.counts.get(keys.TRAIN_IMAGES, 0) for s in sites.values()}
         strategy = build_strategy(
             config,
             buffer_keys=buffer_keys,
             train_metrics_aggr_fn=recorder.aggregate_train,
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
+            policy=reply_policy(config, declared),
+            node_names={node: s.name for node, s in sites.items()},
+            on_reject=recorder.reject_update,
+            on_failed_round=recorder.fail_round,
         )
         final.exclude_from_training(strategy, left_out)
         # The untrained model's metrics at step 0: what every round is measured against.

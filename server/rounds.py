@@ -13,6 +13,7 @@ from logging import INFO, WARNING
 from typing import Any, cast
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -53,6 +54,8 @@ class RoundRecorder:
         self.best_round: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.rounds_completed = 0
+        #: Training replies left out of aggregation and failed rounds: (round, site, reason).
+        self.rejections: list[dict[str, Any]] = []
 
     # Flower's train_metrics_aggr_fn
     def aggregate_train(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -118,6 +121,22 @@ class RoundRecorder:
         self.pending.update(out)
         return _to_record(out)
 
+    # validation.ValidatedAggregation's callbacks
+    def reject_update(self, server_round: int, site: str, reason: str) -> None:
+        """A site's training reply was left out of this round's aggregation."""
+        log(WARNING, "[radfl] round %d: update of %s rejected: %s", server_round, site, reason)
+        self.pending[f"{SITE}/{site}/rejected-update"] = 1.0
+        self.site_status.setdefault(site, []).append("rejected")
+        self.rejections.append({"round": server_round, "site": site, "reason": reason})
+
+    def fail_round(self, server_round: int, reason: str) -> None:
+        """No aggregation this round: the global model is kept."""
+        log(WARNING, "[radfl] round %d failed: %s", server_round, reason)
+        self.pending["round/failed"] = 1.0
+        self.rejections.append(
+            {"round": server_round, "site": "", "reason": f"round failed: {reason}"}
+        )
+
     def baseline(self, records: list[RecordDict], weighted_by_key: str) -> dict[str, float]:
         """Log the untrained model's pooled and per-site validation metrics at step 0."""
         out = self.aggregate_evaluate(records, weighted_by_key)
@@ -139,7 +158,12 @@ class RoundRecorder:
         metrics, self.pending = self.pending, {}
         self.site_rows += [{"round": server_round, **row} for row in self.pending_rows]
         self.pending_rows = []
+        metrics.setdefault("round/failed", 0.0)
         tracking.log_metrics(metrics, step=server_round)
+        if self.rejections:
+            tracking.log_text(
+                pd.DataFrame(self.rejections).to_csv(index=False), "robustness/rejections.csv"
+            )
         value = metrics.get(f"{POOLED}/{self.task.primary_metric}", math.nan)
         self._log_progress(server_round, metrics, value)
         self.site_status = {}

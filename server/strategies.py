@@ -1,12 +1,18 @@
 """Aggregation strategies by name, each a thin layer over Flower's own.
 
 FedAvg (McMahan et al., 2017), FedProx (Li et al., 2020), FedAdam and FedYogi (Reddi et al.,
-2021), FedAvgM (Hsu et al., 2019), FedMedian and FedTrimmedAvg (Yin et al., 2018).
+2021), FedAvgM (Hsu et al., 2019), FedMedian and FedTrimmedAvg (Yin et al., 2018), Krum and
+MultiKrum (Blanchard et al., 2017; ``byzantine-sites`` is the number of faulty sites they
+tolerate), and FedBN (Li et al., 2021): FedAvg on the server while each site keeps its own
+normalisation layers (``client.app``), which matters under scanner shift.
+
+Every strategy checks training replies before aggregating and enforces the round's quorum
+(``server.validation``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,6 +23,12 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from common.config import ServerConfig
 from common.errors import RegistryError
 from common.messages import array_record
+from server.validation import (
+    FailedRoundCallback,
+    RejectCallback,
+    ReplyPolicy,
+    with_validation,
+)
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -70,6 +82,16 @@ _STRATEGIES: dict[str, StrategyFactory] = {
     ),
     "fedmedian": lambda cfg, common: flwr_strategy.FedMedian(**common),
     "fedtrimmedavg": lambda cfg, common: flwr_strategy.FedTrimmedAvg(**common, beta=0.2),
+    "krum": lambda cfg, common: flwr_strategy.Krum(
+        **common, num_malicious_nodes=cfg.byzantine_sites
+    ),
+    "multikrum": lambda cfg, common: flwr_strategy.MultiKrum(
+        **common,
+        num_malicious_nodes=cfg.byzantine_sites,
+        num_nodes_to_select=max(1, cfg.min_sites - cfg.byzantine_sites),
+    ),
+    # The server averages everything; sites keep their own normalisation layers.
+    "fedbn": lambda cfg, common: flwr_strategy.FedAvg(**common),
 }
 
 
@@ -83,8 +105,13 @@ def build_strategy(
     buffer_keys: Iterable[str] = (),
     train_metrics_aggr_fn: MetricsAggregator | None = None,
     evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
+    policy: ReplyPolicy | None = None,
+    node_names: Mapping[int, str] | None = None,
+    on_reject: RejectCallback | None = None,
+    on_failed_round: FailedRoundCallback | None = None,
 ) -> flwr_strategy.FedAvg:
-    """The strategy ``config.strategy`` names, configured from the run config.
+    """The strategy ``config.strategy`` names, configured from the run config, checking
+    replies by ``policy`` (default: the run config's, without declared sizes).
 
     ``buffer_keys`` names the model's non-trainable state (BatchNorm statistics), which server
     optimisers average instead of stepping.
@@ -107,4 +134,20 @@ def build_strategy(
     strategy = factory(config, common)
     if isinstance(strategy, AverageBuffersMixin):
         strategy.buffer_keys = frozenset(buffer_keys)
-    return strategy
+    return with_validation(
+        strategy,
+        policy or reply_policy(config),
+        node_names or {},
+        on_reject or (lambda server_round, site, reason: None),
+        on_failed_round or (lambda server_round, reason: None),
+    )
+
+
+def reply_policy(config: ServerConfig, declared: Mapping[str, int] | None = None) -> ReplyPolicy:
+    """The reply checks the run config asks for; ``declared``: training images by site."""
+    return ReplyPolicy(
+        declared_examples=dict(declared or {}),
+        max_num_examples=config.max_num_examples,
+        max_update_norm_ratio=config.max_update_norm_ratio,
+        min_replies=config.min_replies,
+    )

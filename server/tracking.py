@@ -152,3 +152,8 @@ def find_run(run_key: str, experiment_name: str) -> Any | None:
         [experiment.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'"
     )
     return runs[0] if runs else None
+
+
+def log_text(text: str, path: str) -> None:
+    """Write ``text`` to the artifact ``path`` of the active run (replacing it)."""
+    mlflow.log_text(text, path)

@@ -21,6 +21,12 @@ def _arrays(weight: float, running_var: float, batches: int) -> ArrayRecord:
     )
 
 
+def _started(strategy, arrays: ArrayRecord | None = None):
+    """``strategy`` as after ``configure_train``: the round's global model is known."""
+    strategy.reply_gate.round_start = arrays or _arrays(0.0, 1.0, 0)
+    return strategy
+
+
 def _reply(weight: float, running_var: float, num_examples: int) -> Message:
     content = RecordDict(
         {
@@ -43,7 +49,7 @@ def test_unknown_strategy_raises_with_known_names():
 
 
 def test_fedavg_weights_by_num_examples():
-    strategy = build_strategy(_config(strategy="fedavg"))
+    strategy = _started(build_strategy(_config(strategy="fedavg")))
     arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 1.0, 10), _reply(4.0, 4.0, 30)])
     # (1*10 + 4*30) / 40 = 3.25
     assert arrays["w"].numpy()[0] == pytest.approx(3.25)
@@ -57,6 +63,7 @@ def test_fedadam_averages_buffers_and_keeps_dtypes():
     assert isinstance(strategy, FedAdam)
     current = _arrays(0.0, 1.0, 0)
     strategy.current_arrays = {k: v.numpy() for k, v in current.items()}
+    _started(strategy, current)
     arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 2.0, 10), _reply(1.0, 4.0, 30)])
     # Buffers: the plain weighted average (2*10 + 4*30) / 40 = 3.5, not an Adam step.
     assert arrays["bn.running_var"].numpy()[0] == pytest.approx(3.5)
@@ -73,7 +80,7 @@ def test_fedprox_sends_proximal_mu():
 
 
 def test_site_config_record_does_not_break_aggregation():
-    strategy = build_strategy(_config(strategy="fedavg"))
+    strategy = _started(build_strategy(_config(strategy="fedavg")))
     replies = [_reply(1.0, 1.0, 10), _reply(3.0, 1.0, 10)]
     for i, reply in enumerate(replies):
         reply.content["site"] = ConfigRecord({"site-name": f"site-{i}"})

@@ -1,0 +1,121 @@
+"""Fault injection for tests: make chosen sites misbehave in chosen rounds.
+
+``RADFL_FAULTS`` holds a comma-separated list of ``SITE:KIND[@ROUND]`` (every round when no
+round is given). The ClientApp reads it when it is built and wraps its handlers in a Flower
+mod that, for training messages of a listed site, does one of:
+
+=============  ==============================================================================
+``crash``      raise inside the ClientApp: the site's reply is an error
+``hang``       sleep ``RADFL_FAULT_HANG_S`` seconds (default 3600) before replying
+``nan``        reply with NaN in every floating-point weight
+``scale``      reply with the update multiplied by 100 (``global + 100 * (local - global)``)
+``inflate``    claim 1000 times the examples actually trained on
+``shape``      reply with one weight of the wrong shape
+=============  ==============================================================================
+
+Nothing here is active unless the variable is set; a real site never sets it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from client.site import site_name
+from common import messages as keys
+from common.errors import ConfigError
+
+ENV = "RADFL_FAULTS"
+HANG_ENV = "RADFL_FAULT_HANG_S"
+KINDS = ("crash", "hang", "nan", "scale", "inflate", "shape")
+SCALE = 100.0
+INFLATE = 1000
+
+
+@dataclass(frozen=True)
+class Fault:
+    site: str
+    kind: str
+    round: int | None  # None: every round
+
+
+def parse_faults(text: str) -> list[Fault]:
+    faults = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        site, sep, rest = item.partition(":")
+        kind, at, number = rest.partition("@")
+        if not sep or kind not in KINDS or (at and not number.isdigit()):
+            raise ConfigError(
+                f"{ENV}: {item!r} is not SITE:KIND[@ROUND] with KIND one of {', '.join(KINDS)}"
+            )
+        faults.append(Fault(site, kind, int(number) if at else None))
+    return faults
+
+
+def fault_mod(faults: list[Fault]) -> Mod:
+    """A Flower mod that applies ``faults`` to training replies."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != "train":
+            return call_next(msg, context)
+        name = site_name(context.node_config)
+        config: Mapping[str, object] = keys.config_record(msg.content, keys.CONFIG) or {}
+        server_round = int(keys.scalar(config, keys.SERVER_ROUND, 0))
+        active = [f for f in faults if f.site == name and f.round in (None, server_round)]
+        if not active:
+            return call_next(msg, context)
+        kind = active[0].kind
+        if kind == "crash":
+            raise RuntimeError(f"injected crash at {name} in round {server_round}")
+        if kind == "hang":
+            time.sleep(float(os.environ.get(HANG_ENV, "3600")))
+            return call_next(msg, context)
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        return Message(
+            content=_corrupt(kind, keys.array_record(msg.content), reply.content),
+            reply_to=msg,
+        )
+
+    return mod
+
+
+def mods_from_env() -> list[Mod]:
+    text = os.environ.get(ENV, "")
+    return [fault_mod(parse_faults(text))] if text.strip() else []
+
+
+def _corrupt(kind: str, received: ArrayRecord, content: RecordDict) -> RecordDict:
+    arrays = keys.array_record(content)
+    metrics = keys.metric_record(content)
+    out = RecordDict({name: record for name, record in content.items()})
+    if kind == "inflate":
+        changed = dict(metrics)
+        changed[keys.NUM_EXAMPLES] = int(keys.scalar(metrics, keys.NUM_EXAMPLES)) * INFLATE
+        out[keys.METRICS] = MetricRecord(changed)
+        return out
+    corrupted = ArrayRecord()
+    damaged = False
+    for name in arrays:
+        value = arrays[name].numpy()
+        if np.issubdtype(value.dtype, np.floating):
+            if kind == "nan":
+                value = np.full_like(value, np.nan)
+            elif kind == "scale":
+                start = received[name].numpy()
+                value = (start + SCALE * (value - start)).astype(value.dtype)
+            elif kind == "shape" and not damaged and value.ndim > 0:
+                value = value.reshape(-1)[:-1].copy()
+                damaged = True
+        corrupted[name] = Array(np.ascontiguousarray(value))
+    out[keys.ARRAYS] = corrupted
+    return out

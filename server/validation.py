@@ -1,0 +1,201 @@
+"""Training replies checked before aggregation, and the round's quorum.
+
+Flower aggregates whatever replies arrive: NaN passes through, ``num-examples`` is trusted as
+sent, and a reply whose keys differ from the others ends the whole run. Here each training
+reply is checked against the global model the round started from:
+
+1. not an error reply (a crashed site), and arrived within the round's deadline;
+2. exactly the global model's keys, each array with its shape and dtype;
+3. every floating-point value finite;
+4. ``num-examples`` positive and at most what the site declared when it joined (its training
+   split), or ``max-num-examples`` when that is set;
+5. the update's L2 norm (``||local - global||``) at most ``max-update-norm-ratio`` times the
+   median norm of the round's other checked replies (with three or more of them).
+
+A failing reply is left out of that round with its reason, which the recorder logs to MLflow;
+it never ends the run. A round with fewer than ``min-replies`` valid replies keeps the global
+model and is recorded as failed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from common import messages as keys
+from server.rounds import reply_site_name
+
+#: Called with ``(server_round, site, reason)`` for each reply left out of aggregation.
+RejectCallback = Callable[[int, str, str], None]
+#: Called with ``(server_round, reason)`` when a round keeps the global model.
+FailedRoundCallback = Callable[[int, str], None]
+
+
+@dataclass
+class ReplyPolicy:
+    """What a training reply must satisfy."""
+
+    #: Training images each site declared when it joined, by site name.
+    declared_examples: Mapping[str, int] = field(default_factory=dict)
+    max_num_examples: int = 0  # 0: the declared size only
+    max_update_norm_ratio: float = 10.0
+    min_replies: int = 1
+
+
+def check_replies(
+    replies: Iterable[Message],
+    reference: ArrayRecord,
+    policy: ReplyPolicy,
+    node_names: Mapping[int, str],
+) -> tuple[list[Message], list[tuple[str, str]]]:
+    """``(accepted, [(site, reason), ...])`` for one round's training replies."""
+    accepted: list[tuple[Message, float]] = []
+    rejected: list[tuple[str, str]] = []
+    expected = {name: ref.numpy() for name, ref in reference.items()}
+    for reply in replies:
+        name = _name(reply, node_names)
+        reason, norm = _check_one(reply, expected, policy, name)
+        if reason is None:
+            accepted.append((reply, norm))
+        else:
+            rejected.append((name, reason))
+    if len(accepted) >= 3 and policy.max_update_norm_ratio > 0:
+        kept = []
+        for reply, norm in accepted:
+            others = [n for r, n in accepted if r is not reply]
+            median = float(np.median(others))
+            if median > 0 and norm > policy.max_update_norm_ratio * median:
+                rejected.append(
+                    (
+                        _name(reply, node_names),
+                        f"update norm {norm:.4g} exceeds {policy.max_update_norm_ratio:g}x the "
+                        f"median of the other replies ({median:.4g})",
+                    )
+                )
+            else:
+                kept.append((reply, norm))
+        accepted = kept
+    return [reply for reply, _ in accepted], rejected
+
+
+def _check_one(
+    reply: Message, expected: Mapping[str, np.ndarray], policy: ReplyPolicy, name: str
+) -> tuple[str | None, float]:
+    if reply.has_error():
+        return f"error reply ({(reply.error.reason or '').strip()[:200]})", math.nan
+    try:
+        arrays = keys.array_record(reply.content)
+        metrics = keys.metric_record(reply.content)
+        examples = keys.scalar(metrics, keys.NUM_EXAMPLES)
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"malformed reply: {exc}", math.nan
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        return (
+            f"wrong weights: {len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected "
+            f"(e.g. {extra[:1]})",
+            math.nan,
+        )
+    squared = 0.0
+    for key, reference in expected.items():
+        value = arrays[key].numpy()
+        if value.shape != reference.shape or value.dtype != reference.dtype:
+            return (
+                f"wrong weights: {key} is {value.dtype}{list(value.shape)}, expected "
+                f"{reference.dtype}{list(reference.shape)}",
+                math.nan,
+            )
+        if np.issubdtype(value.dtype, np.floating):
+            if not np.isfinite(value).all():
+                return f"non-finite values in {key}", math.nan
+            squared += float(np.sum((value.astype(np.float64) - reference) ** 2))
+    if not math.isfinite(examples) or examples <= 0:
+        return f"num-examples {examples} is not a positive count", math.nan
+    cap = policy.max_num_examples or policy.declared_examples.get(name, 0)
+    if cap and examples > cap:
+        return (
+            f"num-examples {examples:g} exceeds the {cap} training images "
+            f"{'allowed' if policy.max_num_examples else 'the site declared when it joined'}",
+            math.nan,
+        )
+    return None, math.sqrt(squared)
+
+
+def _name(reply: Message, node_names: Mapping[int, str]) -> str:
+    if not reply.has_error():
+        name = reply_site_name(reply.content)
+        if name != "unknown":
+            return name
+    return node_names.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+
+
+class ReplyGate:
+    """Wraps a strategy's ``configure_train`` and ``aggregate_train``: checks each training
+    reply before the strategy aggregates, records missing replies, enforces the quorum."""
+
+    def __init__(
+        self,
+        strategy: Any,
+        policy: ReplyPolicy,
+        node_names: Mapping[int, str],
+        on_reject: RejectCallback,
+        on_failed_round: FailedRoundCallback,
+    ) -> None:
+        self.policy = policy
+        self.node_names = dict(node_names)
+        self.on_reject = on_reject
+        self.on_failed_round = on_failed_round
+        self.round_start: ArrayRecord | None = None
+        self.sampled: set[int] = set()
+        self._configure = strategy.configure_train
+        self._aggregate = strategy.aggregate_train
+        strategy.configure_train = self.configure_train
+        strategy.aggregate_train = self.aggregate_train
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self._configure(server_round, arrays, config, grid))
+        self.round_start = arrays
+        self.sampled = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        answered = {r.metadata.src_node_id for r in replies}
+        for node in sorted(self.sampled - answered):
+            name = self.node_names.get(node, f"node {node}")
+            self.on_reject(server_round, name, "no reply within round-timeout-s")
+        assert self.round_start is not None, "aggregate_train before configure_train"
+        accepted, rejected = check_replies(replies, self.round_start, self.policy, self.node_names)
+        for name, reason in rejected:
+            self.on_reject(server_round, name, reason)
+        if len(accepted) < self.policy.min_replies:
+            self.on_failed_round(
+                server_round,
+                f"{len(accepted)} valid training replies of {len(self.sampled)}, quorum "
+                f"{self.policy.min_replies}: the global model is kept",
+            )
+            return None, None
+        return self._aggregate(server_round, accepted)  # type: ignore[no-any-return]
+
+
+def with_validation(
+    strategy: Any,
+    policy: ReplyPolicy,
+    node_names: Mapping[int, str],
+    on_reject: RejectCallback,
+    on_failed_round: FailedRoundCallback,
+) -> Any:
+    """``strategy`` with its training replies checked (see :class:`ReplyGate`)."""
+    strategy.reply_gate = ReplyGate(strategy, policy, node_names, on_reject, on_failed_round)
+    return strategy

@@ -1,0 +1,115 @@
+"""The ClientApp's handlers called directly: FedBN keeps normalisation local; injected faults."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client import app, faults
+from common.config import default_run_config
+from common.errors import ConfigError
+from common.tasks import get_task
+
+RUN_CONFIG = {
+    **default_run_config(),
+    "model": "small-cnn",
+    "image-size": 32,
+    "synthetic-samples-per-site": 40,
+    "local-epochs": 1,
+    "batch-size": 8,
+}
+
+
+def _context(strategy: str) -> Context:
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={**RUN_CONFIG, "strategy": strategy},
+    )
+
+
+def _train_message(state: dict[str, torch.Tensor], server_round: int = 1) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "config": ConfigRecord({"server-round": server_round, "num-rounds": 2}),
+        }
+    )
+    return Message(content=content, dst_node_id=7, message_type="train")
+
+
+def _global_model():
+    from common.config import ClientConfig, from_run_config
+
+    config = from_run_config(ClientConfig, RUN_CONFIG)
+    return get_task(config.model_config).build_model()
+
+
+@pytest.mark.parametrize("strategy", ["fedbn", "fedavg"])
+def test_fedbn_sites_keep_their_own_normalisation_layers(strategy):
+    model = _global_model()
+    norm_keys = app.normalisation_keys(model)
+    assert any("running_mean" in k for k in norm_keys)
+    context = _context(strategy)
+    first = app.train(_train_message(model.state_dict()), context)
+    trained = first.content["arrays"].to_torch_state_dict()
+    # The next round's global model arrives with other normalisation statistics.
+    arriving = {k: v.clone() for k, v in model.state_dict().items()}
+    for key in norm_keys:
+        if arriving[key].is_floating_point():
+            arriving[key] += 5.0
+    _, _, prepared, _ = app._prepare(_train_message(arriving, 2), context)
+    state = prepared.state_dict()
+    for key in norm_keys:
+        if strategy == "fedbn":
+            assert torch.equal(state[key], trained[key]), key  # the site's own, from round 1
+        else:
+            assert torch.equal(state[key], arriving[key]), key
+    other = next(k for k in state if k not in norm_keys and state[k].is_floating_point())
+    assert torch.equal(state[other], arriving[other])  # everything else is the global model
+
+
+def test_fault_strings_parse_and_bad_ones_name_the_item():
+    parsed = faults.parse_faults("site-1:crash@2, site-3:nan")
+    assert parsed == [faults.Fault("site-1", "crash", 2), faults.Fault("site-3", "nan", None)]
+    with pytest.raises(ConfigError, match="site-1:explode"):
+        faults.parse_faults("site-1:explode")
+
+
+@pytest.mark.parametrize("kind", ["nan", "scale", "inflate", "shape", "crash"])
+def test_injected_faults_change_the_reply_as_named(kind):
+    model = _global_model()
+    context = _context("fedavg")
+    mod = faults.fault_mod([faults.Fault("site-0", kind, 1)])
+    message = _train_message(model.state_dict())
+    honest = app.train(message, context)
+    if kind == "crash":
+        with pytest.raises(RuntimeError, match="injected crash at site-0"):
+            mod(message, context, app.train)
+        return
+    reply = mod(message, context, lambda m, c: honest)
+    arrays = reply.content["arrays"]
+    sent = message.content["arrays"]
+    good = honest.content["arrays"]
+    key = next(k for k in good if np.issubdtype(good[k].numpy().dtype, np.floating))
+    if kind == "nan":
+        assert np.isnan(arrays[key].numpy()).all()
+    elif kind == "scale":
+        np.testing.assert_allclose(
+            arrays[key].numpy() - sent[key].numpy(),
+            100 * (good[key].numpy() - sent[key].numpy()),
+            rtol=1e-3,
+            atol=1e-5,
+        )
+    elif kind == "inflate":
+        assert (
+            reply.content["metrics"]["num-examples"]
+            == 1000 * honest.content["metrics"]["num-examples"]
+        )
+    elif kind == "shape":
+        assert any(arrays[k].numpy().shape != good[k].numpy().shape for k in good)
+    # Another round, or another site: untouched.
+    later = _train_message(model.state_dict(), server_round=2)
+    assert mod(later, context, lambda m, c: honest) is honest

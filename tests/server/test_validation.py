@@ -1,0 +1,132 @@
+"""Training replies are checked before aggregation; bad ones are dropped with a reason."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+
+from common.config import ServerConfig, default_run_config, from_run_config
+from server.strategies import build_strategy, reply_policy
+from server.validation import ReplyPolicy, check_replies
+
+RNG = np.random.default_rng(0)
+GLOBAL = {"conv.weight": RNG.normal(size=(4, 3)).astype(np.float32), "bn.n": np.array(3)}
+
+
+def _record(values) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+
+
+def _reply(
+    site: str, values=None, num_examples: int = 10, step: float = 0.1, node: int = 1
+) -> Message:
+    if values is None:
+        noise = RNG.normal(size=(4, 3)).astype(np.float32)
+        values = {"conv.weight": GLOBAL["conv.weight"] + step * noise, "bn.n": GLOBAL["bn.n"] + 1}
+    content = RecordDict(
+        {
+            "arrays": _record(values),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0}),
+            "site": ConfigRecord({"site-name": site}),
+        }
+    )
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(content=content, reply_to=instruction)
+
+
+def _error_reply(node: int) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(Error(code=0, reason="injected crash at site-9"), reply_to=instruction)
+
+
+def _config(**overrides) -> ServerConfig:
+    return from_run_config(ServerConfig, {**default_run_config(), **overrides})
+
+
+def test_each_kind_of_bad_reply_is_rejected_with_its_reason():
+    benign = [_reply(f"site-{i}") for i in range(4)]
+    nan = {**GLOBAL, "conv.weight": np.full((4, 3), np.nan, np.float32)}
+    scaled = {
+        **GLOBAL,
+        "conv.weight": GLOBAL["conv.weight"]
+        + 100 * (benign[0].content["arrays"]["conv.weight"].numpy() - GLOBAL["conv.weight"]),
+    }
+    wrong_shape = {**GLOBAL, "conv.weight": np.zeros(11, np.float32)}
+    missing = {"conv.weight": GLOBAL["conv.weight"]}
+    bad = [
+        _reply("nan", nan),
+        _reply("scaled", scaled),
+        _reply("inflated", num_examples=10_000),
+        _reply("shape", wrong_shape),
+        _reply("missing", missing),
+        _reply("zero", num_examples=0),
+    ]
+    declared = {name: 50 for name in ("inflated", "nan", "scaled", "shape", "missing", "zero")}
+    policy = ReplyPolicy(declared_examples=declared, max_update_norm_ratio=10.0)
+    accepted, rejected = check_replies([*benign, *bad], _record(GLOBAL), policy, {})
+    assert accepted == benign
+    reasons = dict(rejected)
+    assert reasons["nan"] == "non-finite values in conv.weight"
+    assert "exceeds 10x the median" in reasons["scaled"]
+    assert (
+        "num-examples 10000 exceeds the 50 training images the site declared" in reasons["inflated"]
+    )
+    assert "conv.weight is float32[11], expected float32[4, 3]" in reasons["shape"]
+    assert "1 missing" in reasons["missing"]
+    assert "not a positive count" in reasons["zero"]
+
+
+def test_a_configured_maximum_replaces_the_declared_size():
+    policy = ReplyPolicy(declared_examples={"a": 5}, max_num_examples=100)
+    accepted, rejected = check_replies([_reply("a", num_examples=50)], _record(GLOBAL), policy, {})
+    assert len(accepted) == 1 and not rejected
+
+
+def test_strategy_aggregates_the_valid_replies_and_records_the_rest():
+    rejections, failures = [], []
+    strategy = build_strategy(
+        _config(strategy="fedavg"),
+        policy=reply_policy(_config(), {"site-0": 100, "site-1": 100, "site-2": 100}),
+        on_reject=lambda r, site, reason: rejections.append((r, site, reason)),
+        on_failed_round=lambda r, reason: failures.append((r, reason)),
+    )
+    gate = strategy.reply_gate
+    gate.round_start = _record(GLOBAL)
+    gate.sampled = {1, 2, 3, 4}  # node 4 never answers
+    replies = [_reply("site-0", node=1), _reply("site-1", num_examples=30, node=2)]
+    replies.append(_error_reply(node=3))
+    gate.node_names = {3: "site-9", 4: "site-4"}
+    arrays, _ = strategy.aggregate_train(2, replies)
+    expected = (
+        10 * replies[0].content["arrays"]["conv.weight"].numpy()
+        + 30 * replies[1].content["arrays"]["conv.weight"].numpy()
+    ) / 40
+    np.testing.assert_allclose(arrays["conv.weight"].numpy(), expected, rtol=1e-6)
+    missing = [site for _, site, reason in rejections if reason.startswith("no reply")]
+    assert missing == ["site-4"]
+    assert any(site == "site-9" and "injected crash" in reason for _, site, reason in rejections)
+    assert not failures
+
+
+def test_below_quorum_the_round_keeps_the_global_model():
+    failures = []
+    strategy = build_strategy(
+        _config(strategy="fedavg", **{"min-replies": 3}),
+        on_failed_round=lambda r, reason: failures.append((r, reason)),
+    )
+    strategy.reply_gate.round_start = _record(GLOBAL)
+    arrays, metrics = strategy.aggregate_train(1, [_reply("a"), _reply("b")])
+    assert arrays is None and metrics is None
+    assert failures and "quorum 3" in failures[0][1]
+
+
+@pytest.mark.parametrize("name", ["krum", "multikrum"])
+def test_krum_leaves_out_the_outlier(name):
+    strategy = build_strategy(
+        _config(strategy=name, **{"min-sites": 5, "max-update-norm-ratio": 0.0})
+    )
+    strategy.reply_gate.round_start = _record(GLOBAL)
+    benign = [_reply(f"site-{i}", step=0.01) for i in range(4)]
+    outlier = {**GLOBAL, "conv.weight": GLOBAL["conv.weight"] + 50.0}
+    arrays, _ = strategy.aggregate_train(1, [*benign, _reply("bad", outlier)])
+    assert np.abs(arrays["conv.weight"].numpy() - GLOBAL["conv.weight"]).max() < 1.0
