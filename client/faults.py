@@ -116,6 +116,6 @@ def _corrupt(kind: str, received: ArrayRecord, content: RecordDict) -> RecordDic
             elif kind == "shape" and not damaged and value.ndim > 0:
                 value = value.reshape(-1)[:-1].copy()
                 damaged = True
-        corrupted[name] = Array(np.ascontiguousarray(value))
+        corrupted[name] = Array(np.array(value, order="C"))
     out[keys.ARRAYS] = corrupted
     return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from common import messages as keys
@@ -88,7 +88,7 @@ def _check_one(
     reply: Message, expected: Mapping[str, np.ndarray], policy: ReplyPolicy, name: str
 ) -> tuple[str | None, float]:
     if reply.has_error():
-        return f"error reply ({(reply.error.reason or '').strip()[:200]})", math.nan
+        return f"error reply ({_last_line(reply.error.reason or '')})", math.nan
     try:
         arrays = keys.array_record(reply.content)
         metrics = keys.metric_record(reply.content)
@@ -126,6 +126,12 @@ def _check_one(
             math.nan,
         )
     return None, math.sqrt(squared)
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of an error text (where a traceback names the exception)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no reason given"
 
 
 def _name(reply: Message, node_names: Mapping[int, str]) -> str:
@@ -186,7 +192,21 @@ class ReplyGate:
                 f"{self.policy.min_replies}: the global model is kept",
             )
             return None, None
-        return self._aggregate(server_round, accepted)  # type: ignore[no-any-return]
+        arrays, metrics = self._aggregate(server_round, accepted)
+        if arrays is None:
+            return arrays, metrics
+        # Averaging turns integer scalars (BatchNorm's batch counters) into float vectors of one;
+        # the global model keeps the dtypes and shapes it started with, so every round checks
+        # replies the same way.
+        kept = ArrayRecord()
+        for key in arrays:
+            value = np.asarray(arrays[key].numpy())
+            if key in self.round_start:
+                start = self.round_start[key].numpy()
+                if value.size == start.size:
+                    value = value.astype(start.dtype, copy=False).reshape(start.shape)
+            kept[key] = Array(np.array(value, order="C"))  # 0-d stays 0-d
+        return kept, metrics
 
 
 def with_validation(

@@ -53,6 +53,9 @@ def test_fedavg_weights_by_num_examples():
     arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 1.0, 10), _reply(4.0, 4.0, 30)])
     # (1*10 + 4*30) / 40 = 3.25
     assert arrays["w"].numpy()[0] == pytest.approx(3.25)
+    # Integer scalars (BatchNorm's batch counter) stay 0-d integers, as the model sent them.
+    counter = arrays["bn.num_batches_tracked"].numpy()
+    assert counter.shape == () and counter.dtype == np.int64
 
 
 def test_fedadam_averages_buffers_and_keeps_dtypes():

@@ -14,7 +14,7 @@ GLOBAL = {"conv.weight": RNG.normal(size=(4, 3)).astype(np.float32), "bn.n": np.
 
 
 def _record(values) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+    return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in values.items()})
 
 
 def _reply(
