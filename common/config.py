@@ -62,6 +62,8 @@ class ServerConfig:
     max_update_norm_ratio: float
     max_num_examples: int
     byzantine_sites: int
+    checkpoint_dir: str
+    resume: bool
     experiment_name: str
     run_key: str
     subgroups: str

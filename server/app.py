@@ -23,9 +23,10 @@ from common.errors import ConfigError
 from common.report import Report
 from common.report_files import fmt_ci
 from common.tasks import get_task
-from server import final, tracking
+from server import checkpoint, final, tracking
 from server.rounds import RoundRecorder
 from server.strategies import build_strategy, reply_policy
+from server.validation import gate_of
 
 app = ServerApp()
 
@@ -39,7 +40,16 @@ def main(grid: Grid, context: Context) -> None:
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     buffer_keys = {name for name, _ in model.named_buffers()}
     started = time.monotonic()
-    with tracking.start_run(config, mode="federated") as run:
+    saved = (
+        checkpoint.checkpoint_path(config.checkpoint_dir, config.run_key)
+        if config.checkpoint_dir
+        else None
+    )
+    if config.resume and saved is None:
+        raise ConfigError("resume needs checkpoint-dir (and the run-key of the run to resume)")
+    resumed = checkpoint.load(saved) if config.resume and saved is not None else None
+    resume_run_id = resumed["run-id"] if resumed else ""
+    with tracking.start_run(config, mode="federated", resume_run_id=resume_run_id) as run:
         log(INFO, "[radfl] MLflow run %s at %s", run.info.run_id, tracking.tracking_uri())
         nodes = final.wait_for_sites(grid, config.min_sites, config.start_timeout_s)
         sites = final.describe_sites(grid, nodes, config.round_timeout_s)
@@ -68,23 +78,50 @@ def main(grid: Grid, context: Context) -> None:
             on_failed_round=recorder.fail_round,
         )
         final.exclude_from_training(strategy, left_out)
-        # The untrained model's metrics at step 0: what every round is measured against.
-        recorder.baseline(
-            final.evaluate_everywhere(grid, sites, initial_state, config.round_timeout_s),
-            keys.NUM_EXAMPLES,
-        )
+        if resumed is None:
+            # The untrained model's metrics at step 0: what every round is measured against.
+            recorder.baseline(
+                final.evaluate_everywhere(grid, sites, initial_state, config.round_timeout_s),
+                keys.NUM_EXAMPLES,
+            )
+            start_arrays = ArrayRecord(model.state_dict())
+        else:
+            done = int(resumed["round"])
+            log(INFO, "[radfl] resuming after round %d of %d", done, config.num_rounds)
+            recorder.restore(resumed["recorder"], done)
+            gate_of(strategy).offset = done
+            checkpoint.restore_strategy(strategy, resumed["strategy"])
+            checkpoint.restore_random_state(resumed["random"])
+            start_arrays = ArrayRecord(resumed["arrays"])
+            mlflow.set_tag("radfl.resumed-after-round", str(done))
+            if not tracking.has_step(run.info.run_id, "round/failed", done):
+                recorder.log_round(done, resumed["metrics"])  # it crashed before logging them
+        if saved is not None:
+            recorder.after_round = lambda server_round, arrays, metrics: checkpoint.save(
+                saved,
+                {
+                    "round": server_round,
+                    "metrics": metrics,
+                    "run-id": run.info.run_id,
+                    "arrays": arrays.to_torch_state_dict(),
+                    "strategy": checkpoint.strategy_state(strategy),
+                    "recorder": recorder.snapshot(),
+                    "random": checkpoint.random_state(),
+                },
+            )
+        remaining = config.num_rounds - recorder.offset
         result = strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=config.num_rounds,
+            initial_arrays=start_arrays,
+            num_rounds=remaining,
             timeout=config.round_timeout_s,
             train_config=ConfigRecord({keys.NUM_ROUNDS: config.num_rounds}),
             evaluate_fn=recorder.end_of_round,
         )
         if recorder.rounds_completed == 0:
             log(WARNING, "[radfl] no round produced an aggregated model")
-        # With no aggregated round, Flower's result holds no arrays: the initial model is final.
-        last = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+        # With no aggregated round, Flower's result holds no arrays: the start model is final.
+        last = result.arrays if len(result.arrays) else start_arrays
         last_state = last.to_torch_state_dict()
         use_best = config.final_model == "best" and recorder.best_state is not None
         selected = recorder.best_state if use_best else last_state

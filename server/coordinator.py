@@ -377,7 +377,11 @@ def run(
     for ``finished:completed`` (``flwr run --stream`` exits 0 even when the run failed)."""
     federation = Federation.load(root)
     federation.write_connection()
-    values = {"run-key": uuid.uuid4().hex, **overrides}
+    values = {
+        "run-key": uuid.uuid4().hex,
+        "checkpoint-dir": str(federation.state / "checkpoints"),
+        **overrides,
+    }
     from_run_config(ServerConfig, {**default_run_config(), **values})  # a typo fails here
     from simulations.simulate import format_run_config
 
@@ -520,6 +524,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="one run-config override, e.g. --set task=segmentation (repeatable)",
     )
+    run_parser.add_argument(
+        "--resume",
+        metavar="RUN_KEY",
+        help="continue run RUN_KEY from its last checkpoint (after a coordinator crash)",
+    )
     run_parser.set_defaults(handler=_run)
 
 
@@ -556,4 +565,6 @@ def _run(args: argparse.Namespace) -> int:
         overrides["num-rounds"] = args.rounds
     if args.min_sites is not None:
         overrides["min-sites"] = args.min_sites
+    if args.resume:
+        overrides.update({"run-key": args.resume, "resume": True})
     return run(args.dir, args.app_dir, overrides)

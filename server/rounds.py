@@ -8,7 +8,7 @@ logs it to MLflow at the round's step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any, cast
 
@@ -56,6 +56,29 @@ class RoundRecorder:
         self.rounds_completed = 0
         #: Training replies left out of aggregation and failed rounds: (round, site, reason).
         self.rejections: list[dict[str, Any]] = []
+        #: Rounds done before this ``start`` (a resumed run); Flower counts from 1 again.
+        self.offset = 0
+        #: Called with ``(round, global arrays, round metrics)`` after each round, before its
+        #: metrics are logged (checkpoints).
+        self.after_round: Callable[[int, ArrayRecord, dict[str, float]], None] | None = None
+
+    SNAPSHOT = (
+        "site_rows",
+        "best_value",
+        "best_round",
+        "best_state",
+        "rounds_completed",
+        "rejections",
+    )
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a resumed run needs to carry on: best model, tables, counters."""
+        return {name: getattr(self, name) for name in self.SNAPSHOT}
+
+    def restore(self, snapshot: dict[str, Any], rounds_done: int) -> None:
+        for name in self.SNAPSHOT:
+            setattr(self, name, snapshot[name])
+        self.offset = rounds_done
 
     # Flower's train_metrics_aggr_fn
     def aggregate_train(self, records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
@@ -155,18 +178,12 @@ class RoundRecorder:
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
+        server_round += self.offset
         metrics, self.pending = self.pending, {}
         self.site_rows += [{"round": server_round, **row} for row in self.pending_rows]
         self.pending_rows = []
         metrics.setdefault("round/failed", 0.0)
-        tracking.log_metrics(metrics, step=server_round)
-        if self.rejections:
-            tracking.log_text(
-                pd.DataFrame(self.rejections).to_csv(index=False), "robustness/rejections.csv"
-            )
         value = metrics.get(f"{POOLED}/{self.task.primary_metric}", math.nan)
-        self._log_progress(server_round, metrics, value)
-        self.site_status = {}
         if math.isfinite(value) and (
             self.best_value is None
             or (
@@ -177,7 +194,22 @@ class RoundRecorder:
         ):
             self.best_value, self.best_round = value, server_round
             self.best_state = {k: v.clone() for k, v in arrays.to_torch_state_dict().items()}
+        # Checkpoint first, with the round's metrics: a crash before they reach MLflow leaves
+        # them in the checkpoint, and the resumed run logs them (see log_round).
+        if self.after_round is not None:
+            self.after_round(server_round, arrays, metrics)
+        self.log_round(server_round, metrics)
+        self._log_progress(server_round, metrics, value)
+        self.site_status = {}
         return None
+
+    def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
+        """Log one round's metrics (and the rejections so far) to MLflow."""
+        tracking.log_metrics(metrics, step=server_round)
+        if self.rejections:
+            tracking.log_text(
+                pd.DataFrame(self.rejections).to_csv(index=False), "robustness/rejections.csv"
+            )
 
     def _log_progress(self, server_round: int, metrics: dict[str, Any], value: float) -> None:
         sites = ", ".join(

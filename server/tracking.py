@@ -59,9 +59,14 @@ def registered_model_name(config: ServerConfig) -> str:
 
 @contextmanager
 def start_run(
-    config: ServerConfig, *, mode: str, run_name: str | None = None
+    config: ServerConfig, *, mode: str, run_name: str | None = None, resume_run_id: str = ""
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start the MLflow run of a federated (or centralized) run, logging its config."""
+    """Start the MLflow run of a federated (or centralized) run, logging its config; with
+    ``resume_run_id``, reopen that run (a resumed run logs into the run it continues)."""
+    if resume_run_id:
+        with mlflow.start_run(run_id=resume_run_id) as run:
+            yield run
+        return
     experiment_id = ensure_experiment(config.experiment_name)
     tags = {MODE_TAG: mode}
     if config.run_key:
@@ -157,3 +162,9 @@ def find_run(run_key: str, experiment_name: str) -> Any | None:
 def log_text(text: str, path: str) -> None:
     """Write ``text`` to the artifact ``path`` of the active run (replacing it)."""
     mlflow.log_text(text, path)
+
+
+def has_step(run_id: str, metric: str, step: int) -> bool:
+    """Whether ``metric`` of the run was logged at ``step``."""
+    history = mlflow.tracking.MlflowClient().get_metric_history(run_id, metric)
+    return any(m.step == step for m in history)

@@ -160,6 +160,8 @@ class ReplyGate:
         self.on_failed_round = on_failed_round
         self.round_start: ArrayRecord | None = None
         self.sampled: set[int] = set()
+        #: Rounds already done before this ``start`` (a resumed run): Flower counts from 1.
+        self.offset = 0
         self._configure = strategy.configure_train
         self._aggregate = strategy.aggregate_train
         strategy.configure_train = self.configure_train
@@ -168,6 +170,7 @@ class ReplyGate:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.offset
         messages = list(self._configure(server_round, arrays, config, grid))
         self.round_start = arrays
         self.sampled = {m.metadata.dst_node_id for m in messages}
@@ -176,6 +179,7 @@ class ReplyGate:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.offset
         replies = list(replies)
         answered = {r.metadata.src_node_id for r in replies}
         for node in sorted(self.sampled - answered):
@@ -219,3 +223,11 @@ def with_validation(
     """``strategy`` with its training replies checked (see :class:`ReplyGate`)."""
     strategy.reply_gate = ReplyGate(strategy, policy, node_names, on_reject, on_failed_round)
     return strategy
+
+
+def gate_of(strategy: Any) -> ReplyGate:
+    """The reply gate :func:`with_validation` put on ``strategy``."""
+    gate = getattr(strategy, "reply_gate", None)
+    if not isinstance(gate, ReplyGate):
+        raise TypeError("this strategy was not built by server.strategies.build_strategy")
+    return gate

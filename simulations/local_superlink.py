@@ -84,6 +84,8 @@ class LocalSuperLink:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        # Its PID (and process group): what to stop, or kill, from outside this process.
+        (self.flwr_home / "superlink.pid").write_text(str(self.process.pid))
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

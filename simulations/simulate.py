@@ -102,6 +102,12 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         "site (run config cross-site)",
     )
     parser.add_argument(
+        "--resume",
+        metavar="RUN_KEY",
+        help="continue the stopped or crashed run RUN_KEY from its last checkpoint (give the "
+        "same other options as the first time)",
+    )
+    parser.add_argument(
         "--app-dir",
         type=Path,
         default=APP_DIR,
@@ -142,7 +148,11 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "cross_site", False):
         overrides["cross-site"] = True
     overrides["min-sites"] = args.sites
+    if getattr(args, "resume", None):
+        overrides["run-key"] = args.resume
+        overrides["resume"] = True
     overrides.setdefault("run-key", uuid.uuid4().hex)
+    overrides.setdefault("checkpoint-dir", str(args.workdir.resolve() / "checkpoints"))
     # Validate now, not inside the simulation: a typo fails here, naming the key.
     from_run_config(ServerConfig, {**default_run_config(), **overrides})
     return overrides
@@ -165,7 +175,8 @@ def simulate(args: argparse.Namespace) -> int:
     print(
         f"RadFL simulation: {args.sites} sites, {config.num_rounds} rounds, {config.model}, "
         f"{config.strategy}, seed {config.seed}; data {data_root or 'in memory'}; "
-        f"tracking to {env['MLFLOW_TRACKING_URI']}",
+        f"tracking to {env['MLFLOW_TRACKING_URI']}; run key {config.run_key} (--resume "
+        f"{config.run_key} continues it from its last checkpoint)",
         flush=True,
     )
     started = time.monotonic()

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.slow
 
 FAULTS = ",".join(
     [
-        "site-2:nan@1",  # round 1: 4 valid replies, aggregated
-        "site-1:crash@2",  # round 2: 3 valid replies < quorum 4: the round fails
+        "site-1:crash@1",  # round 1: a site crashes mid-round; the other 4 are aggregated
+        "site-2:nan@2",  # round 2: 3 valid replies < quorum 4: the round fails
         "site-4:inflate@2",
         "site-3:scale@3",  # round 3: 4 valid replies
         "site-0:shape@4",  # round 4: 4 valid replies
@@ -64,8 +64,8 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
     )
     sites = rejections.dropna(subset=["site"])
     reasons = {(r.round, r.site): r.reason for r in sites.itertuples()}
-    assert reasons[1, "site-2"].startswith("non-finite values in ")
-    assert "injected crash" in reasons[2, "site-1"]
+    assert "injected crash" in reasons[1, "site-1"]
+    assert reasons[2, "site-2"].startswith("non-finite values in ")
     assert "num-examples" in reasons[2, "site-4"] and "declared" in reasons[2, "site-4"]
     assert "update norm" in reasons[3, "site-3"]
     assert "wrong weights" in reasons[4, "site-0"]
@@ -73,7 +73,7 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
 
     assert history("round/failed") == {1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0}
     assert history("train/sites") == {1: 4.0, 3: 4.0, 4: 4.0}  # round 2 aggregated nothing
-    assert history("site/site-2/rejected-update") == {1: 1.0}
+    assert history("site/site-2/rejected-update") == {2: 1.0}
     # The failed round kept the global model: round 2 evaluated exactly round 1's model.
     loss = history("pooled/loss")
     assert loss[2] == loss[1] and loss[3] != loss[2]
