@@ -24,6 +24,24 @@ from common.errors import RadFLError
 CONNECTION_NAME = "radfl-local"
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` by parent PID (read from /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                parent = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -111,9 +129,11 @@ class LocalSuperLink:
         self.stop()
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """Stop the SuperLink and the processes it started (its own process group)."""
+        """Stop the SuperLink and the processes it started: its process group, and every
+        process below it (the simulation runtime and Ray may start their own groups)."""
         if self.process is None or self.process.poll() is not None:
             return
+        below = descendants(self.process.pid)
         pgid = os.getpgid(self.process.pid)
         os.killpg(pgid, signal.SIGTERM)
         try:
@@ -121,9 +141,12 @@ class LocalSuperLink:
         except subprocess.TimeoutExpired:
             os.killpg(pgid, signal.SIGKILL)
             self.process.wait()
-        # Children (the simulation process, Ray) share the group; make sure none is left.
+        # Make sure nothing it started is left.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def _healthy(self) -> bool:
         try:

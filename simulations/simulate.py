@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -180,6 +181,39 @@ def simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
     started = time.monotonic()
+    # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: the SuperLink and everything it
+    # started are stopped on the way out instead of being left running.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _run_on_local_superlink(args, overrides, env, workdir)
+    except KeyboardInterrupt:
+        print(
+            f"\nradfl: interrupted; the local SuperLink and its processes were stopped. "
+            f"`--resume {config.run_key}` with the same options continues from the last "
+            "checkpoint.",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    wall_time_s = time.monotonic() - started
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    run = tracking.find_run(config.run_key, config.experiment_name)
+    if run is not None and run.info.status == "FINISHED":
+        client_config = from_run_config(ClientConfig, {**default_run_config(), **overrides})
+        # Only because every site is synthetic and local: a real site's images never move.
+        log_overlays(run.info.run_id, config, client_config, args.sites, data_root)
+    return print_summary(config, wall_time_s=wall_time_s)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_on_local_superlink(
+    args: argparse.Namespace, overrides: Mapping[str, Any], env: dict[str, str], workdir: Path
+) -> int:
+    """Submit the app to a private SuperLink and stream its log; ``flwr run``'s exit code."""
     with LocalSuperLink(workdir / "flwr-home", env) as superlink:
         command = [
             "flwr",
@@ -195,14 +229,7 @@ def simulate(args: argparse.Namespace) -> int:
         returncode = _stream(command, env, verbose=args.verbose)
         if returncode != 0:
             print(f"flwr run exited with {returncode}; SuperLink log: {superlink.log_path}")
-    wall_time_s = time.monotonic() - started
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    run = tracking.find_run(config.run_key, config.experiment_name)
-    if run is not None and run.info.status == "FINISHED":
-        client_config = from_run_config(ClientConfig, {**default_run_config(), **overrides})
-        # Only because every site is synthetic and local: a real site's images never move.
-        log_overlays(run.info.run_id, config, client_config, args.sites, data_root)
-    return print_summary(config, wall_time_s=wall_time_s)
+    return returncode
 
 
 def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Path | None:

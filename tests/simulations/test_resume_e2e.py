@@ -16,6 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from server import checkpoint
+from simulations.local_superlink import descendants
 from tests.simulations.test_simulate_e2e import RADFL, _env
 
 pytestmark = pytest.mark.slow
@@ -40,27 +41,10 @@ def _command(workdir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _descendants(root: int) -> list[int]:
-    """Every process below ``root`` (by parent PID), read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                parent = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
-    found, queue = [], [root]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
 def _kill_tree(root: int) -> None:
     """SIGKILL ``root`` and everything it started (SuperLink, simulation, ServerApp, Ray):
     the coordinator crashes at once, without any chance to clean up."""
-    for pid in [root, *_descendants(root)]:
+    for pid in [root, *descendants(root)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
