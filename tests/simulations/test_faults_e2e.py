@@ -27,8 +27,16 @@ FAULTS = ",".join(
 )
 
 
+def _final_weights(client, run, folder: Path) -> dict[str, torch.Tensor]:
+    folder.mkdir()
+    path = client.download_artifacts(run.info.run_id, "weights/final.pt", str(folder))
+    return torch.load(path, weights_only=True)
+
+
 def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_path: Path):
-    env = {**_env(tmp_path), "RADFL_FAULTS": FAULTS}
+    benign_dir, faulty_dir = tmp_path / "benign", tmp_path / "faulty"
+    benign_dir.mkdir()
+    faulty_dir.mkdir()
     settings = {
         "image-size": 32,
         "synthetic-samples-per-site": 24,
@@ -41,11 +49,18 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
     overrides = [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
     command = [RADFL, "simulate", "--in-memory", "--sites", "5", "--rounds", "4"]
     command += ["--model", "small-cnn", *overrides]
+    # The same federation without faults, for comparison.
+    benign = subprocess.run(
+        command, cwd=benign_dir, env=_env(benign_dir), capture_output=True, text=True, timeout=900
+    )
+    assert benign.returncode == 0, (benign.stdout + benign.stderr)[-5000:]
+    env = {**_env(faulty_dir), "RADFL_FAULTS": FAULTS}
     done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        command, cwd=faulty_dir, env=env, capture_output=True, text=True, timeout=900
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
+    tmp_path = faulty_dir
     client = _client(tmp_path)
     run = _only_run(client, "federated")
     assert run.info.status == "FINISHED"
@@ -76,10 +91,17 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
     assert history("site/site-2/rejected-update") == {2: 1.0}
     # The failed round kept the global model: round 2 evaluated exactly round 1's model.
     loss = history("pooled/loss")
-    assert loss[2] == loss[1] and loss[3] != loss[2]
-    final = torch.load(
-        client.download_artifacts(run.info.run_id, "weights/final.pt", str(tmp_path)),
-        weights_only=True,
+    assert loss[2] == pytest.approx(loss[1], rel=1e-9) and loss[3] != pytest.approx(
+        loss[2], rel=1e-6
     )
+    final = _final_weights(client, run, tmp_path / "final")
     assert all(torch.isfinite(v.float()).all() for v in final.values())
+    # Close to the benign run's model: the rejected replies never reached the average.
+    benign_client = _client(benign_dir)
+    reference = _final_weights(benign_client, _only_run(benign_client, "federated"), tmp_path / "b")
+    floats = [k for k in final if final[k].is_floating_point()]
+    distance = sum(float((final[k] - reference[k]).norm() ** 2) for k in floats) ** 0.5
+    scale = sum(float(reference[k].norm() ** 2) for k in floats) ** 0.5
+    print(f"relative distance to the benign run's model: {distance / scale:.4f}")
+    assert distance < 0.2 * scale  # measured 0.085; one x100 update alone would be far above 1
     assert "update of site-3 rejected" in output and "round 2 failed" in output
