@@ -172,6 +172,20 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(tmp_path: 
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
         assert "report/metrics.csv" in artifacts
 
+        # Too few sites for a run: a clear error once the start deadline has passed.
+        started = time.monotonic()
+        short = subprocess.run(
+            [
+                RADFL, "coordinator", "run", "--dir", "federation", "--rounds", "1",
+                "--min-sites", "5", "--set", "start-timeout-s=10",
+            ],
+            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert short.returncode == 1, short.stdout[-3000:]
+        assert "3 site(s) connected after 10 s; the run needs 5 (min-sites)" in short.stdout
+        assert "finished:failed" in short.stdout
+        assert time.monotonic() - started < 120
+
         # The SuperLink refused the unregistered key and the plaintext SuperNode.
         rogue_log = (tmp_path / "hospitals/site-3/.radfl-logs/supernode.log").read_text()
         assert "Failed to activate SuperNode" in rogue_log, rogue_log[-2000:]
