@@ -36,6 +36,10 @@ from common.errors import ConfigError
 HARDER_SUBGROUP = ("sex", "F")
 HARDER_LESION_SIZE_FACTOR = 0.55  # lesion radius, relative to the other patients
 HARDER_LESION_CONTRAST_FACTOR = 0.45  # lesion contrast, relative to the other patients
+# Lesion radius relative to the field of view, by spatial dims. A 3D volume is a crop around
+# the organ, about half as wide as a 2D radiograph's field of view, so its lesions are twice as
+# large relative to it: at 32 voxels they span as many voxels as 2D lesions do at 64 px.
+LESION_SCALE = {2: 1.0, 3: 2.0}
 
 MAX_LESIONS = 3
 # Probability of 1, 2, ... MAX_LESIONS lesions in a positive image.
@@ -281,7 +285,7 @@ def _draw_parameters(
     kind = labels.astype(np.float64)[:, None]
     size = np.where(harder, HARDER_LESION_SIZE_FACTOR, 1.0)[:, None]
     contrast = np.where(harder, HARDER_LESION_CONTRAST_FACTOR, 1.0)[:, None]
-    radius = (0.06 + 0.02 * kind + 0.04 * rng.random((n, slots))) * size
+    radius = (0.06 + 0.02 * kind + 0.04 * rng.random((n, slots))) * size * LESION_SCALE[dims]
     strength = (0.15 + 0.1 * rng.random((n, slots))) * contrast
     stretch = np.ones((n, dims))
     stretch[:, 0] = 1.0 + 0.6 * np.clip(labels - 1, 0, None)

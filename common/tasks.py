@@ -32,7 +32,7 @@ from common.instance_metrics import INSTANCE_METRICS, InstanceStates
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates, MetricInfo
 from common.models import SEGMENTATION_KEY, ResNetFPN, build_model, list_models, model_task
 from common.seg_metrics import SEGMENTATION_METRICS, SegmentationStates
-from common.synthetic import SiteData
+from common.synthetic import LESION_SCALE, SiteData
 
 Batch = dict[str, torch.Tensor]
 
@@ -316,7 +316,8 @@ class DetectionTask(Task):
     metrics = DETECTION_METRICS
     default_model = "retinanet"
     round_metrics: ClassVar[tuple[str, ...]] = ("map", "froc")
-    #: Anchor edge lengths at 64 px, scaled with ``image-size``: the synthetic lesions' range.
+    #: Anchor edge lengths at 64 px in 2D, scaled with ``image-size`` and, in 3D, with the
+    #: synthetic lesions' larger size relative to the field of view: the lesions' range.
     ANCHOR_SIZES_AT_64 = (4.0, 8.0, 14.0)
 
     def output_channels(self) -> int:
@@ -333,7 +334,7 @@ class DetectionTask(Task):
         """A detector around ``model`` (a RetinaNet's detection maps): anchors, matcher,
         sampler, box decoding."""
         dims = self.config.spatial_dims
-        scale = self.config.image_size / 64.0
+        scale = self.config.image_size / 64.0 * LESION_SCALE[dims]
         shapes = [(size * scale,) * dims for size in self.ANCHOR_SIZES_AT_64]
         anchors = AnchorGeneratorWithAnchorShape(
             feature_map_scales=ResNetFPN.FEATURE_STRIDES, base_anchor_shapes=shapes

@@ -66,7 +66,7 @@ from common.synthetic import SiteData, SiteProfile, make_site, native_image_size
 SITE_FORMATS = ("dicom", "nifti", "png")
 TASKS = tuple(manifest.REQUIRED_BY_TASK)
 # Bump when the generator or the layout changes, so cached federations are rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 COMPLETE_MARKER = ".complete"
 
 

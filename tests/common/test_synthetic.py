@@ -96,6 +96,20 @@ def test_lesions_masks_instances_and_boxes_agree(spatial_dims):
                 assert member[start[axis]].any() and member[end[axis] - 1].any()
 
 
+def test_3d_lesions_at_half_the_matrix_span_as_many_voxels_as_2d_lesions():
+    # 3D volumes are organ crops: lesions twice as large relative to the field of view, so a
+    # 32-voxel volume shows lesions as wide as a 64-px image does (LESION_SCALE).
+    def median_width(site):
+        dims = site.images.dim() - 2
+        widths = [b[dims + a] - b[a] for boxes in site.boxes for b in boxes for a in range(dims)]
+        return float(torch.tensor(widths, dtype=torch.float).median())
+
+    flat = median_width(_positive_site(2, image_size=64, num_samples=60))
+    volume = median_width(_positive_site(3, image_size=32, num_samples=60))
+    assert volume == pytest.approx(flat, abs=1.0)
+    assert volume >= 4
+
+
 def test_follow_up_studies_share_patient_attributes():
     site = _positive_site(num_samples=200)
     patients = {}
