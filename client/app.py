@@ -7,13 +7,14 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client import faults
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
+from common import compression
 from common import messages as keys
 from common.config import LOCAL_NORMALISATION_STRATEGIES, ClientConfig, from_run_config
 from common.splits import TEST, VALIDATION
@@ -41,7 +42,8 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     _keep_local_normalisation(model, context)
-    return _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
+    reply = _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
+    return _compress(reply, msg, context, _config(context).update_compression)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -177,6 +179,32 @@ def _restore_local_normalisation(model: torch.nn.Module, context: Context) -> No
         record = context.state[LOCAL_NORMALISATION]
         assert isinstance(record, ArrayRecord)
         model.load_state_dict(record.to_torch_state_dict(), strict=False)
+
+
+# -- Compressed updates (update-compression) ------------------------------------------------
+COMPRESSION_RESIDUAL = "radfl.compression-residual"
+
+
+def _compress(reply: Message, msg: Message, context: Context, method: str) -> Message:
+    """Replace the reply's weights by the compressed update against the received global
+    model; what compression dropped stays here and joins the next round's update."""
+    if method == "none":
+        return reply
+    previous = context.state.get(COMPRESSION_RESIDUAL)
+    residual = (
+        {k: v.numpy() for k, v in previous.items()} if isinstance(previous, ArrayRecord) else None
+    )
+    trained = {k: v.numpy() for k, v in keys.array_record(reply.content).items()}
+    reference = {k: v.numpy() for k, v in keys.array_record(msg.content).items()}
+    records, kept = compression.encode(trained, reference, method, residual)
+    for name, record in records.items():
+        reply.content[name] = record
+    context.state[COMPRESSION_RESIDUAL] = ArrayRecord({k: Array(v) for k, v in kept.items()})
+    return reply
+
+
+def _config(context: Context) -> ClientConfig:
+    return from_run_config(ClientConfig, context.run_config)
 
 
 def _reply(

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_arguments(synth)
     synth.set_defaults(handler=_synth)
 
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks: federated against pooled and local training, overhead, traffic",
+    )
+    _bench().add_arguments(bench)
+    bench.set_defaults(handler=lambda args: _bench().bench(args))
+
     report = commands.add_parser(
         "report", help="regenerate a run's report (tables, plots, model card) from MLflow"
     )
@@ -120,6 +127,12 @@ def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     from simulations import synth
 
     synth.add_arguments(parser)
+
+
+def _bench() -> Any:
+    from simulations import bench
+
+    return bench
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -37,6 +37,8 @@ class ModelConfig:
 
 #: Strategies whose sites keep their own normalisation layers (FedBN; ``client.app``).
 LOCAL_NORMALISATION_STRATEGIES = frozenset({"fedbn"})
+#: What a site may send after training (``update-compression``; ``common.compression``).
+UPDATE_COMPRESSIONS = ("none", "fp16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +139,7 @@ class ClientConfig:
     subgroups: str
     age_bands: str
     min_cell_size: int
+    update_compression: str
 
     @property
     def model_config(self) -> ModelConfig:
@@ -147,6 +150,7 @@ class ClientConfig:
         return SubgroupSpec.parse(self.subgroups, self.age_bands, self.min_cell_size)
 
     def __post_init__(self) -> None:
+        _check_choice("update-compression", self.update_compression, UPDATE_COMPRESSIONS)
         _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
         _check_choice("lr-schedule", self.lr_schedule, ("cosine", "cyclic", "constant"))
         _check_choice("class-balancing", self.class_balancing, ("weighted-loss", "sampler", "none"))

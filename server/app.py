@@ -76,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
             node_names={node: s.name for node, s in sites.items()},
             on_reject=recorder.reject_update,
             on_failed_round=recorder.fail_round,
+            on_traffic=recorder.record_traffic,
         )
         final.exclude_from_training(strategy, left_out)
         if resumed is None:

@@ -26,6 +26,7 @@ POOLED = "pooled"
 TRAIN = "train"
 SITE = "site"
 EXTERNAL = "external"
+TRAFFIC = "traffic"
 
 
 def reply_site_name(record: RecordDict) -> str:
@@ -159,6 +160,17 @@ class RoundRecorder:
         self.rejections.append(
             {"round": server_round, "site": "", "reason": f"round failed: {reason}"}
         )
+
+    def record_traffic(self, server_round: int, received: dict[str, int], model_bytes: int) -> None:
+        """Bytes each site's training reply carried (weights or compressed update), against
+        the float32 model's size: ``traffic/update-bytes`` is the mean over sites."""
+        for site, size in received.items():
+            self.pending[f"{SITE}/{site}/update-bytes"] = float(size)
+        self.pending[f"{TRAFFIC}/model-bytes"] = float(model_bytes)
+        if received:
+            mean = sum(received.values()) / len(received)
+            self.pending[f"{TRAFFIC}/update-bytes"] = mean
+            self.pending[f"{TRAFFIC}/update-ratio"] = mean / model_bytes if model_bytes else 0.0
 
     def baseline(self, records: list[RecordDict], weighted_by_key: str) -> dict[str, float]:
         """Log the untrained model's pooled and per-site validation metrics at step 0."""

@@ -27,6 +27,7 @@ from server.validation import (
     FailedRoundCallback,
     RejectCallback,
     ReplyPolicy,
+    TrafficCallback,
     with_validation,
 )
 
@@ -109,6 +110,7 @@ def build_strategy(
     node_names: Mapping[int, str] | None = None,
     on_reject: RejectCallback | None = None,
     on_failed_round: FailedRoundCallback | None = None,
+    on_traffic: TrafficCallback | None = None,
 ) -> flwr_strategy.FedAvg:
     """The strategy ``config.strategy`` names, configured from the run config, checking
     replies by ``policy`` (default: the run config's, without declared sizes).
@@ -140,6 +142,7 @@ def build_strategy(
         node_names or {},
         on_reject or (lambda server_round, site, reason: None),
         on_failed_round or (lambda server_round, reason: None),
+        on_traffic,
     )
 
 

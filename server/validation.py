@@ -5,6 +5,8 @@ sent, and a reply whose keys differ from the others ends the whole run. Here eac
 reply is checked against the global model the round started from:
 
 1. not an error reply (a crashed site), and arrived within the round's deadline;
+   a compressed update (``update-compression``) is decoded against the global model first
+   (``common.compression``), and one that cannot be is rejected;
 2. exactly the global model's keys, each array with its shape and dtype;
 3. every floating-point value finite;
 4. ``num-examples`` positive and at most what the site declared when it joined (its training
@@ -28,6 +30,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from common import compression
 from common import messages as keys
 from server.rounds import reply_site_name
 
@@ -35,6 +38,8 @@ from server.rounds import reply_site_name
 RejectCallback = Callable[[int, str, str], None]
 #: Called with ``(server_round, reason)`` when a round keeps the global model.
 FailedRoundCallback = Callable[[int, str], None]
+#: Called once per round with ``(server_round, {site: bytes received}, fp32 model bytes)``.
+TrafficCallback = Callable[[int, dict[str, int], int], None]
 
 
 @dataclass
@@ -60,7 +65,9 @@ def check_replies(
     expected = {name: ref.numpy() for name, ref in reference.items()}
     for reply in replies:
         name = _name(reply, node_names)
-        reason, norm = _check_one(reply, expected, policy, name)
+        reason, norm = _decode(reply, reference)
+        if reason is None:
+            reason, norm = _check_one(reply, expected, policy, name)
         if reason is None:
             accepted.append((reply, norm))
         else:
@@ -82,6 +89,21 @@ def check_replies(
                 kept.append((reply, norm))
         accepted = kept
     return [reply for reply, _ in accepted], rejected
+
+
+def _decode(reply: Message, reference: ArrayRecord) -> tuple[str | None, float]:
+    """Put the full weights of a compressed update in the reply, in place of the update."""
+    if reply.has_error() or compression.COMPRESSION not in reply.content:
+        return None, math.nan
+    try:
+        weights = compression.decode(reply.content, reference)
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"undecodable compressed update: {exc}", math.nan
+    reply.content[keys.ARRAYS] = weights
+    for name in (compression.COMPRESSION, compression.SCALES):
+        if name in reply.content:
+            del reply.content[name]
+    return None, math.nan
 
 
 def _check_one(
@@ -128,6 +150,11 @@ def _check_one(
     return None, math.sqrt(squared)
 
 
+def _fp32_bytes(value: np.ndarray) -> int:
+    """Bytes of an array sent as float32 (integer arrays as they are)."""
+    return value.size * 4 if np.issubdtype(value.dtype, np.floating) else value.nbytes
+
+
 def _last_line(text: str) -> str:
     """The last non-empty line of an error text (where a traceback names the exception)."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -153,8 +180,10 @@ class ReplyGate:
         node_names: Mapping[int, str],
         on_reject: RejectCallback,
         on_failed_round: FailedRoundCallback,
+        on_traffic: TrafficCallback | None = None,
     ) -> None:
         self.policy = policy
+        self.on_traffic = on_traffic
         self.node_names = dict(node_names)
         self.on_reject = on_reject
         self.on_failed_round = on_failed_round
@@ -186,6 +215,14 @@ class ReplyGate:
             name = self.node_names.get(node, f"node {node}")
             self.on_reject(server_round, name, "no reply within round-timeout-s")
         assert self.round_start is not None, "aggregate_train before configure_train"
+        if self.on_traffic is not None:
+            received = {
+                _name(r, self.node_names): compression.payload_bytes(r.content)
+                for r in replies
+                if not r.has_error()
+            }
+            model_bytes = sum(_fp32_bytes(self.round_start[k].numpy()) for k in self.round_start)
+            self.on_traffic(server_round, received, model_bytes)
         accepted, rejected = check_replies(replies, self.round_start, self.policy, self.node_names)
         for name, reason in rejected:
             self.on_reject(server_round, name, reason)
@@ -219,9 +256,12 @@ def with_validation(
     node_names: Mapping[int, str],
     on_reject: RejectCallback,
     on_failed_round: FailedRoundCallback,
+    on_traffic: TrafficCallback | None = None,
 ) -> Any:
     """``strategy`` with its training replies checked (see :class:`ReplyGate`)."""
-    strategy.reply_gate = ReplyGate(strategy, policy, node_names, on_reject, on_failed_round)
+    strategy.reply_gate = ReplyGate(
+        strategy, policy, node_names, on_reject, on_failed_round, on_traffic
+    )
     return strategy
 
 

@@ -20,13 +20,13 @@ RUN_CONFIG = {
 }
 
 
-def _context(strategy: str) -> Context:
+def _context(strategy: str, **overrides) -> Context:
     return Context(
         run_id=1,
         node_id=7,
         node_config={"partition-id": 0, "num-partitions": 2},
         state=RecordDict(),
-        run_config={**RUN_CONFIG, "strategy": strategy},
+        run_config={**RUN_CONFIG, "strategy": strategy, **overrides},
     )
 
 
@@ -69,6 +69,28 @@ def test_fedbn_sites_keep_their_own_normalisation_layers(strategy):
             assert torch.equal(state[key], arriving[key]), key
     other = next(k for k in state if k not in norm_keys and state[k].is_floating_point())
     assert torch.equal(state[other], arriving[other])  # everything else is the global model
+
+
+@pytest.mark.parametrize("method", ["fp16", "int8"])
+def test_a_site_sends_its_compressed_update_and_keeps_what_compression_dropped(method):
+    from common import compression
+
+    model = _global_model()
+    context = _context("fedavg", **{"update-compression": method})
+    message = _train_message(model.state_dict())
+    reply = app.train(message, context)
+    assert reply.content[compression.COMPRESSION]["method"] == method
+    residual = context.state[app.COMPRESSION_RESIDUAL].to_numpy_ndarrays()
+    assert residual and all(np.isfinite(r).all() for r in residual)
+    decoded = compression.decode(reply.content, message.content["arrays"])
+    # The site's full weights are what was decoded plus what it kept back.
+    context_plain = _context("fedavg")
+    plain = app.train(_train_message(model.state_dict()), context_plain)
+    kept = context.state[app.COMPRESSION_RESIDUAL]
+    for key in kept:
+        full = plain.content["arrays"][key].numpy()  # same seed and data: the same training
+        restored = decoded[key].numpy() + kept[key].numpy()
+        np.testing.assert_allclose(restored, full, atol=1e-5, err_msg=key)
 
 
 def test_fault_strings_parse_and_bad_ones_name_the_item():

@@ -130,3 +130,37 @@ def test_krum_leaves_out_the_outlier(name):
     outlier = {**GLOBAL, "conv.weight": GLOBAL["conv.weight"] + 50.0}
     arrays, _ = strategy.aggregate_train(1, [*benign, _reply("bad", outlier)])
     assert np.abs(arrays["conv.weight"].numpy() - GLOBAL["conv.weight"]).max() < 1.0
+
+
+def test_compressed_updates_are_decoded_aggregated_and_counted():
+    from common import compression
+
+    traffic = []
+    rejections = []
+    strategy = build_strategy(
+        _config(strategy="fedavg"),
+        on_reject=lambda r, site, reason: rejections.append((site, reason)),
+        on_traffic=lambda r, received, model_bytes: traffic.append((r, received, model_bytes)),
+    )
+    strategy.reply_gate.round_start = _record(GLOBAL)
+    plain = [_reply(f"site-{i}") for i in range(3)]
+    replies = []
+    for index, reply in enumerate(plain[:2]):
+        trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        records, _ = compression.encode(trained, GLOBAL, "int8" if index == 0 else "fp16")
+        for name, record in records.items():
+            reply.content[name] = record
+        replies.append(reply)
+    broken = _reply("site-2")
+    broken.content[compression.COMPRESSION] = ConfigRecord({"method": "int8"})  # no scales
+    replies.append(broken)
+    sent = {f"site-{i}": compression.payload_bytes(r.content) for i, r in enumerate(replies)}
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = np.mean([r.content["arrays"]["conv.weight"].numpy() for r in plain[:2]], axis=0)
+    np.testing.assert_allclose(arrays["conv.weight"].numpy(), expected, atol=0.01)
+    assert arrays["bn.n"].numpy() == GLOBAL["bn.n"] + 1
+    assert [site for site, _ in rejections] == ["site-2"]
+    assert "undecodable compressed update: conv.weight" in rejections[0][1]
+    ((server_round, received, model_bytes),) = traffic
+    assert model_bytes == 4 * 12 + 8
+    assert received == sent  # what arrived, before decoding

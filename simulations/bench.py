@@ -1,0 +1,355 @@
+"""``radfl bench``: is federated learning worth it here, and what does it cost?
+
+Each part runs real ``radfl simulate`` / ``radfl centralized`` runs (or, for overhead, a bare
+PyTorch loop beside them) on the synthetic hospitals, prints a table, and writes
+``PART.csv`` and ``PART.json`` to ``--out``. Every federated or pooled number comes from an
+MLflow run in ``--out/mlflow.db`` whose id is in the table.
+
+- ``quality``: pooled training, each site alone (cross-site validation) and federated with
+  each strategy, per seed; classification AUC and segmentation Dice; median and range.
+- ``comm``: bytes each site sends per round, fp32 and with compressed updates, and what
+  compression costs in test AUC.
+
+Profiles size the runs: ``quick`` (seconds per run: CI checks that the tables are produced),
+``cpu`` (this 2-core machine) and ``gpu`` (the default data and image size).
+
+    radfl bench --parts quality,comm --profile cpu --out bench/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from common.errors import RadFLError
+from server import tracking
+
+EXPERIMENT = "radfl-bench"
+
+
+class BenchError(RadFLError):
+    """A benchmark run failed; the message names the run and ends with its output."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How large each part's runs are."""
+
+    name: str
+    sites: int
+    samples_per_site: int
+    image_size: int
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    classification_model: str
+    segmentation_model: str
+    strategies: tuple[str, ...]
+    #: Compressions compared by ``comm`` (the first is the reference).
+    compressions: tuple[str, ...] = ("none", "fp16", "int8")
+    tasks: tuple[str, ...] = ("classification", "segmentation")
+
+    def run_config(self) -> dict[str, Any]:
+        return {
+            "image-size": self.image_size,
+            "synthetic-samples-per-site": self.samples_per_site,
+            "local-epochs": self.local_epochs,
+            "batch-size": self.batch_size,
+            "min-cell-size": 2,
+        }
+
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(
+        name="quick",
+        sites=2,
+        samples_per_site=40,
+        image_size=32,
+        rounds=1,
+        local_epochs=1,
+        batch_size=8,
+        seeds=(0,),
+        classification_model="small-cnn",
+        segmentation_model="unet",
+        strategies=("fedavg",),
+        compressions=("none", "int8"),
+    ),
+    "cpu": Profile(
+        name="cpu",
+        sites=3,
+        samples_per_site=150,
+        image_size=32,
+        rounds=6,
+        local_epochs=2,
+        batch_size=16,
+        seeds=(0, 1, 2),
+        classification_model="resnet18",
+        segmentation_model="unet",
+        strategies=("fedavg", "fedprox", "fedadam", "fedbn"),
+    ),
+    "gpu": Profile(
+        name="gpu",
+        sites=3,
+        samples_per_site=300,
+        image_size=64,
+        rounds=20,
+        local_epochs=3,
+        batch_size=32,
+        seeds=(0, 1, 2),
+        classification_model="resnet18",
+        segmentation_model="unet",
+        strategies=("fedavg", "fedprox", "fedadam", "fedbn"),
+    ),
+}
+
+
+@dataclass
+class RunResult:
+    """One finished MLflow run: its id, last value of each metric, and wall time."""
+
+    run_id: str
+    metrics: dict[str, float]
+    wall_s: float
+    client: MlflowClient = field(repr=False)
+
+    def history(self, name: str) -> list[float]:
+        return [m.value for m in self.client.get_metric_history(self.run_id, name)]
+
+    def artifact_text(self, path: str) -> str | None:
+        try:
+            local = self.client.download_artifacts(self.run_id, path)
+        except Exception:  # noqa: BLE001 - an absent artifact is a normal answer here
+            return None
+        return Path(local).read_text()
+
+
+class Runner:
+    """Launches ``radfl simulate`` / ``radfl centralized`` into one MLflow store under ``out``."""
+
+    def __init__(self, out: Path, *, verbose: bool = False) -> None:
+        self.out = out.resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = f"sqlite:///{self.out / 'mlflow.db'}"
+        self.verbose = verbose
+        self.radfl = str(Path(sys.executable).parent / "radfl")
+
+    def run(
+        self,
+        command: str,
+        *,
+        task: str,
+        model: str,
+        sites: int,
+        rounds: int,
+        seed: int,
+        settings: Mapping[str, Any],
+        options: Iterable[str] = (),
+    ) -> RunResult:
+        run_key = uuid.uuid4().hex
+        values = {**settings, "run-key": run_key, "experiment-name": EXPERIMENT}
+        overrides = [part for k, v in values.items() for part in ("--set", f"{k}={v}")]
+        argv = [
+            self.radfl,
+            command,
+            *("--task", task, "--model", model, "--sites", str(sites)),
+            *("--rounds", str(rounds), "--seed", str(seed), "--workdir", str(self.out / ".radfl")),
+            *options,
+            *overrides,
+        ]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        started = time.monotonic()
+        done = subprocess.run(argv, cwd=self.out, env=env, capture_output=True, text=True)
+        wall = time.monotonic() - started
+        if self.verbose:
+            print(done.stdout[-3000:], file=sys.stderr)
+        label = " ".join(argv[1:])
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr)[-3000:]
+            raise BenchError(f"`radfl {label}` exited with {done.returncode}:\n{tail}")
+        client = MlflowClient(self.tracking_uri)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        runs = (
+            client.search_runs(
+                [experiment.experiment_id], filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'"
+            )
+            if experiment is not None
+            else []
+        )
+        if not runs:
+            raise BenchError(f"`radfl {label}` finished but logged no MLflow run")
+        run = runs[0]
+        return RunResult(run.info.run_id, dict(run.data.metrics), wall, client)
+
+
+# ----------------------------------------------------------------------------- parts
+def quality(profile: Profile, runner: Runner) -> pd.DataFrame:
+    """Test metric of pooled, federated (each strategy) and local-only training, per seed."""
+    rows = []
+    for task in profile.tasks:
+        primary = "auc" if task == "classification" else "dice"
+        model = (
+            profile.classification_model if task == "classification" else profile.segmentation_model
+        )
+        common = {
+            "task": task,
+            "model": model,
+            "sites": profile.sites,
+            "rounds": profile.rounds,
+            "settings": profile.run_config(),
+        }
+        for seed in profile.seeds:
+            pooled = runner.run("centralized", seed=seed, **common)  # type: ignore[arg-type]
+            rows.append(_quality_row(task, "pooled", seed, pooled, f"test/{primary}"))
+            for strategy in profile.strategies:
+                options = ["--strategy", strategy]
+                if strategy == profile.strategies[0]:
+                    options.append("--cross-site")  # local-only models, trained alongside
+                result = runner.run("simulate", seed=seed, options=options, **common)  # type: ignore[arg-type]
+                rows.append(_quality_row(task, strategy, seed, result, f"test/{primary}"))
+                if "--cross-site" in options:
+                    rows += _local_rows(task, seed, result)
+    return pd.DataFrame(rows)
+
+
+def _quality_row(task: str, config: str, seed: int, run: RunResult, metric: str) -> dict:
+    return {
+        "task": task,
+        "training": config,
+        "seed": seed,
+        "metric": metric,
+        "value": run.metrics.get(metric, float("nan")),
+        "wall_s": round(run.wall_s, 1),
+        "run_id": run.run_id,
+    }
+
+
+def _local_rows(task: str, seed: int, run: RunResult) -> list[dict]:
+    """Cross-site validation: each model's mean validation metric over every site."""
+    text = run.artifact_text("report/cross_site.csv")
+    if text is None:
+        raise BenchError(f"run {run.run_id} has no report/cross_site.csv")
+    from io import StringIO
+
+    table = pd.read_csv(StringIO(text)).set_index("model")
+    local = table[table.index.str.startswith("local:")].mean(axis=1)
+    base = {"task": task, "seed": seed, "metric": "validation, mean over sites", "wall_s": ""}
+    return [
+        {**base, "training": "local-only (mean of sites)", "value": float(local.mean()),
+         "run_id": run.run_id},
+        {**base, "training": "federated (same view)",
+         "value": float(table.loc["federated"].mean()), "run_id": run.run_id},
+    ]  # fmt: skip
+
+
+def quality_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Median and range over seeds, and each federated strategy against pooled training."""
+    out = []
+    for (task, training, metric), group in rows.groupby(["task", "training", "metric"], sort=False):
+        values = group["value"].astype(float).tolist()
+        out.append(
+            {
+                "task": task,
+                "training": training,
+                "metric": metric,
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "seeds": len(values),
+            }
+        )
+    table = pd.DataFrame(out)
+    for task in table["task"].unique():
+        mine = table["task"] == task
+        pooled = table[mine & (table["training"] == "pooled")]["median"]
+        if len(pooled):
+            table.loc[mine, "x_pooled"] = table.loc[mine, "median"] / float(pooled.iloc[0])
+        same_view = table[mine & (table["training"] == "federated (same view)")]["median"]
+        local = table[mine & (table["training"] == "local-only (mean of sites)")]["median"]
+        if len(same_view) and len(local):
+            table.loc[mine & (table["training"] == "federated (same view)"), "gain_over_local"] = (
+                float(same_view.iloc[0]) / float(local.iloc[0]) - 1.0
+            )
+    return table
+
+
+def comm(profile: Profile, runner: Runner) -> pd.DataFrame:
+    """Bytes per site per round, and test AUC, for each update compression."""
+    rows = []
+    for method in profile.compressions:
+        run = runner.run(
+            "simulate",
+            task="classification",
+            model=profile.classification_model,
+            sites=profile.sites,
+            rounds=profile.rounds,
+            seed=profile.seeds[0],
+            settings={**profile.run_config(), "update-compression": method},
+        )
+        sent = run.history("traffic/update-bytes")
+        model_bytes = run.metrics.get("traffic/model-bytes", float("nan"))
+        mean_sent = statistics.fmean(sent) if sent else float("nan")
+        rows.append(
+            {
+                "compression": method,
+                "bytes_per_site_round": round(mean_sent),
+                "fp32_model_bytes": round(model_bytes),
+                "x_fp32": mean_sent / model_bytes,
+                "test_auc": run.metrics.get("test/auc", float("nan")),
+                "run_id": run.run_id,
+            }
+        )
+    table = pd.DataFrame(rows)
+    table["auc_change_points"] = 100 * (table["test_auc"] - table["test_auc"].iloc[0])
+    return table
+
+
+PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {"quality": quality, "comm": comm}
+SUMMARIES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {"quality": quality_summary}
+
+
+def bench(args: argparse.Namespace) -> int:
+    profile = PROFILES[args.profile]
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise BenchError(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
+    runner = Runner(Path(args.out), verbose=args.verbose)
+    print(f"radfl bench: profile {profile.name} ({json.dumps(asdict(profile))})", flush=True)
+    for part in parts:
+        started = time.monotonic()
+        table = PARTS[part](profile, runner)
+        write(runner.out, part, table)
+        if part in SUMMARIES:
+            table = SUMMARIES[part](table)
+            write(runner.out, f"{part}_summary", table)
+        print(f"\n## {part} ({time.monotonic() - started:.0f} s)\n", flush=True)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
+    print(f"\nTables in {runner.out}; runs in MLflow at {runner.tracking_uri}")
+    return 0
+
+
+def write(out: Path, name: str, table: pd.DataFrame) -> None:
+    table.to_csv(out / f"{name}.csv", index=False)
+    (out / f"{name}.json").write_text(table.to_json(orient="records", indent=1))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"of {', '.join(PARTS)}")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--out", default="bench", help="folder for tables and the MLflow store")
+    parser.add_argument("--verbose", action="store_true", help="show each run's output")
