@@ -185,7 +185,8 @@ class Runner:
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = (
             client.search_runs(
-                [experiment.experiment_id], filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'"
+                [experiment.experiment_id],
+                filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'",
             )
             if experiment is not None
             else []
