@@ -7,6 +7,10 @@ MLflow run in ``--out/mlflow.db`` whose id is in the table.
 
 - ``quality``: pooled training, each site alone (cross-site validation) and federated with
   each strategy, per seed; classification AUC and segmentation Dice; median and range.
+- ``overhead``: wall time of ``radfl simulate`` against a bare PyTorch FedAvg loop doing the
+  same training on the same data (alternating), and the site trainer's throughput against a
+  bare epoch, fp32 and bf16 autocast.
+- ``scale``: round time and peak memory (the whole process tree) with more and more sites.
 - ``comm``: bytes each site sends per round, fp32 and with compressed updates, and what
   compression costs in test AUC.
 
@@ -24,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
+import torch
 from mlflow.tracking import MlflowClient
 
 from common.errors import RadFLError
@@ -62,6 +69,12 @@ class Profile:
     #: Compressions compared by ``comm`` (the first is the reference).
     compressions: tuple[str, ...] = ("none", "fp16", "int8")
     tasks: tuple[str, ...] = ("classification", "segmentation")
+    #: Alternating repeats of ``radfl simulate`` and the bare loop (``overhead``).
+    overhead_repeats: int = 2
+    #: Simulated sites of ``scale``, with ``scale_samples`` images each, ``scale_rounds`` rounds.
+    scale_sites: tuple[int, ...] = (10, 30, 100)
+    scale_samples: int = 24
+    scale_rounds: int = 2
 
     def run_config(self) -> dict[str, Any]:
         return {
@@ -87,6 +100,10 @@ PROFILES: dict[str, Profile] = {
         segmentation_model="unet",
         strategies=("fedavg",),
         compressions=("none", "int8"),
+        overhead_repeats=1,
+        scale_sites=(2, 4),
+        scale_samples=16,
+        scale_rounds=1,
     ),
     "cpu": Profile(
         name="cpu",
@@ -125,6 +142,8 @@ class RunResult:
     metrics: dict[str, float]
     wall_s: float
     client: MlflowClient = field(repr=False)
+    #: Peak memory of the run's whole process tree (sum of unique set sizes), bytes.
+    peak_memory: int = 0
 
     def history(self, name: str) -> list[float]:
         return [m.value for m in self.client.get_metric_history(self.run_id, name)]
@@ -135,6 +154,28 @@ class RunResult:
         except Exception:  # noqa: BLE001 - an absent artifact is a normal answer here
             return None
         return Path(local).read_text()
+
+
+def _peak_tree_memory(process: subprocess.Popen, interval: float = 0.5) -> int:
+    """Wait for ``process``; return the peak over time of the summed unique memory (USS) of
+    it and all its descendants (the SuperLink, the simulation runtime, Ray and its workers)."""
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        total = 0
+        try:
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for member in members:
+            try:
+                total += member.memory_full_info().uss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        peak = max(peak, total)
+        time.sleep(interval)
+    process.wait()
+    return peak
 
 
 class Runner:
@@ -173,14 +214,19 @@ class Runner:
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         started = time.monotonic()
-        done = subprocess.run(argv, cwd=self.out, env=env, capture_output=True, text=True)
-        wall = time.monotonic() - started
+        with tempfile.TemporaryFile("w+") as log:
+            process = subprocess.Popen(
+                argv, cwd=self.out, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+            )
+            peak = _peak_tree_memory(process)
+            wall = time.monotonic() - started
+            log.seek(0)
+            output = log.read()
         if self.verbose:
-            print(done.stdout[-3000:], file=sys.stderr)
+            print(output[-3000:], file=sys.stderr)
         label = " ".join(argv[1:])
-        if done.returncode != 0:
-            tail = (done.stdout + done.stderr)[-3000:]
-            raise BenchError(f"`radfl {label}` exited with {done.returncode}:\n{tail}")
+        if process.returncode != 0:
+            raise BenchError(f"`radfl {label}` exited with {process.returncode}:\n{output[-3000:]}")
         client = MlflowClient(self.tracking_uri)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = (
@@ -194,7 +240,7 @@ class Runner:
         if not runs:
             raise BenchError(f"`radfl {label}` finished but logged no MLflow run")
         run = runs[0]
-        return RunResult(run.info.run_id, dict(run.data.metrics), wall, client)
+        return RunResult(run.info.run_id, dict(run.data.metrics), wall, client, peak)
 
 
 # ----------------------------------------------------------------------------- parts
@@ -319,7 +365,146 @@ def comm(profile: Profile, runner: Runner) -> pd.DataFrame:
     return table
 
 
-PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {"quality": quality, "comm": comm}
+def overhead(profile: Profile, runner: Runner) -> pd.DataFrame:
+    """Wall time of ``radfl simulate --in-memory`` against the bare loop, alternating, and the
+    site trainer's throughput against a bare training epoch, in fp32 and bf16."""
+    from simulations import bare_loop
+
+    settings = {**profile.run_config(), "augment": False, "precision": "fp32"}
+    config = _client_config(profile, settings)
+    rows = []
+    for repeat in range(profile.overhead_repeats):
+        started = time.monotonic()
+        sites = bare_loop.load_sites(config, profile.sites)
+        bare = bare_loop.fedavg(config, sites, profile.rounds)["wall_s"]
+        bare_total = time.monotonic() - started
+        run = runner.run(
+            "simulate",
+            task="classification",
+            model=profile.classification_model,
+            sites=profile.sites,
+            rounds=profile.rounds,
+            seed=profile.seeds[0],
+            settings=settings,
+            options=["--in-memory", "--cpus-per-site", "1"],
+        )
+        rows.append(
+            {
+                "measure": "radfl simulate / bare FedAvg loop (wall time)",
+                "repeat": repeat,
+                "radfl_s": round(run.wall_s, 2),
+                "bare_s": round(bare_total, 2),
+                "ratio": run.wall_s / bare_total,
+                "note": f"bare loop {bare:.1f} s training + evaluation, rest is data",
+                "run_id": run.run_id,
+            }
+        )
+    rows += _throughput(profile, config)
+    return pd.DataFrame(rows)
+
+
+def _throughput(profile: Profile, config: Any) -> list[dict[str, Any]]:
+    """Images per second of one site's local training: RadFL's trainer against a bare epoch."""
+    from dataclasses import replace as replaced
+
+    from client.trainer import LocalTrainer
+    from common.tasks import get_task
+    from simulations import bare_loop
+
+    site = bare_loop.load_sites(config, profile.sites)[0]
+    task = get_task(config.model_config)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        local = replaced(config, precision=precision, local_epochs=1)
+        trainer = LocalTrainer.for_site(task, local, site)
+        timings: dict[str, list[float]] = {"radfl": [], "bare": []}
+        for _ in range(max(2, profile.overhead_repeats + 1)):  # alternate; the first warms up
+            model = task.build_model()
+            started = time.monotonic()
+            trainer.fit(model)
+            timings["radfl"].append(time.monotonic() - started)
+            model = task.build_model()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=local.learning_rate)
+            loader = bare_loop.loader(site.train, local.batch_size, True)
+            check = bare_loop.loader(site.validation, 2 * local.batch_size, False)
+            started = time.monotonic()
+            bare_loop.train_epoch(model, loader, optimizer, bf16=precision == "bf16")
+            bare_loop.evaluate(model, check, bf16=precision == "bf16")
+            timings["bare"].append(time.monotonic() - started)
+        radfl_s = statistics.median(timings["radfl"][1:])
+        bare_s = statistics.median(timings["bare"][1:])
+        rows.append(
+            {
+                "measure": f"site training throughput, {precision} (images/s, 1 epoch)",
+                "repeat": "median",
+                "radfl_s": round(radfl_s, 3),
+                "bare_s": round(bare_s, 3),
+                "ratio": bare_s / radfl_s,  # throughput ratio: radfl / bare
+                "note": f"radfl {len(site.train) / radfl_s:.1f} img/s, bare "
+                f"{len(site.train) / bare_s:.1f} img/s; ratio is throughput",
+                "run_id": "",
+            }
+        )
+    return rows
+
+
+def _client_config(profile: Profile, settings: Mapping[str, Any]) -> Any:
+    from common.config import ClientConfig, default_run_config, from_run_config
+
+    values = {
+        **default_run_config(),
+        "model": profile.classification_model,
+        "seed": profile.seeds[0],
+        **settings,
+    }
+    return from_run_config(ClientConfig, values)
+
+
+def scale(profile: Profile, runner: Runner) -> pd.DataFrame:
+    """Round time and peak memory of the whole simulation with more and more sites."""
+    rows = []
+    settings = {**profile.run_config(), "synthetic-samples-per-site": profile.scale_samples}
+    for sites in profile.scale_sites:
+        run = runner.run(
+            "simulate",
+            task="classification",
+            model=profile.classification_model,
+            sites=sites,
+            rounds=profile.scale_rounds,
+            seed=profile.seeds[0],
+            settings=settings,
+            options=["--in-memory"],
+        )
+        stamps = [
+            m.timestamp / 1000
+            for m in sorted(
+                run.client.get_metric_history(run.run_id, "pooled/loss"), key=lambda m: m.step
+            )
+        ]
+        rounds = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        rows.append(
+            {
+                "sites": sites,
+                "round_s": statistics.median(rounds) if rounds else float("nan"),
+                "wall_s": round(run.wall_s, 1),
+                "peak_memory_mb": round(run.peak_memory / 2**20),
+                "run_id": run.run_id,
+            }
+        )
+    table = pd.DataFrame(rows)
+    first = table.iloc[0]
+    table["memory_per_added_site_mb"] = (table["peak_memory_mb"] - first["peak_memory_mb"]) / (
+        table["sites"] - first["sites"]
+    ).where(table["sites"] != first["sites"])
+    return table
+
+
+PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {
+    "quality": quality,
+    "overhead": overhead,
+    "scale": scale,
+    "comm": comm,
+}
 SUMMARIES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {"quality": quality_summary}
 
 
