@@ -32,7 +32,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,20 +118,17 @@ PROFILES: dict[str, Profile] = {
         segmentation_model="unet",
         strategies=("fedavg", "fedprox", "fedadam", "fedbn"),
     ),
-    "gpu": Profile(
-        name="gpu",
-        sites=3,
-        samples_per_site=300,
-        image_size=64,
-        rounds=20,
-        local_epochs=3,
-        batch_size=32,
-        seeds=(0, 1, 2),
-        classification_model="resnet18",
-        segmentation_model="unet",
-        strategies=("fedavg", "fedprox", "fedadam", "fedbn"),
-    ),
 }
+#: The default data and image size (``pyproject.toml``), for a GPU machine.
+PROFILES["gpu"] = replace(
+    PROFILES["cpu"],
+    name="gpu",
+    samples_per_site=300,
+    image_size=64,
+    rounds=20,
+    local_epochs=3,
+    batch_size=32,
+)
 
 
 @dataclass
@@ -405,8 +402,6 @@ def overhead(profile: Profile, runner: Runner) -> pd.DataFrame:
 
 def _throughput(profile: Profile, config: Any) -> list[dict[str, Any]]:
     """Images per second of one site's local training: RadFL's trainer against a bare epoch."""
-    from dataclasses import replace as replaced
-
     from client.trainer import LocalTrainer
     from common.tasks import get_task
     from simulations import bare_loop
@@ -415,7 +410,7 @@ def _throughput(profile: Profile, config: Any) -> list[dict[str, Any]]:
     task = get_task(config.model_config)
     rows = []
     for precision in ("fp32", "bf16"):
-        local = replaced(config, precision=precision, local_epochs=1)
+        local = replace(config, precision=precision, local_epochs=1)
         trainer = LocalTrainer.for_site(task, local, site)
         timings: dict[str, list[float]] = {"radfl": [], "bare": []}
         for _ in range(max(2, profile.overhead_repeats + 1)):  # alternate; the first warms up
