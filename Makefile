@@ -10,7 +10,7 @@ simulate: $(STAMP)
 	$(BIN)/radfl simulate $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check common client server simulations tests
