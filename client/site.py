@@ -35,15 +35,13 @@ import torch
 
 from client.trainer import LabelledDataset, SampleDataset
 from common import manifest as mf
-from common.config import ClientConfig
+from common.config import SIMULATION_DATA_ENV, ClientConfig
 from common.errors import ConfigError
 from common.splits import TEST, TRAIN, VALIDATION, SplitFractions, assign_splits
 from common.synthetic import SiteData, make_site, site_profiles
 from common.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
-
-SIMULATION_DATA_ENV = "RADFL_SIMULATION_DATA"
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,17 @@ from typing import Any
 
 from common.errors import RadFLError
 
+COMMANDS = ("simulate", "centralized", "site", "coordinator", "synth", "bench", "report", "models")
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``radfl`` parser; with ``only``, only that command's options are filled in, so
+    ``radfl simulate`` does not first import every other command's modules (torch, MONAI,
+    MLflow) before it starts the federation."""
     from simulations import simulate
+
+    def wanted(command: str) -> bool:
+        return only is None or only == command
 
     parser = argparse.ArgumentParser(
         prog="radfl", description="Federated learning for radiology CNNs."
@@ -21,14 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser(
         "simulate", help="run a federation of synthetic hospitals on this machine"
     )
-    simulate.add_arguments(sim)
-    simulate.add_evaluation_arguments(sim)
+    if wanted("simulate"):
+        simulate.add_arguments(sim)
+        simulate.add_evaluation_arguments(sim)
     sim.set_defaults(handler=_simulate)
 
     central = commands.add_parser(
         "centralized", help="train the same model on the pooled data of the synthetic hospitals"
     )
-    simulate.add_arguments(central)
+    if wanted("centralized"):
+        simulate.add_arguments(central)
     central.set_defaults(handler=_centralized)
 
     site = commands.add_parser("site", help="commands a hospital site runs next to its data")
@@ -36,41 +46,48 @@ def build_parser() -> argparse.ArgumentParser:
     check = site_commands.add_parser(
         "check", help="decode every image of a site folder and report each problem by row and file"
     )
-    _add_site_check_arguments(check)
+    if wanted("site"):
+        _add_site_check_arguments(check)
     check.set_defaults(handler=_site_check)
     keygen = site_commands.add_parser(
         "keygen", help="make the site's key pair (site.key stays, site.pub goes to the coordinator)"
     )
-    _daemon().add_keygen_arguments(keygen)
+    if wanted("site"):
+        _daemon().add_keygen_arguments(keygen)
     keygen.set_defaults(handler=lambda args: _daemon().run_keygen(args))
     start = site_commands.add_parser(
         "start", help="check the site folder, then run its SuperNode (TLS, site key) as a daemon"
     )
-    _daemon().add_start_arguments(start)
+    if wanted("site"):
+        _daemon().add_start_arguments(start)
     start.set_defaults(handler=lambda args: _daemon().start(args))
 
     coordinator = commands.add_parser(
         "coordinator", help="commands the coordinator runs: federation folder, services, runs"
     )
-    _coordinator().add_arguments(coordinator)
+    if wanted("coordinator"):
+        _coordinator().add_arguments(coordinator)
 
     synth = commands.add_parser(
         "synth", help="write synthetic hospitals to disk (DICOM, NIfTI, PNG) with manifests"
     )
-    _add_synth_arguments(synth)
+    if wanted("synth"):
+        _add_synth_arguments(synth)
     synth.set_defaults(handler=_synth)
 
     bench = commands.add_parser(
         "bench",
         help="benchmarks: federated against pooled and local training, overhead, traffic",
     )
-    _bench().add_arguments(bench)
+    if wanted("bench"):
+        _bench().add_arguments(bench)
     bench.set_defaults(handler=lambda args: _bench().bench(args))
 
     report = commands.add_parser(
         "report", help="regenerate a run's report (tables, plots, model card) from MLflow"
     )
-    _add_report_arguments(report)
+    if wanted("report"):
+        _add_report_arguments(report)
     report.set_defaults(handler=_report)
 
     models = commands.add_parser("models", help="list the registered models, tasks and strategies")
@@ -79,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
     try:
         return int(args.handler(args))
     except RadFLError as exc:

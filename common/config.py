@@ -39,6 +39,12 @@ class ModelConfig:
 LOCAL_NORMALISATION_STRATEGIES = frozenset({"fedbn"})
 #: What a site may send after training (``update-compression``; ``common.compression``).
 UPDATE_COMPRESSIONS = ("none", "fp16", "int8")
+#: Set by ``radfl simulate`` for its simulated sites: the folder holding ``site-0``,
+#: ``site-1``, ... (unset: each site is generated in memory).
+SIMULATION_DATA_ENV = "RADFL_SIMULATION_DATA"
+#: The ServerApp logs this, then the MLflow run id, once the run has ended in MLflow: all that
+#: is left then is Flower stopping its runtime, which ``radfl simulate`` does not wait for.
+RUN_FINISHED_LOG = "[radfl] finished; MLflow run"
 
 
 @dataclasses.dataclass(frozen=True)

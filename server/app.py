@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import messages as keys
-from common.config import ServerConfig, from_run_config
+from common.config import RUN_FINISHED_LOG, ServerConfig, from_run_config
 from common.errors import ConfigError
 from common.report import Report
 from common.report_files import fmt_ci
@@ -181,7 +181,7 @@ def main(grid: Grid, context: Context) -> None:
             register_as=tracking.registered_model_name(config),
             registered_state=selected,
         )
-        log(INFO, "[radfl] finished; MLflow run %s", run.info.run_id)
+    log(INFO, "%s %s", RUN_FINISHED_LOG, run.info.run_id)  # after the MLflow run has ended
 
 
 def _left_out_nodes(config: ServerConfig, sites: dict[int, final.Site]) -> set[int]:

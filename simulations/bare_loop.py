@@ -71,11 +71,12 @@ def evaluate(model: nn.Module, loader: DataLoader, bf16: bool = False) -> float:
     return right / max(total, 1)
 
 
-def fedavg(config: ClientConfig, sites: list[SiteSplits], rounds: int) -> dict[str, float]:
+def fedavg(config: ClientConfig, sites: list[SiteSplits], rounds: int) -> dict[str, Any]:
     """``rounds`` rounds of FedAvg over ``sites``: each site trains ``local-epochs`` epochs
     (validating after each, as RadFL's trainer does), the weights are averaged by training
     images, every site evaluates the global model; plus the untrained model's evaluation before
-    and the final model's validation and test evaluation after, as ``radfl simulate`` does."""
+    and the final model's validation and test evaluation after, as ``radfl simulate`` does.
+    Returns the wall time of all that and of each round (training to evaluation)."""
     torch.manual_seed(config.seed)
     model = build_model(
         config.model, spatial_dims=config.spatial_dims, in_channels=1,
@@ -89,7 +90,9 @@ def fedavg(config: ClientConfig, sites: list[SiteSplits], rounds: int) -> dict[s
     for batches in validation:
         evaluate(model, batches)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    round_s = []
     for _ in range(rounds):
+        round_started = time.monotonic()
         states, weights = [], []
         for site, batches, check in zip(sites, train, validation, strict=True):
             model.load_state_dict(global_state)
@@ -111,6 +114,7 @@ def fedavg(config: ClientConfig, sites: list[SiteSplits], rounds: int) -> dict[s
         model.load_state_dict(global_state)
         for batches in validation:
             evaluate(model, batches)
+        round_s.append(time.monotonic() - round_started)
     for batches in [*validation, *test]:
         evaluate(model, batches)
-    return {"wall_s": time.monotonic() - started}
+    return {"wall_s": time.monotonic() - started, "round_s": round_s}

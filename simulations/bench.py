@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -287,8 +288,6 @@ def _local_rows(task: str, seed: int, run: RunResult) -> list[dict]:
     text = run.artifact_text("report/cross_site.csv")
     if text is None:
         raise BenchError(f"run {run.run_id} has no report/cross_site.csv")
-    from io import StringIO
-
     table = pd.read_csv(StringIO(text)).set_index("model")
     local = table[table.index.str.startswith("local:")].mean(axis=1)
     base = {"task": task, "seed": seed, "metric": "validation, mean over sites", "wall_s": ""}
@@ -373,7 +372,7 @@ def overhead(profile: Profile, runner: Runner) -> pd.DataFrame:
     for repeat in range(profile.overhead_repeats):
         started = time.monotonic()
         sites = bare_loop.load_sites(config, profile.sites)
-        bare = bare_loop.fedavg(config, sites, profile.rounds)["wall_s"]
+        bare = bare_loop.fedavg(config, sites, profile.rounds)
         bare_total = time.monotonic() - started
         run = runner.run(
             "simulate",
@@ -385,6 +384,7 @@ def overhead(profile: Profile, runner: Runner) -> pd.DataFrame:
             settings=settings,
             options=["--in-memory", "--cpus-per-site", "1"],
         )
+        radfl_rounds = round_times(run)
         rows.append(
             {
                 "measure": "radfl simulate / bare FedAvg loop (wall time)",
@@ -392,12 +392,36 @@ def overhead(profile: Profile, runner: Runner) -> pd.DataFrame:
                 "radfl_s": round(run.wall_s, 2),
                 "bare_s": round(bare_total, 2),
                 "ratio": run.wall_s / bare_total,
-                "note": f"bare loop {bare:.1f} s training + evaluation, rest is data",
+                "note": f"bare loop {bare['wall_s']:.1f} s training + evaluation, rest is data; "
+                f"radfl outside its rounds {run.wall_s - sum(radfl_rounds):.1f} s (start-up, "
+                "final evaluation, report, model logging)",
+                "run_id": run.run_id,
+            }
+        )
+        radfl_round = statistics.median(radfl_rounds) if radfl_rounds else float("nan")
+        bare_round = statistics.median(bare["round_s"])
+        rows.append(
+            {
+                "measure": "one round, radfl / bare loop (median, training to evaluation)",
+                "repeat": repeat,
+                "radfl_s": round(radfl_round, 2),
+                "bare_s": round(bare_round, 2),
+                "ratio": radfl_round / bare_round,
+                "note": f"{len(radfl_rounds)} radfl rounds, {len(bare['round_s'])} bare rounds",
                 "run_id": run.run_id,
             }
         )
     rows += _throughput(profile, config)
     return pd.DataFrame(rows)
+
+
+def round_times(run: RunResult) -> list[float]:
+    """Seconds each round of a federated run took, training to pooled evaluation: the gaps
+    between the MLflow timestamps of successive rounds' ``pooled/loss`` (round 0 is the
+    untrained model's evaluation)."""
+    history = sorted(run.client.get_metric_history(run.run_id, "pooled/loss"), key=lambda m: m.step)
+    stamps = [m.timestamp / 1000 for m in history]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
 def _throughput(profile: Profile, config: Any) -> list[dict[str, Any]]:
@@ -470,13 +494,7 @@ def scale(profile: Profile, runner: Runner) -> pd.DataFrame:
             settings=settings,
             options=["--in-memory"],
         )
-        stamps = [
-            m.timestamp / 1000
-            for m in sorted(
-                run.client.get_metric_history(run.run_id, "pooled/loss"), key=lambda m: m.step
-            )
-        ]
-        rounds = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        rounds = round_times(run)
         rows.append(
             {
                 "sites": sites,

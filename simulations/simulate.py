@@ -8,6 +8,7 @@ run, so every number printed can be found in MLflow.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import signal
@@ -15,12 +16,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from client.site import SIMULATION_DATA_ENV
 from common.config import (
+    RUN_FINISHED_LOG,
+    SIMULATION_DATA_ENV,
     ClientConfig,
     ServerConfig,
     default_run_config,
@@ -28,12 +30,7 @@ from common.config import (
     load_toml_config,
 )
 from common.errors import RadFLError
-from common.tasks import task_class
-from server import tracking
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
-from simulations.overlays import log_overlays
-from simulations.summary import print_summary
-from simulations.synth import FederationSpec, ensure_federation
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Lines shown without --verbose: RadFL's progress, Flower's round headers, errors and the
@@ -143,6 +140,8 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     overrides.update({k: v for k, v in named.items() if v is not None})
     if args.task is not None and args.model is None and "model" not in overrides:
+        from common.tasks import task_class
+
         overrides["model"] = task_class(args.task).default_model
     if getattr(args, "leave_out", None):
         overrides["leave-out"] = ",".join(args.leave_out)
@@ -157,6 +156,16 @@ def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     # Validate now, not inside the simulation: a typo fails here, naming the key.
     from_run_config(ServerConfig, {**default_run_config(), **overrides})
     return overrides
+
+
+# What a simulation needs only once it has finished (MLflow, torch, MONAI, plotting): imported
+# while the federation starts up, not before the local SuperLink is started.
+_AFTER_RUN_MODULES = ("simulations.summary", "simulations.overlays")
+
+
+def _preload() -> None:
+    for module in _AFTER_RUN_MODULES:
+        importlib.import_module(module)
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -197,6 +206,10 @@ def simulate(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     wall_time_s = time.monotonic() - started
+    from server import tracking
+    from simulations.overlays import log_overlays
+    from simulations.summary import print_summary
+
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     run = tracking.find_run(config.run_key, config.experiment_name)
     if run is not None and run.info.status == "FINISHED":
@@ -226,7 +239,11 @@ def _run_on_local_superlink(
             "--federation-config",
             f"num-supernodes={args.sites} client-resources-num-cpus={args.cpus_per_site}",
         ]
-        returncode = _stream(command, env, verbose=args.verbose)
+        # Once the ServerApp says its MLflow run has ended, the SuperLink is stopped with the
+        # simulation runtime and Ray below it, instead of waiting seconds for their shutdown.
+        returncode = _stream(
+            command, env, verbose=args.verbose, until=RUN_FINISHED_LOG, meanwhile=_preload
+        )
         if returncode != 0:
             print(f"flwr run exited with {returncode}; SuperLink log: {superlink.log_path}")
     return returncode
@@ -248,6 +265,8 @@ def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> P
                 f"--data {root} lacks site folders site-{missing[0]} (of {args.sites})"
             )
         return root
+    from simulations.synth import FederationSpec, ensure_federation
+
     config = from_run_config(ClientConfig, {**default_run_config(), **overrides})
     folders = ensure_federation(
         args.workdir.resolve() / "data",
@@ -312,8 +331,17 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LOG_PREFIX = re.compile(r"^(?:(?:DEBUG|INFO|WARNING|ERROR)\s*:(?:flwr:)?\s*)")
 
 
-def _stream(command: list[str], env: dict[str, str], *, verbose: bool) -> int:
-    """Run ``command``, echoing progress lines (all lines with ``verbose``)."""
+def _stream(
+    command: list[str],
+    env: dict[str, str],
+    *,
+    verbose: bool,
+    until: str | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> int:
+    """Run ``command``, echoing progress lines (all lines with ``verbose``); if a line holds
+    ``until``, stop the command there and return 0. ``meanwhile`` is called once the command
+    has started (its output waits in the pipe)."""
     process = subprocess.Popen(
         command,
         env=env,
@@ -323,15 +351,20 @@ def _stream(command: list[str], env: dict[str, str], *, verbose: bool) -> int:
         cwd=APP_DIR,
     )
     assert process.stdout is not None  # guaranteed by stdout=PIPE
+    if meanwhile is not None:
+        meanwhile()
     seen: set[str] = set()
     for line in process.stdout:
         text = line.rstrip()
+        message = _LOG_PREFIX.sub("", _ANSI.sub("", text)).rstrip()
         if verbose:
             print(text, flush=True)
-            continue
-        # Flower logs each line through two handlers; show each message once.
-        message = _LOG_PREFIX.sub("", _ANSI.sub("", text)).rstrip()
-        if any(marker in text for marker in PROGRESS_MARKERS) and message not in seen:
+        elif any(marker in text for marker in PROGRESS_MARKERS) and message not in seen:
+            # Flower logs each line through two handlers; show each message once.
             seen.add(message)
             print(message, flush=True)
+        if until is not None and until in message:
+            process.terminate()
+            process.wait()
+            return 0
     return process.wait()

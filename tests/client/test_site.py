@@ -10,9 +10,9 @@ import torch
 
 from client import site as site_module
 from client.data import SiteDataError
-from client.site import SIMULATION_DATA_ENV, load_site, site_name
+from client.site import load_site, site_name
 from common import manifest as mf
-from common.config import ClientConfig, default_run_config, from_run_config
+from common.config import SIMULATION_DATA_ENV, ClientConfig, default_run_config, from_run_config
 from simulations.synth import FederationSpec, write_federation
 
 
