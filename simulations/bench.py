@@ -78,7 +78,7 @@ class Profile:
     #: Simulated sites of ``scale``, with ``scale_samples`` images each, ``scale_rounds`` rounds.
     scale_sites: tuple[int, ...] = (10, 30, 100)
     scale_samples: int = 16
-    scale_rounds: int = 2
+    scale_rounds: int = 1
 
     def model(self, task: str) -> str:
         return self.classification_model if task == "classification" else self.segmentation_model
@@ -118,9 +118,9 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         sites=3,
-        samples_per_site=120,
+        samples_per_site=100,
         image_size=64,
-        rounds=6,
+        rounds=5,
         local_epochs=2,
         batch_size=8,
         seeds=(0, 1, 2),
