@@ -53,6 +53,9 @@ def test_quick_profile_writes_every_part_with_traceable_runs(tmp_path: Path):
     assert comm.loc["none", "x_fp32"] == pytest.approx(1.0, abs=0.05)
 
     overhead = pd.read_csv(out / "overhead.csv")
-    assert len(overhead) == 3 and (overhead["ratio"] > 0).all()
+    # One repeat: the whole run and one round against the bare loop, then fp32 and bf16 epochs.
+    assert len(overhead) == 4 and (overhead["ratio"] > 0).all()
+    one_round = overhead[overhead["measure"].str.startswith("one round")]
+    assert len(one_round) == 1 and one_round["radfl_s"].iloc[0] > 0
     scale = pd.read_csv(out / "scale.csv")
     assert list(scale["sites"]) == [2, 4] and (scale["peak_memory_mb"] > 0).all()
