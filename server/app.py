@@ -26,7 +26,7 @@ from common.tasks import get_task
 from server import checkpoint, final, tracking
 from server.rounds import RoundRecorder
 from server.strategies import build_strategy, reply_policy
-from server.validation import gate_of
+from server.validation import ArrivalGrid, gate_of
 
 app = ServerApp()
 
@@ -112,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
             )
         remaining = config.num_rounds - recorder.offset
         result = strategy.start(
-            grid=grid,
+            grid=ArrivalGrid(grid, gate_of(strategy).receive),
             initial_arrays=start_arrays,
             num_rounds=remaining,
             timeout=config.round_timeout_s,

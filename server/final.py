@@ -129,7 +129,8 @@ def final_evaluation(
 ) -> tuple[dict[str, SplitStates], dict[str, str]]:
     """Validation and test states of the final model from every site, and the sites that
     failed (name to reason)."""
-    content = {node: RecordDict({keys.ARRAYS: ArrayRecord(dict(state))}) for node in sites}
+    record = ArrayRecord(dict(state))  # one copy shared by every message, not one per site
+    content = {node: RecordDict({keys.ARRAYS: record}) for node in sites}
     replies = _send(grid, content, f"{MessageType.EVALUATE}.{keys.FINAL_EVALUATION}", timeout)
     splits = {split: SplitStates(num_classes, task) for split in SPLITS}
     failed: dict[str, str] = {}
@@ -182,10 +183,11 @@ def cross_site_validation(
     every site. Returns ``matrix[model][site]``.
     """
     primary = task.primary_metric
+    start = ArrayRecord(dict(initial))
     content = {
         node: RecordDict(
             {
-                keys.ARRAYS: ArrayRecord(dict(initial)),
+                keys.ARRAYS: start,
                 keys.CONFIG: ConfigRecord({keys.LOCAL_ROUNDS: num_rounds}),
             }
         )

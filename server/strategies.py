@@ -96,6 +96,11 @@ _STRATEGIES: dict[str, StrategyFactory] = {
 }
 
 
+#: Strategies whose aggregate is the sample-weighted mean of the updates (before any server
+#: optimiser step): their replies are folded into a running mean as they arrive.
+MEAN_AGGREGATES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedbn"})
+
+
 def list_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
@@ -143,6 +148,7 @@ def build_strategy(
         on_reject or (lambda server_round, site, reason: None),
         on_failed_round or (lambda server_round, reason: None),
         on_traffic,
+        fold=config.strategy in MEAN_AGGREGATES,
     )
 
 

@@ -22,13 +22,25 @@ model and is recorded as failed.
 from __future__ import annotations
 
 import math
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from common import compression
 from common import messages as keys
@@ -60,35 +72,54 @@ def check_replies(
     node_names: Mapping[int, str],
 ) -> tuple[list[Message], list[tuple[str, str]]]:
     """``(accepted, [(site, reason), ...])`` for one round's training replies."""
+    expected = _expected(reference)
     accepted: list[tuple[Message, float]] = []
     rejected: list[tuple[str, str]] = []
-    expected = {name: ref.numpy() for name, ref in reference.items()}
     for reply in replies:
         name = _name(reply, node_names)
-        reason, norm = _decode(reply, reference)
-        if reason is None:
-            reason, norm = _check_one(reply, expected, policy, name)
+        reason, norm = _check_arrival(reply, reference, expected, policy, name)
         if reason is None:
             accepted.append((reply, norm))
         else:
             rejected.append((name, reason))
-    if len(accepted) >= 3 and policy.max_update_norm_ratio > 0:
-        kept = []
-        for reply, norm in accepted:
-            others = [n for r, n in accepted if r is not reply]
-            median = float(np.median(others))
-            if median > 0 and norm > policy.max_update_norm_ratio * median:
-                rejected.append(
-                    (
-                        _name(reply, node_names),
-                        f"update norm {norm:.4g} exceeds {policy.max_update_norm_ratio:g}x the "
-                        f"median of the other replies ({median:.4g})",
-                    )
-                )
-            else:
-                kept.append((reply, norm))
-        accepted = kept
-    return [reply for reply, _ in accepted], rejected
+    outliers = _norm_outliers([norm for _, norm in accepted], policy.max_update_norm_ratio)
+    for index, reason in outliers.items():
+        rejected.append((_name(accepted[index][0], node_names), reason))
+    kept = [reply for index, (reply, _) in enumerate(accepted) if index not in outliers]
+    return kept, rejected
+
+
+def _expected(reference: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in reference.items()}
+
+
+def _check_arrival(
+    reply: Message,
+    reference: ArrayRecord,
+    expected: Mapping[str, np.ndarray],
+    policy: ReplyPolicy,
+    name: str,
+) -> tuple[str | None, float]:
+    """Checks 1 to 4 on one reply (decoding a compressed update first): ``(reason, norm)``."""
+    reason, norm = _decode(reply, reference)
+    if reason is None:
+        reason, norm = _check_one(reply, expected, policy, name)
+    return reason, norm
+
+
+def _norm_outliers(norms: list[float], ratio: float) -> dict[int, str]:
+    """Check 5: by index into ``norms``, the updates too large against the others' median."""
+    if len(norms) < 3 or ratio <= 0:
+        return {}
+    outliers = {}
+    for index, norm in enumerate(norms):
+        median = float(np.median(norms[:index] + norms[index + 1 :]))
+        if median > 0 and norm > ratio * median:
+            outliers[index] = (
+                f"update norm {norm:.4g} exceeds {ratio:g}x the median of the other replies "
+                f"({median:.4g})"
+            )
+    return outliers
 
 
 def _decode(reply: Message, reference: ArrayRecord) -> tuple[str | None, float]:
@@ -169,9 +200,71 @@ def _name(reply: Message, node_names: Mapping[int, str]) -> str:
     return node_names.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
 
 
+@dataclass
+class _Arrival:
+    """What the gate kept of one training reply once it arrived."""
+
+    name: str
+    reason: str | None  # None: passed checks 1 to 4
+    norm: float
+    weight: float
+    received_bytes: int | None  # None: an error reply
+
+
+class RunningMean:
+    """Sample-weighted sum of one round's accepted updates, folded in as they arrive.
+
+    The server then holds one model's worth of float64 sums however many sites reply, where
+    holding every reply grows by a model per site. The norm check (5) can only run once the
+    round's replies are in, so each folded update is also written to ``spill_dir`` and read
+    back only to take a rejected one out again.
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray], spill_dir: Path | None) -> None:
+        self.sums = {key: np.zeros(value.shape, np.float64) for key, value in reference.items()}
+        self.weight = 0.0
+        self.spill_dir = spill_dir
+        self._spilled: dict[int, Path] = {}
+
+    def add(self, key: int, arrays: ArrayRecord, weight: float) -> None:
+        values = {name: arrays[name].numpy() for name in self.sums}
+        for name, value in values.items():
+            self.sums[name] += weight * value
+        self.weight += weight
+        if self.spill_dir is not None:
+            path = self.spill_dir / f"{key}.npz"
+            with path.open("wb") as out:
+                np.savez(out, *values.values())  # positional: keys may not be valid names
+            self._spilled[key] = path
+
+    def remove(self, key: int, weight: float) -> None:
+        """Take a folded update out again (it failed the norm check)."""
+        with np.load(self._spilled.pop(key)) as saved:
+            for index, name in enumerate(self.sums):
+                self.sums[name] -= weight * saved[f"arr_{index}"]
+        self.weight -= weight
+
+    def mean(self, reference: Mapping[str, np.ndarray]) -> ArrayRecord:
+        """The weighted mean, each array in the global model's dtype."""
+        return ArrayRecord(
+            {
+                name: Array(np.asarray(total / self.weight).astype(reference[name].dtype))
+                for name, total in self.sums.items()
+            }
+        )
+
+
 class ReplyGate:
     """Wraps a strategy's ``configure_train`` and ``aggregate_train``: checks each training
-    reply before the strategy aggregates, records missing replies, enforces the quorum."""
+    reply before the strategy aggregates, records missing replies, enforces the quorum.
+
+    With ``fold`` (strategies whose aggregate is the sample-weighted mean: FedAvg and the
+    server optimisers built on it), each reply is checked and folded into a
+    :class:`RunningMean` as it arrives (:meth:`receive`, called by :class:`ArrivalGrid`), and
+    its weights are dropped; the strategy then aggregates replies that all carry the round's
+    mean, which gives that mean. Server memory stays flat in the number of sites. Other
+    strategies (median, trimmed mean, Krum) need every update at once and keep them.
+    """
 
     def __init__(
         self,
@@ -181,16 +274,22 @@ class ReplyGate:
         on_reject: RejectCallback,
         on_failed_round: FailedRoundCallback,
         on_traffic: TrafficCallback | None = None,
+        fold: bool = False,
     ) -> None:
         self.policy = policy
         self.on_traffic = on_traffic
         self.node_names = dict(node_names)
         self.on_reject = on_reject
         self.on_failed_round = on_failed_round
+        self.fold = fold
         self.round_start: ArrayRecord | None = None
         self.sampled: set[int] = set()
         #: Rounds already done before this ``start`` (a resumed run): Flower counts from 1.
         self.offset = 0
+        self._expected: dict[str, np.ndarray] | None = None
+        self._arrivals: dict[int, tuple[Message, _Arrival]] = {}
+        self._sum: RunningMean | None = None
+        self._spill: tempfile.TemporaryDirectory[str] | None = None
         self._configure = strategy.configure_train
         self._aggregate = strategy.aggregate_train
         strategy.configure_train = self.configure_train
@@ -201,53 +300,171 @@ class ReplyGate:
     ) -> Iterable[Message]:
         server_round += self.offset
         messages = list(self._configure(server_round, arrays, config, grid))
+        self._end_round()
         self.round_start = arrays
         self.sampled = {m.metadata.dst_node_id for m in messages}
         return messages
+
+    def receive(self, reply: Message) -> None:
+        """Check (and with ``fold``, fold in) a training reply the moment it arrives."""
+        if self.round_start is not None and reply.metadata.message_type == MessageType.TRAIN:
+            self._arrive(reply)
+
+    def _arrive(self, reply: Message) -> _Arrival:
+        known = self._arrivals.get(id(reply))
+        if known is not None and known[0] is reply:
+            return known[1]
+        assert self.round_start is not None, "a training reply before configure_train"
+        if self._expected is None:
+            self._expected = _expected(self.round_start)
+        name = _name(reply, self.node_names)
+        received = None if reply.has_error() else compression.payload_bytes(reply.content)
+        reason, norm = _check_arrival(reply, self.round_start, self._expected, self.policy, name)
+        weight = 0.0
+        if reason is None:
+            weight = keys.scalar(keys.metric_record(reply.content), keys.NUM_EXAMPLES)
+            if self.fold:
+                self._running_sum().add(id(reply), keys.array_record(reply.content), weight)
+        if self.fold and not reply.has_error() and keys.ARRAYS in reply.content:
+            del reply.content[keys.ARRAYS]
+        arrival = _Arrival(name, reason, norm, weight, received)
+        self._arrivals[id(reply)] = (reply, arrival)
+        return arrival
+
+    def _running_sum(self) -> RunningMean:
+        if self._sum is None:
+            assert self._expected is not None
+            spill = None
+            if self.policy.max_update_norm_ratio > 0:
+                self._spill = tempfile.TemporaryDirectory(prefix="radfl-round-")
+                spill = Path(self._spill.name)
+            self._sum = RunningMean(self._expected, spill)
+        return self._sum
+
+    def _end_round(self) -> None:
+        self._arrivals, self._sum, self._expected = {}, None, None
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.offset
-        replies = list(replies)
+        try:
+            return self._aggregate_checked(server_round, list(replies))
+        finally:
+            self._end_round()
+
+    def _aggregate_checked(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         answered = {r.metadata.src_node_id for r in replies}
         for node in sorted(self.sampled - answered):
             name = self.node_names.get(node, f"node {node}")
             self.on_reject(server_round, name, "no reply within round-timeout-s")
         assert self.round_start is not None, "aggregate_train before configure_train"
+        arrivals = [(reply, self._arrive(reply)) for reply in replies]
         if self.on_traffic is not None:
             received = {
-                _name(r, self.node_names): compression.payload_bytes(r.content)
-                for r in replies
-                if not r.has_error()
+                a.name: a.received_bytes for _, a in arrivals if a.received_bytes is not None
             }
             model_bytes = sum(_fp32_bytes(self.round_start[k].numpy()) for k in self.round_start)
             self.on_traffic(server_round, received, model_bytes)
-        accepted, rejected = check_replies(replies, self.round_start, self.policy, self.node_names)
-        for name, reason in rejected:
-            self.on_reject(server_round, name, reason)
-        if len(accepted) < self.policy.min_replies:
+        accepted = [(reply, a) for reply, a in arrivals if a.reason is None]
+        for _, arrival in arrivals:
+            if arrival.reason is not None:
+                self.on_reject(server_round, arrival.name, arrival.reason)
+        outliers = _norm_outliers([a.norm for _, a in accepted], self.policy.max_update_norm_ratio)
+        for index, reason in outliers.items():
+            reply, arrival = accepted[index]
+            self.on_reject(server_round, arrival.name, reason)
+            if self._sum is not None:
+                self._sum.remove(id(reply), arrival.weight)
+        kept = [reply for index, (reply, _) in enumerate(accepted) if index not in outliers]
+        if len(kept) < self.policy.min_replies:
             self.on_failed_round(
                 server_round,
-                f"{len(accepted)} valid training replies of {len(self.sampled)}, quorum "
+                f"{len(kept)} valid training replies of {len(self.sampled)}, quorum "
                 f"{self.policy.min_replies}: the global model is kept",
             )
             return None, None
-        arrays, metrics = self._aggregate(server_round, accepted)
+        if self._sum is not None:
+            mean = self._sum.mean(_expected(self.round_start))
+            for reply in kept:
+                reply.content[keys.ARRAYS] = mean  # one shared record: their mean is the mean
+        arrays, metrics = self._aggregate(server_round, kept)
         if arrays is None:
             return arrays, metrics
         # Averaging turns integer scalars (BatchNorm's batch counters) into float vectors of one;
         # the global model keeps the dtypes and shapes it started with, so every round checks
         # replies the same way.
-        kept = ArrayRecord()
+        result = ArrayRecord()
         for key in arrays:
             value = np.asarray(arrays[key].numpy())
             if key in self.round_start:
                 start = self.round_start[key].numpy()
                 if value.size == start.size:
                     value = value.astype(start.dtype, copy=False).reshape(start.shape)
-            kept[key] = Array(np.array(value, order="C"))  # 0-d stays 0-d
-        return kept, metrics
+            result[key] = Array(np.array(value, order="C"))  # 0-d stays 0-d
+        return result, metrics
+
+
+class ArrivalGrid(Grid):
+    """The ServerApp's grid, handing each reply to ``on_reply`` the moment it is pulled (so a
+    :class:`ReplyGate` can fold training replies in as they arrive). Otherwise Flower's own
+    ``send_and_receive``: push everything, pull until all replied or ``timeout``."""
+
+    def __init__(
+        self, grid: Grid, on_reply: Callable[[Message], None], pull_interval_s: float = 0.1
+    ) -> None:
+        self.grid = grid
+        self.on_reply = on_reply
+        self.pull_interval_s = pull_interval_s
+
+    def __getattr__(self, name: str) -> Any:  # what a particular grid adds (get_nodes)
+        return getattr(self.grid, name)
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        waiting = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + (timeout or 0.0)
+        replies: list[Message] = []
+        while waiting and (timeout is None or time.monotonic() < deadline):
+            for reply in self.grid.pull_messages(waiting):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                self.on_reply(reply)
+                replies.append(reply)
+            if waiting:
+                time.sleep(self.pull_interval_s)
+        return replies
 
 
 def with_validation(
@@ -257,10 +474,11 @@ def with_validation(
     on_reject: RejectCallback,
     on_failed_round: FailedRoundCallback,
     on_traffic: TrafficCallback | None = None,
+    fold: bool = False,
 ) -> Any:
     """``strategy`` with its training replies checked (see :class:`ReplyGate`)."""
     strategy.reply_gate = ReplyGate(
-        strategy, policy, node_names, on_reject, on_failed_round, on_traffic
+        strategy, policy, node_names, on_reject, on_failed_round, on_traffic, fold
     )
     return strategy
 

@@ -84,6 +84,8 @@ def test_final_evaluation_collects_splits_cells_and_suppression_and_names_failed
     grid = FakeGrid([1, 2, 3], handler)
     state = {"w": torch.zeros(2)}
     splits, failed = final.final_evaluation(grid, _sites("a", "b", "c"), state, 2, timeout=5)
+    # One copy of the model, shared by every site's message: memory does not grow per site.
+    assert len({id(message.content["arrays"]) for message in grid.sent}) == 1
     assert failed == {"c": "error 1: CUDA out of memory"}
     assert sorted(splits["test"].sites) == ["a", "b"]
     assert sorted(splits["test"].cells["sex=F"]) == ["a", "b"]

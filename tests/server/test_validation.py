@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
+from flwr.serverapp import Grid
 
 from common.config import ServerConfig, default_run_config, from_run_config
 from server.strategies import build_strategy, reply_policy
-from server.validation import ReplyPolicy, check_replies
+from server.validation import ArrivalGrid, ReplyPolicy, check_replies
 
 RNG = np.random.default_rng(0)
 GLOBAL = {"conv.weight": RNG.normal(size=(4, 3)).astype(np.float32), "bn.n": np.array(3)}
@@ -96,11 +97,11 @@ def test_strategy_aggregates_the_valid_replies_and_records_the_rest():
     replies = [_reply("site-0", node=1), _reply("site-1", num_examples=30, node=2)]
     replies.append(_error_reply(node=3))
     gate.node_names = {3: "site-9", 4: "site-4"}
-    arrays, _ = strategy.aggregate_train(2, replies)
     expected = (
         10 * replies[0].content["arrays"]["conv.weight"].numpy()
         + 30 * replies[1].content["arrays"]["conv.weight"].numpy()
     ) / 40
+    arrays, _ = strategy.aggregate_train(2, replies)
     np.testing.assert_allclose(arrays["conv.weight"].numpy(), expected, rtol=1e-6)
     missing = [site for _, site, reason in rejections if reason.startswith("no reply")]
     assert missing == ["site-4"]
@@ -144,9 +145,10 @@ def test_compressed_updates_are_decoded_aggregated_and_counted():
     )
     strategy.reply_gate.round_start = _record(GLOBAL)
     plain = [_reply(f"site-{i}") for i in range(3)]
-    replies = []
+    replies, sent_weights = [], []
     for index, reply in enumerate(plain[:2]):
         trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        sent_weights.append(trained["conv.weight"])
         records, _ = compression.encode(trained, GLOBAL, "int8" if index == 0 else "fp16")
         for name, record in records.items():
             reply.content[name] = record
@@ -156,7 +158,7 @@ def test_compressed_updates_are_decoded_aggregated_and_counted():
     replies.append(broken)
     sent = {f"site-{i}": compression.payload_bytes(r.content) for i, r in enumerate(replies)}
     arrays, _ = strategy.aggregate_train(1, replies)
-    expected = np.mean([r.content["arrays"]["conv.weight"].numpy() for r in plain[:2]], axis=0)
+    expected = np.mean(sent_weights, axis=0)
     np.testing.assert_allclose(arrays["conv.weight"].numpy(), expected, atol=0.01)
     assert arrays["bn.n"].numpy() == GLOBAL["bn.n"] + 1
     assert [site for site, _ in rejections] == ["site-2"]
@@ -164,3 +166,88 @@ def test_compressed_updates_are_decoded_aggregated_and_counted():
     ((server_round, received, model_bytes),) = traffic
     assert model_bytes == 4 * 12 + 8
     assert received == sent  # what arrived, before decoding
+
+
+class ArrivingGrid(Grid):
+    """Replies arrive one per pull, in the order given: what a slow federation looks like."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        for index, reply in enumerate(self.replies):  # as if each answered a pushed message
+            reply.metadata.__dict__["_reply_to_message_id"] = f"m{index}"
+
+    def push_messages(self, messages):
+        return [f"m{index}" for index, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(0)] if self.replies else []
+
+    def send_and_receive(self, messages, *, timeout=None): ...
+    def set_run(self, run): ...
+    @property
+    def run(self): ...
+    def create_message(self, *args, **kwargs): ...
+    def get_node_ids(self): ...
+
+
+def _round(strategy_name: str, fold: bool, **overrides):
+    """One training round through an ArrivalGrid: 4 benign sites, a NaN one, a scaled one."""
+    rejections = []
+    strategy = build_strategy(
+        _config(strategy=strategy_name, **overrides),
+        on_reject=lambda r, site, reason: rejections.append((site, reason)),
+    )
+    gate = strategy.reply_gate
+    gate.fold = fold
+    gate.round_start = _record(GLOBAL)
+    rng = np.random.default_rng(7)
+    replies = []
+    for node, examples in enumerate((10, 20, 30, 40), start=1):
+        step = 0.1 * rng.normal(size=(4, 3)).astype(np.float32)
+        values = {"conv.weight": GLOBAL["conv.weight"] + step, "bn.n": GLOBAL["bn.n"] + node}
+        replies.append(_reply(f"site-{node}", values, num_examples=examples, node=node))
+    nan = {**GLOBAL, "conv.weight": np.full((4, 3), np.nan, np.float32)}
+    replies.append(_reply("nan", nan, node=5))
+    scaled = {**GLOBAL, "conv.weight": GLOBAL["conv.weight"] + 50.0}
+    replies.append(_reply("scaled", scaled, node=6))
+    benign = [r.content["arrays"]["conv.weight"].numpy().copy() for r in replies[:4]]
+    grid = ArrivalGrid(ArrivingGrid(replies), gate.receive, pull_interval_s=0.0)
+    instructions = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(6)]
+    arrived = grid.send_and_receive(instructions, timeout=5)
+    return strategy, gate, list(arrived), benign, rejections
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_replies_are_checked_as_they_arrive_and_give_the_same_mean_folded_or_held(fold):
+    strategy, gate, arrived, benign, rejections = _round("fedavg", fold)
+    assert len(arrived) == 6
+    # Folded: no reply still holds its weights, so server memory does not grow per site.
+    assert all(("arrays" in r.content) is not fold for r in arrived)
+    arrays, _ = strategy.aggregate_train(1, arrived)
+    expected = np.average(benign, axis=0, weights=[10, 20, 30, 40])
+    np.testing.assert_allclose(arrays["conv.weight"].numpy(), expected, rtol=1e-6)
+    assert arrays["conv.weight"].numpy().dtype == np.float32
+    assert arrays["bn.n"].numpy().dtype == GLOBAL["bn.n"].dtype
+    assert int(arrays["bn.n"].numpy()) == 3 + round((10 + 40 + 90 + 160) / 100)
+    reasons = dict(rejections)
+    assert set(reasons) == {"nan", "scaled"}
+    assert "exceeds 10x the median" in reasons["scaled"]  # taken back out of the running sum
+    assert gate._spill is None  # the round's spilled updates are deleted
+
+
+def test_a_server_optimiser_steps_from_the_same_mean_folded_or_held():
+    results = []
+    for fold in (True, False):
+        strategy, _, arrived, _, _ = _round("fedadam", fold, **{"server-learning-rate": 0.1})
+        strategy.current_arrays = {k: v.copy() for k, v in GLOBAL.items()}
+        arrays, _ = strategy.aggregate_train(1, arrived)
+        results.append(arrays["conv.weight"].numpy())
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-7)
+
+
+def test_below_quorum_after_the_norm_check_the_folded_round_keeps_the_global_model():
+    failures = []
+    strategy, gate, arrived, _, _ = _round("fedavg", True, **{"min-replies": 5})
+    gate.on_failed_round = lambda r, reason: failures.append(reason)
+    assert strategy.aggregate_train(1, arrived) == (None, None)
+    assert failures and failures[0].startswith("4 valid training replies")
