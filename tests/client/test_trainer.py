@@ -183,3 +183,16 @@ def test_non_finite_steps_are_skipped_and_a_run_of_only_such_steps_fails(monkeyp
     monkeypatch.setattr(task, "train_step", lambda m, b, f: original(m, b, f) * float("inf"))
     with pytest.raises(FloatingPointError, match="non-finite"):
         trainer.fit(task.build_model())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_the_bf16_gradient_check_finds_a_non_finite_value_in_any_parameter(bad):
+    from client.trainer import _finite_gradients
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    for parameter in model.parameters():
+        parameter.grad = torch.full_like(parameter, 1e30)  # large but finite
+    model[1].bias.grad = None  # a parameter without gradient is skipped
+    if bad is not None:
+        model[1].weight.grad[1, 2] = bad
+    assert _finite_gradients(model) is (bad is None)
