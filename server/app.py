@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import messages as keys
-from common.config import RUN_FINISHED_LOG, ServerConfig, from_run_config
+from common.config import RUN_FINISHED_LOG, ClientConfig, ServerConfig, from_run_config
 from common.errors import ConfigError
 from common.report import Report
 from common.report_files import fmt_ci
@@ -49,7 +49,11 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("resume needs checkpoint-dir (and the run-key of the run to resume)")
     resumed = checkpoint.load(saved) if config.resume and saved is not None else None
     resume_run_id = resumed["run-id"] if resumed else ""
-    with tracking.start_run(config, mode="federated", resume_run_id=resume_run_id) as run:
+    # The sites' training config: every ClientApp reads it from this run's config.
+    training = from_run_config(ClientConfig, context.run_config)
+    with tracking.start_run(
+        config, mode="federated", training=training, resume_run_id=resume_run_id
+    ) as run:
         log(INFO, "[radfl] MLflow run %s at %s", run.info.run_id, tracking.tracking_uri())
         nodes = final.wait_for_sites(grid, config.min_sites, config.start_timeout_s)
         sites = final.describe_sites(grid, nodes, config.round_timeout_s)

@@ -28,7 +28,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
-from common.config import ServerConfig
+from common.config import ClientConfig, ServerConfig
 
 RUN_KEY_TAG = "radfl.run-key"
 MODE_TAG = "radfl.mode"
@@ -59,10 +59,16 @@ def registered_model_name(config: ServerConfig) -> str:
 
 @contextmanager
 def start_run(
-    config: ServerConfig, *, mode: str, run_name: str | None = None, resume_run_id: str = ""
+    config: ServerConfig,
+    *,
+    mode: str,
+    training: ClientConfig | None = None,
+    run_name: str | None = None,
+    resume_run_id: str = "",
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start the MLflow run of a federated (or centralized) run, logging its config; with
-    ``resume_run_id``, reopen that run (a resumed run logs into the run it continues)."""
+    """Start the MLflow run of a federated (or centralized) run, logging its config and the
+    sites' ``training`` config (batch size resolved); with ``resume_run_id``, reopen that run
+    (a resumed run logs into the run it continues)."""
     if resume_run_id:
         with mlflow.start_run(run_id=resume_run_id) as run:
             yield run
@@ -72,7 +78,8 @@ def start_run(
     if config.run_key:
         tags[RUN_KEY_TAG] = config.run_key
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        params = dataclasses.asdict(config)
+        params = dataclasses.asdict(training) if training else {}
+        params.update(dataclasses.asdict(config))
         params.pop("run_key")
         mlflow.log_params(params)
         yield run

@@ -143,7 +143,7 @@ PROFILES["gpu"] = replace(
     samples_per_site=300,
     rounds=20,
     local_epochs=3,
-    batch_size=32,
+    batch_size=0,  # the task's own, as in pyproject.toml
     compressions=("none", "fp16", "int8"),
 )
 

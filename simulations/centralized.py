@@ -56,7 +56,7 @@ def centralized(args: argparse.Namespace) -> int:
         f"{server_config.model}, seed {server_config.seed}; tracking to {tracking.tracking_uri()}",
         flush=True,
     )
-    with tracking.start_run(server_config, mode="centralized") as run:
+    with tracking.start_run(server_config, mode="centralized", training=client_config) as run:
         best_value, best_round, best_state = None, None, None
         primary = task.metrics[task.primary_metric]
         untrained = trainer.evaluate(model).compute()

@@ -17,8 +17,29 @@ def test_defaults_build_both_app_configs():
     server = from_run_config(ServerConfig, run_config)
     client = from_run_config(ClientConfig, run_config)
     assert server.num_rounds == run_config["num-rounds"]
-    assert client.batch_size == run_config["batch-size"]
+    assert run_config["batch-size"] == 0  # the task's own
+    assert client.batch_size == 32 and client.task == "classification"
     assert server.model_config == client.model_config
+
+
+@pytest.mark.parametrize(
+    ("task", "batch_size", "expected"),
+    [
+        ("classification", 0, 32),
+        ("segmentation", 0, 8),
+        ("detection", 0, 8),
+        ("instance", 0, 8),
+        ("segmentation", 16, 16),
+    ],
+)
+def test_batch_size_zero_is_the_tasks_own_and_a_set_one_is_kept(task, batch_size, expected):
+    run_config = {**default_run_config(), "task": task, "batch-size": batch_size}
+    assert from_run_config(ClientConfig, run_config).batch_size == expected
+
+
+def test_a_negative_batch_size_is_refused():
+    with pytest.raises(ConfigError, match="batch-size must be positive"):
+        from_run_config(ClientConfig, {**default_run_config(), "batch-size": -4})
 
 
 def test_unknown_key_raises_with_its_name():

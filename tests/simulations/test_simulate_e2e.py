@@ -78,6 +78,8 @@ def test_simulate_two_sites_two_rounds_is_tracked_in_mlflow(tmp_path: Path):
     assert run.data.params["model"] == "small-cnn"
     assert run.data.params["num_rounds"] == "2"
     assert run.data.params["seed"] == "7"
+    # The sites' training config is logged too, as the sites resolved it.
+    assert run.data.params["batch_size"] == "8" and run.data.params["optimizer"] == "adamw"
     assert run.info.run_id in done.stdout
 
     # Site 0 has the lowest prevalence: its tiny validation split may hold no positive (AUC
