@@ -1,5 +1,7 @@
 """Training replies are checked before aggregation; bad ones are dropped with a reason."""
 
+import time
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -251,3 +253,14 @@ def test_below_quorum_after_the_norm_check_the_folded_round_keeps_the_global_mod
     gate.on_failed_round = lambda r, reason: failures.append(reason)
     assert strategy.aggregate_train(1, arrived) == (None, None)
     assert failures and failures[0].startswith("4 valid training replies")
+
+
+def test_the_arrival_grid_returns_what_arrived_by_the_deadline_and_hands_each_reply_over():
+    replies = [_reply("site-1", node=1), _reply("site-2", node=2)]
+    seen = []
+    grid = ArrivalGrid(ArrivingGrid(replies), seen.append, pull_interval_s=0.01)
+    instructions = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
+    started = time.monotonic()
+    arrived = list(grid.send_and_receive(instructions, timeout=0.3))  # node 3 never replies
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert arrived == replies and seen == replies
