@@ -381,7 +381,13 @@ class ReplyGate:
             self.on_reject(server_round, arrival.name, reason)
             if self._sum is not None:
                 self._sum.remove(id(reply), arrival.weight)
-        kept = [reply for index, (reply, _) in enumerate(accepted) if index not in outliers]
+        # In site order, not arrival order: float sums depend on their order, and a run should
+        # give the same model whichever site happened to answer first.
+        kept = [
+            reply
+            for index, (reply, _) in sorted(enumerate(accepted), key=lambda item: item[1][1].name)
+            if index not in outliers
+        ]
         if len(kept) < self.policy.min_replies:
             self.on_failed_round(
                 server_round,

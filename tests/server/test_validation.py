@@ -264,3 +264,24 @@ def test_the_arrival_grid_returns_what_arrived_by_the_deadline_and_hands_each_re
     arrived = list(grid.send_and_receive(instructions, timeout=0.3))  # node 3 never replies
     assert 0.3 <= time.monotonic() - started < 2.0
     assert arrived == replies and seen == replies
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_the_aggregate_does_not_depend_on_which_site_answered_first(fold):
+    rng = np.random.default_rng(3)
+    values = [
+        {"conv.weight": (rng.normal(size=(4, 3)) * 10.0 ** rng.integers(-3, 3)).astype(np.float32),
+         "bn.n": GLOBAL["bn.n"] + i}
+        for i in range(6)
+    ]  # fmt: skip
+    results = []
+    for order in (range(6), reversed(range(6)), [3, 0, 5, 1, 4, 2]):
+        strategy = build_strategy(_config(strategy="fedavg", **{"max-update-norm-ratio": 0.0}))
+        gate = strategy.reply_gate
+        gate.fold, gate.round_start = fold, _record(GLOBAL)
+        replies = [_reply(f"site-{i}", values[i], num_examples=7 + 3 * i, node=i) for i in order]
+        for reply in replies:
+            gate.receive(reply)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        results.append(arrays["conv.weight"].numpy())
+    assert all(np.array_equal(results[0], other) for other in results[1:])
