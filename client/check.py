@@ -868,13 +868,15 @@ def load_checked_site(
         raise SiteDataError(
             f"site check of {root} failed with {len(report.problems)} problem(s):\n"
             + "\n".join(report.problem_lines())
-            + hint
+            + hint,
+            problems=len(report.problems),
         )
     usable = table.drop(index=[line for line in report.bad_lines if line in table.index])
     if usable.empty:
         raise SiteDataError(
             f"site {root} has no usable samples: every one of its {report.rows} rows has a "
-            "problem:\n" + "\n".join(report.problem_lines())
+            "problem:\n" + "\n".join(report.problem_lines()),
+            problems=len(report.problems),
         )
     if report.problems:
         log.warning(

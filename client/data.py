@@ -81,7 +81,23 @@ _PREPROCESS_VERSION = 1
 
 
 class SiteDataError(RadFLError, ValueError):
-    """A site's manifest or images cannot be used; the message names the file (and CSV line)."""
+    """A site's manifest or images cannot be used; the message names the file (and CSV line).
+
+    Only ``code``, ``category`` and the number of ``problems`` leave the site
+    (``common.errors.public_message``): the message names files and patients.
+    """
+
+    code = "E-DATA"
+    category = "site data check failed"
+
+    def __init__(self, message: str, *, problems: int | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+    def public_detail(self) -> str:
+        if self.problems is None:
+            return ""
+        return f"{self.problems} problem{'' if self.problems == 1 else 's'}"
 
 
 # --------------------------------------------------------------------------------------------
