@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client import faults
+from client.failures import contain_errors
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
 from common import compression
@@ -118,8 +118,9 @@ def describe(msg: Message, context: Context) -> Message:
 
 def build_app(mods: list[Mod] | None = None) -> ClientApp:
     """The site ClientApp with every handler; ``mods`` wrap them all (for example a mod that
-    records each reply, as the privacy test does)."""
-    client_app = ClientApp(mods=mods)
+    records each reply, as the privacy test does), inside ``contain_errors``: whatever fails,
+    only an error's code and category leave the site."""
+    client_app = ClientApp(mods=[contain_errors, *(mods or [])])
     client_app.train()(train)
     client_app.train(keys.LOCAL_TRAINING)(local_training)
     client_app.evaluate()(evaluate)
@@ -221,5 +222,5 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-# RADFL_FAULTS (tests only) makes chosen sites misbehave: see client.faults.
-app = build_app(mods=faults.mods_from_env())
+# Fault injection (tests, simulations) is a separate ClientApp: simulations.faults.
+app = build_app()

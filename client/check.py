@@ -30,8 +30,9 @@ Class and subgroup counts are over usable rows (rows without a problem).
 
 ``load_checked_site`` is what training calls: it refuses a site whose check fails, with the same
 messages, unless the site opted into skipping bad rows; it never returns zero rows. Its result is
-stored under the site's cache folder, keyed by the manifest, every named file's size and
-modification time, and the settings, so later rounds neither check nor decode again.
+stored under the site's cache folder, keyed by the manifest, every named file's stamp (size,
+modification time, inode, status-change time: ``data.file_stamp``) and the settings, so later
+rounds neither check nor decode again.
 """
 
 from __future__ import annotations
@@ -814,8 +815,9 @@ def load_checked_site(
     The first call checks the site and, for classification, preprocesses every usable row into
     the loader's cache (``SiteDataset``), so preprocessing failures are reported by row too and
     the first epoch reads the cache. The report is stored under ``cache_dir`` (default
-    ``ROOT/.radfl-cache``), keyed by the manifest, the size and modification time of every file
-    it names and the settings; later calls with an unchanged site reuse it without decoding.
+    ``ROOT/.radfl-cache``), keyed by the manifest, the stamp of every file it names (size,
+    modification time, inode, status-change time) and the settings; later calls with an
+    unchanged site reuse it without decoding.
 
     Returns
     -------
@@ -868,13 +870,15 @@ def load_checked_site(
         raise SiteDataError(
             f"site check of {root} failed with {len(report.problems)} problem(s):\n"
             + "\n".join(report.problem_lines())
-            + hint
+            + hint,
+            problems=len(report.problems),
         )
     usable = table.drop(index=[line for line in report.bad_lines if line in table.index])
     if usable.empty:
         raise SiteDataError(
             f"site {root} has no usable samples: every one of its {report.rows} rows has a "
-            "problem:\n" + "\n".join(report.problem_lines())
+            "problem:\n" + "\n".join(report.problem_lines()),
+            problems=len(report.problems),
         )
     if report.problems:
         log.warning(

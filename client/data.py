@@ -38,6 +38,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -81,7 +82,23 @@ _PREPROCESS_VERSION = 1
 
 
 class SiteDataError(RadFLError, ValueError):
-    """A site's manifest or images cannot be used; the message names the file (and CSV line)."""
+    """A site's manifest or images cannot be used; the message names the file (and CSV line).
+
+    Only ``code``, ``category`` and the number of ``problems`` leave the site
+    (``common.errors.public_message``): the message names files and patients.
+    """
+
+    code = "E-DATA"
+    category = "site data check failed"
+
+    def __init__(self, message: str, *, problems: int | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+    def public_detail(self) -> str:
+        if self.problems is None:
+            return ""
+        return f"{self.problems} problem{'' if self.problems == 1 else 's'}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,16 +498,24 @@ def preprocessing_key(
 
 
 def file_stamp(path: Path) -> str:
-    """Size and modification time of a file, or of every file in a folder: a cache key part.
+    """Size, modification time, inode and status-change time of a file, or of every file in a
+    folder: a cache key part of the preprocessing cache and the stored site check.
 
-    An image rewritten in place gets a new stamp, so its stale cached tensor is never read.
+    An image rewritten in place or replaced gets a new stamp, so its stale cached tensor and
+    check are never used. Size and modification time alone can be kept by a replacement (a
+    copy with ``cp -p``, ``touch -r``, ``os.utime``); the inode changes when a file is replaced,
+    and the status-change time whenever its content or times are set, which no user call can
+    set back.
     """
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file())
-        parts = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+        parts = [f"{p.name}:{_stamp(p.stat())}" for p in files]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-    stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return _stamp(path.stat())
+
+
+def _stamp(stat: os.stat_result) -> str:
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
 
 
 class _ByModality(mt.MapTransform):
@@ -516,9 +541,10 @@ class SiteDataset(Dataset[dict[str, Any]]):
 
     The preprocessed tensor of each row is stored by MONAI's ``PersistentDataset`` under
     ``cache_dir / <preprocessing_key(...)>``; ``cache_dir`` defaults to ``ROOT/.radfl-cache``.
-    An item's cache key is its absolute path, its file stamp (size, modification time) and its
-    normalisation, so a changed image is decoded again. ``decode_count`` counts the decodes
-    this process performed (DataLoader workers count in their own copies).
+    An item's cache key is its absolute path, its file stamp (size, modification time, inode,
+    status-change time: ``file_stamp``) and its normalisation, so a changed image is decoded
+    again. ``decode_count`` counts the decodes this process performed (DataLoader workers count
+    in their own copies).
 
     Parameters
     ----------

@@ -12,6 +12,9 @@ names a site's data. ``node_config`` keys a site may set:
                   by default a site whose check fails refuses to train, with the same messages
                   ``radfl site check`` prints
 ``split-seed``    seed of the patient-hash train/validation/test split (default 0)
+``log-path``      the site's log file, where the ClientApp writes what it logs and the full
+                  text of its errors (default ``DATA-PATH/.radfl-logs/clientapp.log``); the
+                  coordinator only learns an error's code and category (``client.failures``)
 ================  ==========================================================================
 
 In Flower's simulation engine a virtual node has only ``partition-id`` and ``num-partitions``.
@@ -43,6 +46,10 @@ from common.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
+#: The site's log folder inside its data folder (``radfl site start`` writes there too).
+LOG_FOLDER = ".radfl-logs"
+CLIENTAPP_LOG = "clientapp.log"
+
 
 @dataclass(frozen=True)
 class SiteSplits:
@@ -70,14 +77,32 @@ def site_name(node_config: Mapping[str, Any]) -> str:
 _CACHE: dict[tuple[Any, ...], SiteSplits] = {}
 
 
+def data_folder(node_config: Mapping[str, Any]) -> Path | None:
+    """The site folder: ``data-path``, or in a simulation on disk ``site-<partition-id>`` of
+    ``RADFL_SIMULATION_DATA``; ``None`` for a synthetic hospital generated in memory."""
+    if "data-path" in node_config:
+        return Path(str(node_config["data-path"])).expanduser()
+    simulation_root = os.environ.get(SIMULATION_DATA_ENV)
+    if simulation_root and "partition-id" in node_config:
+        return Path(simulation_root) / f"site-{int(node_config['partition-id'])}"
+    return None
+
+
+def log_path(node_config: Mapping[str, Any]) -> Path | None:
+    """The site's own log file (``log-path``, default ``DATA-PATH/.radfl-logs/clientapp.log``);
+    ``None`` for a synthetic hospital in memory without ``log-path``."""
+    if "log-path" in node_config:
+        return Path(str(node_config["log-path"])).expanduser()
+    folder = data_folder(node_config)
+    return folder / LOG_FOLDER / CLIENTAPP_LOG if folder is not None else None
+
+
 def load_site(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSplits:
     """The site's data, split by patient: a site folder, or a synthetic hospital in memory."""
     node_config = dict(node_config)
-    simulation_root = os.environ.get(SIMULATION_DATA_ENV)
-    if "data-path" not in node_config and simulation_root and "partition-id" in node_config:
-        node_config["data-path"] = str(
-            Path(simulation_root) / f"site-{int(node_config['partition-id'])}"
-        )
+    folder = data_folder(node_config)
+    if folder is not None:
+        node_config["data-path"] = str(folder)
     if "data-path" in node_config:
         key: tuple[Any, ...] = (
             tuple(sorted(node_config.items())),

@@ -33,6 +33,10 @@ from common.errors import RadFLError
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
 
 APP_DIR = Path(__file__).resolve().parent.parent
+#: Fault injection (``simulations.faults``); the production ClientApp never reads it.
+FAULTS_ENV = "RADFL_FAULTS"
+PRODUCTION_CLIENTAPP = 'clientapp = "client.app:app"'
+FAULTS_CLIENTAPP = 'clientapp = "simulations.faults:app"'
 # Lines shown without --verbose: RadFL's progress, Flower's round headers, errors and the
 # boxed messages the Flower CLI prints.
 PROGRESS_MARKERS = ("[radfl]", "[ROUND", "ERROR", "Error", "Traceback", "Exception", "│", "╰")
@@ -110,6 +114,13 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=APP_DIR,
         help="Flower app directory to run (default: this repository's apps)",
+    )
+    parser.add_argument(
+        "--faults",
+        default=os.environ.get(FAULTS_ENV, ""),
+        metavar="SPEC",
+        help="simulation only: make sites misbehave, e.g. 'site-1:crash@1,site-2:nan' (runs the "
+        f"ClientApp of simulations.faults; default ${FAULTS_ENV})",
     )
 
 
@@ -227,11 +238,21 @@ def _run_on_local_superlink(
     args: argparse.Namespace, overrides: Mapping[str, Any], env: dict[str, str], workdir: Path
 ) -> int:
     """Submit the app to a private SuperLink and stream its log; ``flwr run``'s exit code."""
+    app_dir = args.app_dir.resolve()
+    faults = getattr(args, "faults", "")
+    if faults:
+        from simulations.faults import parse_faults
+
+        parse_faults(faults)  # a typo fails here, naming the item
+        app_dir = fault_app_dir(app_dir, workdir)
+        env = {**env, FAULTS_ENV: faults}
+    else:
+        env = {k: v for k, v in env.items() if k != FAULTS_ENV}
     with LocalSuperLink(workdir / "flwr-home", env) as superlink:
         command = [
             "flwr",
             "run",
-            str(args.app_dir.resolve()),
+            str(app_dir),
             CONNECTION_NAME,
             "--stream",
             "--run-config",
@@ -247,6 +268,26 @@ def _run_on_local_superlink(
         if returncode != 0:
             print(f"flwr run exited with {returncode}; SuperLink log: {superlink.log_path}")
     return returncode
+
+
+def fault_app_dir(app_dir: Path, workdir: Path) -> Path:
+    """A Flower app directory like ``app_dir`` whose ClientApp is ``simulations.faults:app``.
+
+    Only its ``pyproject.toml`` differs; the code is imported from this installation, as
+    for any app directory without the packages inside.
+    """
+    pyproject = (app_dir / "pyproject.toml").read_text()
+    if PRODUCTION_CLIENTAPP not in pyproject:
+        raise RadFLError(
+            f"--faults needs {app_dir / 'pyproject.toml'} to name the ClientApp "
+            f"{PRODUCTION_CLIENTAPP!r}, which it wraps"
+        )
+    folder = workdir / "fault-app"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(
+        pyproject.replace(PRODUCTION_CLIENTAPP, FAULTS_CLIENTAPP)
+    )
+    return folder
 
 
 def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> Path | None:

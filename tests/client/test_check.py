@@ -31,6 +31,7 @@ from client.data import SiteDataError
 from tests.client.test_data import (
     NIBABEL_DATA,
     bundled_dicom,
+    replace_keeping_size_and_mtime,
     rng,
     write_dicom,
     write_manifest,
@@ -453,3 +454,24 @@ def test_dicom_header_fills_subgroups_in_the_check(tmp_path: Path) -> None:
         "manufacturer": {"ACME": 1, "GE MEDICAL SYSTEMS": 1},
         "modality": {"CT": 2},
     }
+
+
+def test_a_file_replaced_with_size_and_mtime_kept_is_checked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    for i in range(2):
+        np.save(site / f"{i}.npy", _volume(i, (20, 20)))
+    write_manifest(site, "image,patient_id,study_id,label", "0.npy,p0,s0,0", "1.npy,p1,s1,1")
+    _load(site, skip_bad_rows=False)
+    replacement = tmp_path / "other.npy"
+    np.save(replacement, _volume(9, (20, 20)))
+    replace_keeping_size_and_mtime(site / "0.npy", replacement.read_bytes(), in_place=False)
+
+    def no_check(*args: object, **kwargs: object) -> CheckReport:
+        raise AssertionError("the site was checked again")
+
+    monkeypatch.setattr(check, "check_site", no_check)
+    with pytest.raises(AssertionError, match="checked again"):
+        _load(site, skip_bad_rows=False)

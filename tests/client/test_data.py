@@ -7,7 +7,9 @@ small synthetic sites are written to ``tmp_path``. The writers here are shared w
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -384,3 +386,53 @@ def test_segmentation_loads_each_mask_on_its_image_grid(tmp_path: Path) -> None:
     (tmp_path / "mask" / "1.png").unlink()
     with pytest.raises(SiteDataError, match="line 3"):
         load()
+
+
+def replace_keeping_size_and_mtime(path: Path, content: bytes, *, in_place: bool) -> None:
+    """Give ``path`` other bytes of the same length with its modification time set back: by a
+    rename over it (a new inode) or a write into it (the same inode)."""
+    assert len(content) == path.stat().st_size
+    before = path.stat()
+    # Kernel file times are coarse (a clock tick): let the clock move past the first write.
+    time.sleep(0.05)
+    if in_place:
+        with path.open("r+b") as handle:
+            handle.write(content)
+    else:
+        replacement = path.with_name(f".{path.name}.new")
+        replacement.write_bytes(content)
+        os.replace(replacement, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    # What a key of size and modification time alone would see: nothing changed.
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def _npy_bytes(seed: int, tmp_path: Path) -> bytes:
+    path = tmp_path / f".seed-{seed}.npy"
+    np.save(path, rng(seed).normal(size=(20, 20)).astype(np.float32))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["replaced", "rewritten-in-place"])
+def test_a_file_changed_with_size_and_mtime_kept_is_decoded_again_not_read_from_the_cache(
+    tmp_path: Path, in_place: bool
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    for i in range(2):
+        (site / f"{i}.npy").write_bytes(_npy_bytes(i, tmp_path))
+    write_manifest(site, "image,patient_id,study_id,label", "0.npy,p0,s0,0", "1.npy,p1,s1,1")
+    table = read_manifest(site, "classification")
+
+    def dataset() -> SiteDataset:
+        return SiteDataset(table, site, task="classification", spatial_dims=2, image_size=16)
+
+    first = dataset()
+    cached = first[0]["image"]
+    replace_keeping_size_and_mtime(site / "0.npy", _npy_bytes(7, tmp_path), in_place=in_place)
+
+    later = dataset()
+    fresh = later[0]["image"]
+    assert later.decode_count == 1  # decoded again, not the stale cached tensor
+    assert not torch.equal(fresh, cached)

@@ -1,6 +1,7 @@
-"""A real Flower simulation of five sites where some misbehave (``RADFL_FAULTS``): every bad
-reply is left out with its reason in MLflow, a round below quorum keeps the global model, and
-the run completes with a finite model."""
+"""A real Flower simulation of five sites where some misbehave (``radfl simulate --faults``, the
+simulation-only ClientApp of ``simulations.faults``): every bad reply is left out with its
+reason in MLflow, a round below quorum keeps the global model, and the run completes with a
+finite model."""
 
 from __future__ import annotations
 
@@ -54,9 +55,13 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
         command, cwd=benign_dir, env=_env(benign_dir), capture_output=True, text=True, timeout=900
     )
     assert benign.returncode == 0, (benign.stdout + benign.stderr)[-5000:]
-    env = {**_env(faulty_dir), "RADFL_FAULTS": FAULTS}
     done = subprocess.run(
-        command, cwd=faulty_dir, env=env, capture_output=True, text=True, timeout=900
+        [*command, "--faults", FAULTS],
+        cwd=faulty_dir,
+        env=_env(faulty_dir),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
@@ -79,7 +84,8 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
     )
     sites = rejections.dropna(subset=["site"])
     reasons = {(r.round, r.site): r.reason for r in sites.itertuples()}
-    assert "injected crash" in reasons[1, "site-1"]
+    # A crash reaches the coordinator as its code and category only, never its text.
+    assert "site app failed (E-INTERNAL): RuntimeError" in reasons[1, "site-1"]
     assert reasons[2, "site-2"].startswith("non-finite values in ")
     assert "num-examples" in reasons[2, "site-4"] and "declared" in reasons[2, "site-4"]
     assert "update norm" in reasons[3, "site-3"]

@@ -1,8 +1,10 @@
-"""Fault injection for tests: make chosen sites misbehave in chosen rounds.
+"""Fault injection for tests and simulations: make chosen sites misbehave in chosen rounds.
 
-``RADFL_FAULTS`` holds a comma-separated list of ``SITE:KIND[@ROUND]`` (every round when no
-round is given). The ClientApp reads it when it is built and wraps its handlers in a Flower
-mod that, for training messages of a listed site, does one of:
+``radfl simulate --faults SPEC`` (or ``RADFL_FAULTS=SPEC``) runs this module's ClientApp instead
+of the production one (``client.app:app``, which never reads ``RADFL_FAULTS``). ``SPEC`` is a
+comma-separated list of ``SITE:KIND[@ROUND]`` (every round when no round is given); the
+ClientApp reads it when it is built and wraps the production handlers in a Flower mod that, for
+training messages of a listed site, does one of:
 
 =============  ==============================================================================
 ``crash``      raise inside the ClientApp: the site's reply is an error
@@ -13,7 +15,8 @@ mod that, for training messages of a listed site, does one of:
 ``shape``      reply with one weight of the wrong shape
 =============  ==============================================================================
 
-Nothing here is active unless the variable is set; a real site never sets it.
+The fault mod runs inside the production ClientApp's error containment
+(``client.failures``), so an injected crash reaches the coordinator as a real one would.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from client.app import build_app
 from client.site import site_name
 from common import messages as keys
 from common.errors import ConfigError
@@ -119,3 +123,7 @@ def _corrupt(kind: str, received: ArrayRecord, content: RecordDict) -> RecordDic
         corrupted[name] = Array(np.array(value, order="C"))
     out[keys.ARRAYS] = corrupted
     return out
+
+
+#: The simulation-only ClientApp (component ``simulations.faults:app``).
+app = build_app(mods=mods_from_env())
