@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from common.config import ClientConfig, ServerConfig
+from server.checkpoint import validate_run_key
 
 RUN_KEY_TAG = "radfl.run-key"
 MODE_TAG = "radfl.mode"
@@ -76,7 +77,7 @@ def start_run(
     experiment_id = ensure_experiment(config.experiment_name)
     tags = {MODE_TAG: mode}
     if config.run_key:
-        tags[RUN_KEY_TAG] = config.run_key
+        tags[RUN_KEY_TAG] = validate_run_key(config.run_key)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         params = dataclasses.asdict(training) if training else {}
         params.update(dataclasses.asdict(config))
@@ -155,6 +156,8 @@ def log_models(
 
 def find_run(run_key: str, experiment_name: str) -> Any | None:
     """The MLflow run tagged with ``run_key`` (as ``radfl simulate`` finds the run it launched)."""
+    # The key goes into a filter string: only a plain name may (no quotes, no backticks).
+    validate_run_key(run_key)
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:

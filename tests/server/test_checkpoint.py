@@ -134,3 +134,10 @@ def test_a_payload_that_cannot_be_stored_safely_leaves_the_previous_checkpoint(t
         checkpoint.save(path, {"round": 2, "recorder": _RunsCode(tmp_path / "m")})
     assert checkpoint.load(path)["round"] == 1
     assert os.listdir(path.parent) == [checkpoint.NAME]
+
+
+def test_a_run_key_that_would_break_out_of_the_mlflow_filter_is_refused_by_find_run():
+    from server.tracking import find_run
+
+    with pytest.raises(ConfigError, match="run-key must be a plain name"):
+        find_run("x' OR tags.`radfl.mode` = 'federated", "radfl")
