@@ -24,6 +24,7 @@ DEPLOY = ROOT / "deploy"
 EXERCISED = {
     ("coordinator", "init"),
     ("coordinator", "add-site"),
+    ("coordinator", "add-operator"),
     ("coordinator", "start"),
     ("coordinator", "run"),
     ("site", "keygen"),
