@@ -176,7 +176,10 @@ def write_nginx_config(routes: Routes, prefix: Path) -> Path:
 
 
 def nginx_command(config: Path, prefix: Path) -> list[str]:
-    return [nginx_binary(), "-c", str(config), "-p", f"{prefix}/"]
+    """Run as the calling user: ``-e`` keeps even start-up errors off /var/log/nginx."""
+    return [
+        nginx_binary(), "-c", str(config), "-p", f"{prefix}/", "-e", str(prefix / "error.log"),
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- operators' passwords
