@@ -273,26 +273,13 @@ def init(
 # ----------------------------------------------------------------------- operators
 def add_operator(root: Path, name: str) -> str:
     """Give operator ``name`` a password for the MLflow route; return it (shown once).
-    A running nginx reads the file again at once."""
-    federation = Federation.load(root)
-    password = proxy.add_operator(federation.operators_file, name)
-    _reload_nginx(federation)
-    return password
+    nginx reads the password file on every request: a running coordinator needs no restart."""
+    return proxy.add_operator(Federation.load(root).operators_file, name)
 
 
 def remove_operator(root: Path, name: str) -> None:
-    federation = Federation.load(root)
-    proxy.remove_operator(federation.operators_file, name)
-    _reload_nginx(federation)
-
-
-def _reload_nginx(federation: Federation) -> None:
-    """SIGHUP the running nginx, if any: it rereads its configuration and password file."""
-    pid_file = federation.nginx_prefix / "nginx.pid"
-    if not (federation.state / "services.json").exists() or not pid_file.exists():
-        return
-    with contextlib.suppress(ProcessLookupError, ValueError):
-        os.kill(int(pid_file.read_text().strip()), signal.SIGHUP)
+    """Revoke operator ``name``'s MLflow password, effective with the next request."""
+    proxy.remove_operator(Federation.load(root).operators_file, name)
 
 
 # ------------------------------------------------------------------------ add-site
@@ -363,6 +350,7 @@ class Services:
         origins = {
             f"https://{_url_host(host)}:{federation.mlflow_port}"
             for host in (*federation.hosts, *LOOPBACK_NAMES, federation.mlflow_bind)
+            if host not in ("0.0.0.0", "::")
         }
         self._spawn(
             "mlflow",
@@ -720,8 +708,10 @@ def _init(args: argparse.Namespace) -> int:
         mlflow_local_port=args.mlflow_local_port,
     )
     print(f"federation {federation.name} in {federation.root}")
-    print(f"  SuperLink {federation.address}, certificate for {', '.join(federation.hosts)}")
-    print(f"  give each site {federation.ca_cert} (public); keep ca.key and superlink.key here")
+    print(f"  sites dial {federation.address}, certificate for {', '.join(federation.hosts)}")
+    print(f"  give each site {federation.ca_cert} (public); keep superlink.key here")
+    print("  move ca.key to offline storage once you no longer need it (deploy/README.md)")
+    print(f"  operators: radfl coordinator add-operator NAME --dir {args.dir}")
     return 0
 
 

@@ -278,6 +278,16 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
         assert "report/metrics.csv" in artifacts
 
+        # Revoking an operator takes effect on the running coordinator at once.
+        _radfl("coordinator", "remove-operator", "alice", "--dir", "federation", cwd=tmp_path)
+        with httpx.Client(verify=str(tmp_path / ca), timeout=10.0) as http:
+            revoked = http.get(
+                f"https://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search",
+                params={"max_results": 10},
+                auth=("alice", password),
+            )
+        assert revoked.status_code == 401, revoked.text[:300]
+
         # Too few sites for a run: a clear error once the start deadline has passed.
         started = time.monotonic()
         short = subprocess.run(
