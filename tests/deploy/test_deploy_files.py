@@ -99,7 +99,9 @@ def test_kubernetes_manifest_commands_parse():
     init = pod["initContainers"][0]["args"][0]
     assert "coordinator init" not in init and "test -e /federation/ca.key" in init
     header = (DEPLOY / "kubernetes/coordinator.yaml").read_text().split("apiVersion", 1)[0]
-    for part in re.findall(r"radfl coordinator (?:init|add-operator) [^#\n]+", header):
+    offline = re.findall(r"radfl coordinator (?:init|add-operator) [^#\n]+", header)
+    assert len(offline) == 2, offline
+    for part in offline:
         _parses(shlex.split(part.replace("\\", "")))
     assert pod["securityContext"]["runAsNonRoot"] is True
     for container in pod["initContainers"] + pod["containers"]:
