@@ -80,7 +80,9 @@ def start(args: argparse.Namespace) -> int:
     if not Path(args.root_certificates).is_file():
         raise RadFLError(f"--root-certificates {args.root_certificates}: no such file")
     log_dir = data / LOG_FOLDER
-    log_dir.mkdir(parents=True, exist_ok=True)
+    # The logs can name patients and files: readable by the site's service account only.
+    log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_dir.chmod(0o700)
     log_path = log_dir / "site.log"
 
     def log(message: str) -> None:

@@ -1,18 +1,22 @@
-"""``radfl coordinator``: the federation folder, the SuperLink and MLflow server, and runs.
+"""``radfl coordinator``: the federation folder, the SuperLink, MLflow and nginx, and runs.
 
-A federation folder holds everything the coordinator needs and nothing a site keeps secret::
+A federation folder (mode 0700) holds everything the coordinator needs and nothing a site keeps
+secret::
 
-    DIR/federation.toml      name, host names, ports, bind address
-    DIR/ca.crt, ca.key       the federation's certificate authority (ca.key never leaves DIR)
-    DIR/superlink.crt, .key  the SuperLink's TLS certificate (SANs: every --host) and key
+    DIR/federation.toml      name, host names, ports, bind addresses
+    DIR/ca.crt, ca.key       the federation's certificate authority (see deploy/README.md for
+                             keeping ca.key offline once the certificates are made)
+    DIR/superlink.crt, .key  the TLS certificate (SANs: every --host, 127.0.0.1, localhost)
     DIR/sites/NAME.pub       each registered site's public key (`radfl coordinator add-site`)
-    DIR/flwr-home/           the Flower CLI's connection config (FLWR_HOME), rewritten each time
-    DIR/state/               SuperLink state database, MLflow database and artifacts, logs
+    DIR/operators.htpasswd   the operators' MLflow passwords (`radfl coordinator add-operator`)
+    DIR/flwr-home/           the Flower CLI's connection (FLWR_HOME) to the loopback SuperLink
+    DIR/state/               SuperLink and MLflow databases, artifacts, nginx files, logs
 
-``start`` runs the SuperLink (TLS, SuperNode authentication, persistent state) and an MLflow
-server (SQLite backend store, artifact store served through it) in the foreground until it is
-stopped, registering every site's public key. ``run`` wraps ``flwr run`` and exits with the
-run's real final status.
+``start`` runs, in the foreground until it is stopped, the SuperLink (TLS, SuperNode
+authentication, persistent state) and an MLflow server, both on 127.0.0.1 only, and nginx in
+front of them (``server/proxy.py``): sites reach only the Fleet API, operators reach MLflow with
+a password, and the Control API answers on the coordinator machine only. It registers every
+site's public key. ``run`` wraps ``flwr run`` and exits with the run's real final status.
 """
 
 from __future__ import annotations
@@ -38,10 +42,18 @@ import httpx
 from common import pki
 from common.config import ServerConfig, default_run_config, from_run_config
 from common.errors import RadFLError
+from server import proxy
 
 SETTINGS = "federation.toml"
 DEFAULT_PORT = 8000
 DEFAULT_MLFLOW_PORT = 5000
+#: Loopback ports of the SuperLink (all its APIs) and of the MLflow server behind nginx.
+DEFAULT_SUPERLINK_LOCAL_PORT = 9093
+DEFAULT_MLFLOW_LOCAL_PORT = 5001
+LOOPBACK = "127.0.0.1"
+#: Names in the TLS certificate besides the --hosts: the CLI, the ServerApp runner and nginx
+#: reach the SuperLink on loopback, over TLS.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 STARTUP_TIMEOUT_S = 90.0
 
 
@@ -55,6 +67,9 @@ class Federation:
     port: int
     mlflow_port: int
     bind: str
+    mlflow_bind: str = LOOPBACK
+    superlink_local_port: int = DEFAULT_SUPERLINK_LOCAL_PORT
+    mlflow_local_port: int = DEFAULT_MLFLOW_LOCAL_PORT
 
     # ------------------------------------------------------------------ paths
     @property
@@ -86,13 +101,47 @@ class Federation:
         return self.state / "registered.json"
 
     @property
+    def operators_file(self) -> Path:
+        return self.root / "operators.htpasswd"
+
+    @property
+    def nginx_prefix(self) -> Path:
+        return self.state / "nginx"
+
+    @property
     def address(self) -> str:
-        """Where sites and the Flower CLI dial the SuperLink."""
+        """Where sites dial the SuperLink (through nginx)."""
         return f"{self.hosts[0]}:{self.port}"
 
     @property
+    def local_address(self) -> str:
+        """The SuperLink itself, on loopback: where the Flower CLI (operators) dials."""
+        return f"{LOOPBACK}:{self.superlink_local_port}"
+
+    @property
     def mlflow_uri(self) -> str:
-        return f"http://{self.hosts[0]}:{self.mlflow_port}"
+        """The MLflow server itself, on loopback: where the ServerApp tracks."""
+        return f"http://{LOOPBACK}:{self.mlflow_local_port}"
+
+    @property
+    def operators_mlflow_url(self) -> str:
+        """The operators' route to MLflow (TLS, password) through nginx."""
+        host = self.hosts[0] if self.mlflow_bind in ("0.0.0.0", "::") else self.mlflow_bind
+        return f"https://{_url_host(host)}:{self.mlflow_port}"
+
+    def routes(self) -> proxy.Routes:
+        return proxy.Routes(
+            bind=self.bind,
+            port=self.port,
+            mlflow_bind=self.mlflow_bind,
+            mlflow_port=self.mlflow_port,
+            superlink_local_port=self.superlink_local_port,
+            mlflow_local_port=self.mlflow_local_port,
+            certificate=self.server_cert,
+            key=self.server_key,
+            ca_certificate=self.ca_cert,
+            operators_file=self.operators_file,
+        )
 
     # --------------------------------------------------------------- settings
     @classmethod
@@ -114,6 +163,12 @@ class Federation:
                 port=int(data["port"]),
                 mlflow_port=int(data["mlflow-port"]),
                 bind=str(data["bind"]),
+                # Folders made before the proxy lack these three: their defaults apply.
+                mlflow_bind=str(data.get("mlflow-bind", LOOPBACK)),
+                superlink_local_port=int(
+                    data.get("superlink-local-port", DEFAULT_SUPERLINK_LOCAL_PORT)
+                ),
+                mlflow_local_port=int(data.get("mlflow-local-port", DEFAULT_MLFLOW_LOCAL_PORT)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RadFLError(f"{path}: missing or bad key {exc}") from exc
@@ -127,16 +182,19 @@ class Federation:
             f"port = {self.port}\n"
             f"mlflow-port = {self.mlflow_port}\n"
             f"bind = {json.dumps(self.bind)}\n"
+            f"mlflow-bind = {json.dumps(self.mlflow_bind)}\n"
+            f"superlink-local-port = {self.superlink_local_port}\n"
+            f"mlflow-local-port = {self.mlflow_local_port}\n"
         )
 
     def write_connection(self) -> None:
-        """The Flower CLI's connection to this SuperLink, with absolute paths."""
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        """The Flower CLI's connection to this SuperLink on loopback, with absolute paths."""
+        self.flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             "[superlink]\n"
             f"default = {json.dumps(self.name)}\n\n"
             f"[superlink.{self.name}]\n"
-            f"address = {json.dumps(self.address)}\n"
+            f"address = {json.dumps(self.local_address)}\n"
             f"root-certificates = {json.dumps(str(self.ca_cert))}\n"
         )
 
@@ -168,26 +226,60 @@ def init(
     port: int = DEFAULT_PORT,
     mlflow_port: int = DEFAULT_MLFLOW_PORT,
     bind: str = "0.0.0.0",
+    mlflow_bind: str = LOOPBACK,
+    superlink_local_port: int = DEFAULT_SUPERLINK_LOCAL_PORT,
+    mlflow_local_port: int = DEFAULT_MLFLOW_LOCAL_PORT,
 ) -> Federation:
-    """Create a federation folder: CA, SuperLink certificate, settings, connection config."""
+    """Create a federation folder (mode 0700): CA, TLS certificate, settings, connection."""
     root = Path(root).resolve()
     if (root / SETTINGS).exists():
         raise RadFLError(f"{root} already holds a federation ({SETTINGS}); choose another folder")
     if not re.match(r"^[A-Za-z][A-Za-z0-9_-]*$", name):
         raise RadFLError(f"federation name {name!r} must be letters, digits, '-' and '_'")
-    federation = Federation(root, name, tuple(hosts), port, mlflow_port, bind)
-    root.mkdir(parents=True, exist_ok=True)
-    federation.sites_dir.mkdir(exist_ok=True)
-    federation.state.mkdir(exist_ok=True)
+    ports = [port, mlflow_port, superlink_local_port, mlflow_local_port]
+    if len(set(ports)) != len(ports):
+        raise RadFLError(
+            f"--port, --mlflow-port, --superlink-local-port and --mlflow-local-port must differ "
+            f"(got {ports})"
+        )
+    federation = Federation(
+        root,
+        name,
+        tuple(hosts),
+        port,
+        mlflow_port,
+        bind,
+        mlflow_bind,
+        superlink_local_port,
+        mlflow_local_port,
+    )
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root.chmod(0o700)  # an existing empty folder too: it will hold ca.key
+    federation.sites_dir.mkdir(mode=0o700, exist_ok=True)
+    federation.state.mkdir(mode=0o700, exist_ok=True)
     ca_key, ca_cert = pki.make_ca(name)
-    server_key, server_cert = pki.make_server_certificate(ca_key, ca_cert, hosts)
+    names = [*hosts, *(n for n in LOOPBACK_NAMES if n not in hosts)]
+    server_key, server_cert = pki.make_server_certificate(ca_key, ca_cert, names)
     pki.write_private(root / "ca.key", pki.key_pem(ca_key))
     federation.ca_cert.write_bytes(pki.pem(ca_cert))
     pki.write_private(federation.server_key, pki.key_pem(server_key))
     federation.server_cert.write_bytes(pki.pem(server_cert))
+    proxy.write_operators(federation.operators_file, {})
     federation.save()
     federation.write_connection()
     return federation
+
+
+# ----------------------------------------------------------------------- operators
+def add_operator(root: Path, name: str) -> str:
+    """Give operator ``name`` a password for the MLflow route; return it (shown once).
+    nginx reads the password file on every request: a running coordinator needs no restart."""
+    return proxy.add_operator(Federation.load(root).operators_file, name)
+
+
+def remove_operator(root: Path, name: str) -> None:
+    """Revoke operator ``name``'s MLflow password, effective with the next request."""
+    proxy.remove_operator(Federation.load(root).operators_file, name)
 
 
 # ------------------------------------------------------------------------ add-site
@@ -237,27 +329,40 @@ def register_sites(federation: Federation) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- start
 class Services:
-    """The SuperLink and the MLflow server of a federation, as child process groups."""
+    """The SuperLink, the MLflow server and nginx of a federation, as child process groups."""
 
     def __init__(self, federation: Federation) -> None:
         self.federation = federation
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = federation.state / "logs"
+        #: Set from a signal handler: a start still waiting for health gives up at once.
+        self.stopping = False
 
     def start(self) -> None:
         federation = self.federation
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
         federation.write_connection()
         state = federation.state
+        nginx = proxy.nginx_command(
+            proxy.write_nginx_config(federation.routes(), federation.nginx_prefix),
+            federation.nginx_prefix,
+        )
+        origins = {
+            f"https://{_url_host(host)}:{federation.mlflow_port}"
+            for host in (*federation.hosts, *LOOPBACK_NAMES, federation.mlflow_bind)
+            if host not in ("0.0.0.0", "::")
+        }
         self._spawn(
             "mlflow",
             [
                 sys.executable, "-m", "mlflow", "server",
                 "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
                 "--artifacts-destination", str(state / "mlartifacts"),
-                "--host", federation.bind,
-                "--port", str(federation.mlflow_port),
+                "--host", LOOPBACK,
+                "--port", str(federation.mlflow_local_port),
                 "--workers", "1",
+                # The UI is served through nginx's operators' route, under these origins.
+                "--cors-allowed-origins", ",".join(sorted(origins)),
             ],
         )  # fmt: skip
         self._spawn(
@@ -269,12 +374,13 @@ class Services:
                 "--ssl-keyfile", str(federation.server_key),
                 "--enable-supernode-auth",
                 "--database", str(state / "superlink.db"),
-                "--host", federation.bind,
-                "--port", str(federation.port),
+                "--host", LOOPBACK,
+                "--port", str(federation.superlink_local_port),
                 "--isolation", "subprocess",
                 "--disable-runtime-dependency-installation",
             ],
         )  # fmt: skip
+        self._spawn("nginx", nginx)
         self._wait_until_healthy()
         register_sites(federation)
         (state / "services.json").write_text(
@@ -293,8 +399,15 @@ class Services:
 
     def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        waiting = {"superlink": _superlink_healthy, "mlflow": _mlflow_healthy}
+        waiting = {
+            "superlink": _superlink_healthy,
+            "mlflow": _mlflow_healthy,
+            "nginx": _fleet_route_healthy,
+        }
         while waiting and time.monotonic() < deadline:
+            if self.stopping:
+                self.stop()
+                raise RadFLError("stopped while starting")
             self.check_alive()
             for name, healthy in list(waiting.items()):
                 if healthy(self.federation):
@@ -334,21 +447,23 @@ class Services:
 
 
 def start(root: Path) -> int:
-    """Run the SuperLink and MLflow server until SIGINT or SIGTERM; 1 if one of them dies."""
+    """Run the SuperLink, MLflow and nginx until SIGINT or SIGTERM; 1 if one of them dies."""
     federation = Federation.load(root)
     services = Services(federation)
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        stopping = services.stopping = True
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         services.start()
         print(
-            f"[radfl] federation {federation.name}: SuperLink at {federation.address} (TLS, site "
-            f"authentication), MLflow at {federation.mlflow_uri}; "
+            f"[radfl] federation {federation.name}: sites dial {federation.address} (TLS, site "
+            f"authentication, Fleet API only); operators: Control API at "
+            f"{federation.local_address} (this machine), MLflow at "
+            f"{federation.operators_mlflow_url} (password); "
             f"{len(federation.registered())} sites registered; logs in {services.logs}",
             flush=True,
         )
@@ -412,7 +527,10 @@ def run(
         print(f"radfl: error: flwr run did not start a run (exit {process.returncode})")
         return 1
     status = run_status(federation, run_id)
-    print(f"[radfl] run {run_id} ({values['run-key']}): {status}; MLflow {federation.mlflow_uri}")
+    print(
+        f"[radfl] run {run_id} ({values['run-key']}): {status}; "
+        f"MLflow {federation.operators_mlflow_url}"
+    )
     return 0 if status == "finished:completed" else 1
 
 
@@ -450,11 +568,24 @@ def _json_tail(text: str) -> dict[str, Any]:
 
 
 def _superlink_healthy(federation: Federation) -> bool:
+    return _healthy(f"https://{federation.local_address}/health", federation.ca_cert)
+
+
+def _fleet_route_healthy(federation: Federation) -> bool:
+    """The SuperLink's health, asked through nginx's sites' listener."""
+    host = LOOPBACK if federation.bind in ("0.0.0.0", "::") else federation.bind
+    return _healthy(f"https://{_url_host(host)}:{federation.port}/health", federation.ca_cert)
+
+
+def _healthy(url: str, ca_cert: Path) -> bool:
     try:
-        url = f"https://{federation.address}/health"
-        return httpx.get(url, timeout=2.0, verify=str(federation.ca_cert)).is_success
+        return httpx.get(url, timeout=2.0, verify=str(ca_cert)).is_success
     except httpx.HTTPError:
         return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _mlflow_healthy(federation: Federation) -> bool:
@@ -487,9 +618,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT, help="MLflow server port"
     )
     init_parser.add_argument(
-        "--bind", default="0.0.0.0", help="address the services listen on (default all)"
+        "--bind",
+        default="0.0.0.0",
+        help="address the sites' listener (nginx, Fleet API only) binds (default all)",
+    )
+    init_parser.add_argument(
+        "--mlflow-bind",
+        default=LOOPBACK,
+        help="address the operators' MLflow route (nginx, TLS, password) binds (default "
+        "127.0.0.1; name an operator network's address to open it there)",
+    )
+    init_parser.add_argument(
+        "--superlink-local-port",
+        type=int,
+        default=DEFAULT_SUPERLINK_LOCAL_PORT,
+        help="loopback port of the SuperLink itself (Control API for operators on this machine)",
+    )
+    init_parser.add_argument(
+        "--mlflow-local-port",
+        type=int,
+        default=DEFAULT_MLFLOW_LOCAL_PORT,
+        help="loopback port of the MLflow server itself",
     )
     init_parser.set_defaults(handler=_init)
+
+    operator = commands.add_parser(
+        "add-operator", help="give an operator a password for the MLflow route (printed once)"
+    )
+    operator.add_argument("name", help="the operator's name (lower case)")
+    operator.add_argument("--dir", type=Path, default=Path("."), help="federation folder")
+    operator.set_defaults(handler=_add_operator)
+
+    unoperator = commands.add_parser("remove-operator", help="revoke an operator's password")
+    unoperator.add_argument("name", help="the operator's name")
+    unoperator.add_argument("--dir", type=Path, default=Path("."), help="federation folder")
+    unoperator.set_defaults(handler=_remove_operator)
 
     add = commands.add_parser("add-site", help="register a site's public key")
     add.add_argument("name", help="the site's name (lower case, digits, dashes)")
@@ -498,7 +661,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add.set_defaults(handler=_add_site)
 
     start_parser = commands.add_parser(
-        "start", help="run the SuperLink and the MLflow server (foreground; Ctrl-C stops)"
+        "start", help="run the SuperLink, MLflow and nginx (foreground; Ctrl-C stops)"
     )
     start_parser.add_argument("--dir", type=Path, default=Path("."), help="federation folder")
     start_parser.set_defaults(handler=_start)
@@ -540,10 +703,31 @@ def _init(args: argparse.Namespace) -> int:
         port=args.port,
         mlflow_port=args.mlflow_port,
         bind=args.bind,
+        mlflow_bind=args.mlflow_bind,
+        superlink_local_port=args.superlink_local_port,
+        mlflow_local_port=args.mlflow_local_port,
     )
     print(f"federation {federation.name} in {federation.root}")
-    print(f"  SuperLink {federation.address}, certificate for {', '.join(federation.hosts)}")
-    print(f"  give each site {federation.ca_cert} (public); keep ca.key and superlink.key here")
+    print(f"  sites dial {federation.address}, certificate for {', '.join(federation.hosts)}")
+    print(f"  give each site {federation.ca_cert} (public); keep superlink.key here")
+    print("  move ca.key to offline storage once you no longer need it (deploy/README.md)")
+    print(f"  operators: radfl coordinator add-operator NAME --dir {args.dir}")
+    return 0
+
+
+def _add_operator(args: argparse.Namespace) -> int:
+    password = add_operator(args.dir, args.name)
+    federation = Federation.load(args.dir)
+    print(f"operator {args.name}: MLflow at {federation.operators_mlflow_url}")
+    print(f"  user {args.name}")
+    print(f"  password {password}")
+    print("  (shown only now; give it to the operator over a private channel)")
+    return 0
+
+
+def _remove_operator(args: argparse.Namespace) -> int:
+    remove_operator(args.dir, args.name)
+    print(f"operator {args.name} removed; their password no longer opens MLflow")
     return 0
 
 

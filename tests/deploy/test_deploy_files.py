@@ -24,6 +24,7 @@ DEPLOY = ROOT / "deploy"
 EXERCISED = {
     ("coordinator", "init"),
     ("coordinator", "add-site"),
+    ("coordinator", "add-operator"),
     ("coordinator", "start"),
     ("coordinator", "run"),
     ("site", "keygen"),
@@ -73,19 +74,46 @@ def test_compose_file_commands_parse():
     setup = services["setup"]["command"][0]
     for part in re.findall(r"radfl [^;|]+", setup.replace("$$s", "site-0")):
         _parses(shlex.split(part))
-    assert services["coordinator"]["ports"] == ["8000:8000", "5000:5000"]
+    # The sites' listener on every interface; the operators' MLflow route on the host's
+    # loopback only. Nothing else is published.
+    assert services["coordinator"]["ports"] == ["8000:8000", "127.0.0.1:5000:5000"]
+    assert all(
+        "ports" not in service for name, service in services.items() if name != "coordinator"
+    )
+    assert "--mlflow-bind 0.0.0.0" in setup and "add-operator admin" in setup
+    for name, service in services.items():
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert not service["image"].endswith(":latest") and ":" in service["image"], name
 
 
 def test_kubernetes_manifest_commands_parse():
     documents = list(yaml.safe_load_all((DEPLOY / "kubernetes/coordinator.yaml").read_text()))
     kinds = {doc["kind"] for doc in documents}
-    assert {"Namespace", "StatefulSet", "Service", "ConfigMap"} <= kinds
+    assert {"Namespace", "StatefulSet", "Service", "NetworkPolicy"} <= kinds
     stateful = next(doc for doc in documents if doc["kind"] == "StatefulSet")
     pod = stateful["spec"]["template"]["spec"]
     _parses(["radfl", "coordinator", *pod["containers"][0]["args"]])
+    # The CA is made offline: nothing in the cluster runs `init`, and the pod refuses to start
+    # while ca.key sits on the services' volume.
     init = pod["initContainers"][0]["args"][0]
-    part = re.search(r"radfl coordinator init [^;|]+", init).group(0)
-    _parses(shlex.split(part.replace('"$FEDERATION_HOST"', "fl.example.org")))
+    assert "coordinator init" not in init and "test -e /federation/ca.key" in init
+    header = (DEPLOY / "kubernetes/coordinator.yaml").read_text().split("apiVersion", 1)[0]
+    offline = re.findall(r"radfl coordinator (?:init|add-operator) [^#\n]+", header)
+    assert len(offline) == 2, offline
+    for part in offline:
+        _parses(shlex.split(part.replace("\\", "")))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for container in pod["initContainers"] + pod["containers"]:
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False, container["name"]
+        assert security["readOnlyRootFilesystem"] is True, container["name"]
+        assert security["capabilities"]["drop"] == ["ALL"], container["name"]
+        assert re.fullmatch(r"radfl-coordinator:\d+\.\d+\.\d+", container["image"])
+    policy = next(doc for doc in documents if doc["kind"] == "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    mlflow_rule = next(r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == 5000)
+    assert mlflow_rule["from"]  # only operators' pods, never everyone
     exposed = [doc for doc in documents if doc["kind"] == "Service"]
     assert {p["port"] for doc in exposed for p in doc["spec"]["ports"]} == {8000, 5000}
     assert (
@@ -116,6 +144,9 @@ def test_dockerfiles_pin_the_cpu_torch_and_copy_every_package():
     for name in ("Dockerfile.coordinator", "Dockerfile.site"):
         text = (DEPLOY / "docker" / name).read_text()
         assert "torch==2.13.0" in text
+        assert re.search(r"^FROM python:\d+\.\d+\.\d+-slim-\w+$", text, re.M), name
+        assert re.search(r"^USER 10001:10001$", text, re.M), name  # never root
         for package in packages:
             assert f"COPY {package} {package}" in text, (name, package)
     assert not re.search(r"^EXPOSE", (DEPLOY / "docker/Dockerfile.site").read_text(), re.M)
+    assert "nginx-light" in (DEPLOY / "docker/Dockerfile.coordinator").read_text()

@@ -1,7 +1,13 @@
 """A real federation on loopback, with the README's commands: a coordinator (SuperLink with TLS
-and site authentication, MLflow server), three site daemons with their own synthetic data, a
-site whose key was never registered and a SuperNode without TLS. The run completes with the
-three good sites; its metrics are read back from the MLflow server over HTTP."""
+and site authentication and MLflow, both on 127.0.0.1, behind nginx), three site daemons with
+their own synthetic data, a site whose key was never registered and a SuperNode without TLS.
+
+The coordinator's public address is 127.0.0.2 (a second loopback address), so the test can
+tell "reachable from the network" from "reachable on the coordinator machine". An outsider
+holding only ``ca.crt`` tries the Control API through the public address with the real ``flwr``
+CLI and is refused by nginx's message; the SuperLink's and MLflow's own ports do not answer on
+the public address; MLflow's operators' route refuses a missing or wrong password. The run
+completes with the three good sites; its metrics are read back through the operators' route."""
 
 from __future__ import annotations
 
@@ -13,15 +19,33 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
+from common.errors import RadFLError
+from server import proxy
 from simulations.local_superlink import free_port
 
 RADFL = str(Path(sys.executable).parent / "radfl")
 SUPERNODE = str(Path(sys.executable).parent / "flower-supernode")
 
+FLWR = str(Path(sys.executable).parent / "flwr")
+ROOT = Path(__file__).resolve().parents[2]
+PUBLIC = "127.0.0.2"  # the coordinator's "network" address; 127.0.0.1 is its loopback
+
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _nginx_installed() -> None:
+    """Without nginx the coordinator cannot start: skip on a workstation, fail in CI."""
+    try:
+        proxy.nginx_binary()
+    except RadFLError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must install nginx (.ci/run): {exc}")
+        pytest.skip(str(exc))
 
 
 def _env() -> dict[str, str]:
@@ -90,13 +114,88 @@ def _wait_for(predicate, what: str, timeout_s: float = 120.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(tmp_path: Path):
+def _outsider_flwr(home: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = _env()
+    env["FLWR_HOME"] = str(home)
+    return subprocess.run(
+        [FLWR, *map(str, args)], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _refused_by_nginx(done: subprocess.CompletedProcess[str]) -> bool:
+    text = " ".join((done.stdout + done.stderr).replace("│", " ").split())
+    return done.returncode != 0 and proxy.REFUSAL in text
+
+
+def _play_the_outsider(tmp_path: Path, port: int, local_ports: list[int]) -> None:
+    """With only ca.crt and the public address: no steering, no MLflow."""
+    outsider = tmp_path / "outsider"
+    (outsider / "home").mkdir(parents=True)
+    ca = outsider / "ca.crt"
+    ca.write_bytes((tmp_path / "federation/ca.crt").read_bytes())
+    (outsider / "home/config.toml").write_text(
+        '[superlink]\ndefault = "coordinator"\n\n[superlink.coordinator]\n'
+        f'address = "{PUBLIC}:{port}"\nroot-certificates = "{ca}"\n'
+    )
+    _radfl("site", "keygen", outsider / "key", cwd=tmp_path)
+    attempts = {
+        "register a node": ("supernode", "register", outsider / "key/site.pub", "coordinator"),
+        "unregister a node": ("supernode", "unregister", "1", "coordinator"),
+        "list runs": ("ls", "coordinator"),
+        "stop a run": ("stop", "1", "coordinator"),
+        "read logs": ("log", "1", "coordinator"),
+        "start a run": ("run", ROOT, "coordinator"),
+    }
+    for what, args in attempts.items():
+        done = _outsider_flwr(outsider / "home", *args)
+        assert _refused_by_nginx(done), (what, done.stdout[-2000:], done.stderr[-2000:])
+    base = f"https://{PUBLIC}:{port}"
+    with httpx.Client(verify=str(ca), timeout=10.0) as client:
+        assert client.get(f"{base}/health").status_code == 200  # what sites need answers
+        for method, path in (
+            ("GET", "/openapi.json"),
+            ("GET", "/docs"),
+            ("POST", "/v1/control/start-run"),
+            ("POST", "/v1/runtime/get-run"),
+            ("POST", "/v1/fleet/../control/list-runs"),
+            ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+        ):
+            reply = client.request(method, f"{base}{path}")
+            assert reply.status_code == 403, (path, reply.text)
+            assert reply.json()["detail"] == proxy.REFUSAL, path
+        # The SuperLink's and MLflow's own ports listen on 127.0.0.1 only.
+        for local_port in local_ports:
+            with pytest.raises(httpx.ConnectError):
+                client.get(f"https://{PUBLIC}:{local_port}/health")
+
+
+def _assert_mlflow_needs_a_password(mlflow_port: int, ca: Path) -> None:
+    with httpx.Client(verify=str(ca), timeout=10.0) as client:
+        # The operators' route listens on the coordinator's loopback only (--mlflow-bind).
+        with pytest.raises(httpx.ConnectError):
+            client.get(f"https://{PUBLIC}:{mlflow_port}/")
+        url = f"https://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search"
+        for auth in (None, ("alice", "not-her-password"), ("mallory", "x")):
+            reply = client.get(url, params={"max_results": 10}, auth=auth)
+            assert reply.status_code == 401, (auth, reply.text[:300])
+            assert "401 Authorization Required" in reply.text
+
+
+def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     port, mlflow_port = free_port(), free_port()
+    superlink_local_port, mlflow_local_port = free_port(), free_port()
     # Coordinator: the federation folder, then each site's key, made at the site.
     _radfl(
-        "coordinator", "init", "federation", "--host", "127.0.0.1", "--port", port,
-        "--mlflow-port", mlflow_port, "--bind", "127.0.0.1", cwd=tmp_path,
+        "coordinator", "init", "federation", "--host", PUBLIC, "--port", port,
+        "--mlflow-port", mlflow_port, "--bind", PUBLIC,
+        "--superlink-local-port", superlink_local_port,
+        "--mlflow-local-port", mlflow_local_port, cwd=tmp_path,
     )  # fmt: skip
+    assert (tmp_path / "federation").stat().st_mode & 0o777 == 0o700
+    operator = _radfl("coordinator", "add-operator", "alice", "--dir", "federation", cwd=tmp_path)
+    password = operator.stdout.split("password ", 1)[1].split()[0]
     _radfl(
         "synth", "--out", "hospitals", "--sites", "4", "--samples-per-site", "24",
         "--image-size", "32", cwd=tmp_path,
@@ -125,9 +224,13 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(tmp_path: 
         )
         assert coordinator.poll() is None, processes.output("coordinator")
         assert "3 sites registered" in processes.output("coordinator")
+        assert (tmp_path / "federation/state").stat().st_mode & 0o777 == 0o700
+
+        _play_the_outsider(tmp_path, port, [superlink_local_port, mlflow_local_port])
+        _assert_mlflow_needs_a_password(mlflow_port, tmp_path / "federation/ca.crt")
 
         ca = "federation/ca.crt"
-        address = f"127.0.0.1:{port}"
+        address = f"{PUBLIC}:{port}"
         for index, site in enumerate(("site-0", "site-1", "site-2", "rogue")):
             data = f"hospitals/site-{index}"
             processes.start(
@@ -159,8 +262,11 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(tmp_path: 
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
         assert "finished:completed" in done.stdout
 
-        # Metrics read back from the MLflow server over HTTP.
-        client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
+        # Metrics read back through the operators' route: TLS and alice's password.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(tmp_path / ca))
+        client = MlflowClient(f"https://127.0.0.1:{mlflow_port}")
         experiment = client.get_experiment_by_name("radfl")
         runs = client.search_runs([experiment.experiment_id])
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -171,6 +277,16 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(tmp_path: 
         assert sites == {"site-0", "site-1", "site-2"}
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
         assert "report/metrics.csv" in artifacts
+
+        # Revoking an operator takes effect on the running coordinator at once.
+        _radfl("coordinator", "remove-operator", "alice", "--dir", "federation", cwd=tmp_path)
+        with httpx.Client(verify=str(tmp_path / ca), timeout=10.0) as http:
+            revoked = http.get(
+                f"https://127.0.0.1:{mlflow_port}/api/2.0/mlflow/experiments/search",
+                params={"max_results": 10},
+                auth=("alice", password),
+            )
+        assert revoked.status_code == 401, revoked.text[:300]
 
         # Too few sites for a run: a clear error once the start deadline has passed.
         started = time.monotonic()

@@ -25,7 +25,13 @@ def test_init_writes_a_ca_and_a_superlink_certificate_for_every_host(tmp_path: P
     ca = pki.load_certificate(federation.ca_cert)
     server = pki.load_certificate(federation.server_cert)
     server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
-    assert sorted(pki.certificate_hosts(server)) == ["10.1.2.3", "fl.hospital-net.org"]
+    # The hosts sites dial, and loopback: the CLI, the ServerApp runner and nginx dial there.
+    assert sorted(pki.certificate_hosts(server)) == [
+        "10.1.2.3",
+        "127.0.0.1",
+        "fl.hospital-net.org",
+        "localhost",
+    ]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     # Python's TLS stack accepts the pair as a server certificate and key.
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -33,13 +39,37 @@ def test_init_writes_a_ca_and_a_superlink_certificate_for_every_host(tmp_path: P
     for secret in ("ca.key", "superlink.key"):
         assert (federation.root / secret).stat().st_mode & 0o777 == 0o600
     connection = tomllib.loads((federation.flwr_home / "config.toml").read_text())
+    # Operators' Flower CLI dials the SuperLink itself, on loopback; sites dial nginx.
     assert connection["superlink"]["radfl"] == {
-        "address": "fl.hospital-net.org:9000",
+        "address": f"127.0.0.1:{coordinator.DEFAULT_SUPERLINK_LOCAL_PORT}",
         "root-certificates": str(federation.ca_cert),
     }
+    assert federation.address == "fl.hospital-net.org:9000"
+    assert federation.mlflow_uri == f"http://127.0.0.1:{coordinator.DEFAULT_MLFLOW_LOCAL_PORT}"
+    assert federation.operators_mlflow_url == "https://127.0.0.1:9001"
     assert coordinator.Federation.load(federation.root) == federation
+    for folder in (federation.root, federation.state, federation.sites_dir, federation.flwr_home):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    assert federation.operators_file.stat().st_mode & 0o777 == 0o600
     with pytest.raises(RadFLError, match="already holds a federation"):
         coordinator.init(tmp_path / "fed", ["x"])
+    with pytest.raises(RadFLError, match="must differ"):
+        coordinator.init(tmp_path / "other", ["x"], port=5000, mlflow_port=5000)
+
+
+def test_a_federation_folder_made_before_the_proxy_loads_with_loopback_defaults(tmp_path: Path):
+    federation = coordinator.init(tmp_path / "fed", ["127.0.0.1"])
+    settings = federation.root / coordinator.SETTINGS
+    old = [
+        line
+        for line in settings.read_text().splitlines()
+        if not line.startswith(("mlflow-bind", "superlink-local-port", "mlflow-local-port"))
+    ]
+    settings.write_text("\n".join(old) + "\n")
+    loaded = coordinator.Federation.load(federation.root)
+    assert loaded.mlflow_bind == "127.0.0.1"
+    assert loaded.superlink_local_port == coordinator.DEFAULT_SUPERLINK_LOCAL_PORT
+    assert loaded.mlflow_local_port == coordinator.DEFAULT_MLFLOW_LOCAL_PORT
 
 
 def test_site_keys_are_ec_openssh_and_private_keys_stay_owner_only(tmp_path: Path):
@@ -114,6 +144,7 @@ def test_a_site_that_fails_its_data_check_does_not_start(tmp_path: Path, capsys)
     assert code == 1
     assert "site check failed" in capsys.readouterr().out
     assert (tmp_path / "data" / ".radfl-logs" / "site.log").exists()
+    assert (tmp_path / "data" / ".radfl-logs").stat().st_mode & 0o777 == 0o700
 
 
 def test_run_exits_with_the_superlinks_final_status_not_flwr_runs(tmp_path: Path, monkeypatch):
