@@ -11,7 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client import faults
+from client import audit, faults
+from client.disclosure import DisclosurePolicy
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
 from common import compression
@@ -48,6 +49,9 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; reply metric states."""
+    refusal = DisclosurePolicy.from_node_config(context.node_config).admit_evaluation(msg, context)
+    if refusal is not None:
+        return refusal
     task, trainer, model, _ = _prepare(msg, context)
     states = trainer.evaluate(model)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(trainer.validation_set), **states.to_record()})
@@ -57,14 +61,18 @@ def evaluate(msg: Message, context: Context) -> Message:
 def final_evaluation(msg: Message, context: Context) -> Message:
     """Evaluate the final model on the validation and test splits, overall and per subgroup.
 
-    Subgroup cells with fewer than ``min-cell-size`` patients (or the site's own, larger
-    ``min-cell-size`` from its node config) are dropped here: only their names leave the site.
+    The site's disclosure policy (``client.disclosure``) decides: attributes it does not report
+    are refused by name, k is the larger of the run's and the site's, and subgroup cells below
+    k, with those withheld so that none can be subtracted out, are dropped here: only their
+    names leave the site.
     """
+    policy = DisclosurePolicy.from_node_config(context.node_config)
+    refusal = policy.admit_evaluation(msg, context)
+    if refusal is not None:
+        return refusal
     task, trainer, model, site = _prepare(msg, context)
     config = from_run_config(ClientConfig, context.run_config)
-    spec = config.subgroup_spec
-    floor = int(context.node_config.get("min-cell-size", spec.min_cell_size))
-    spec = replace(spec, min_cell_size=max(spec.min_cell_size, floor))
+    spec, refused = policy.apply(config.subgroup_spec)
     content = RecordDict()
     suppressed: dict[str, list[str]] = {}
     for split, dataset in ((VALIDATION, site.validation), (TEST, site.test)):
@@ -82,6 +90,8 @@ def final_evaluation(msg: Message, context: Context) -> Message:
     content[keys.SUPPRESSED] = ConfigRecord(
         {split: cells for split, cells in suppressed.items() if cells}
     )
+    if refused:
+        content[keys.REFUSED] = ConfigRecord(refused)
     content[keys.SITE] = ConfigRecord({keys.SITE_NAME: site_name(context.node_config)})
     return Message(content=content, reply_to=msg)
 
@@ -118,8 +128,9 @@ def describe(msg: Message, context: Context) -> Message:
 
 def build_app(mods: list[Mod] | None = None) -> ClientApp:
     """The site ClientApp with every handler; ``mods`` wrap them all (for example a mod that
-    records each reply, as the privacy test does)."""
-    client_app = ClientApp(mods=mods)
+    records each reply, as the privacy test does). The site's audit log (``client.audit``)
+    wraps everything, so it records what actually leaves."""
+    client_app = ClientApp(mods=[audit.record_reply, *(mods or [])])
     client_app.train()(train)
     client_app.train(keys.LOCAL_TRAINING)(local_training)
     client_app.evaluate()(evaluate)

@@ -25,7 +25,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomS
 from common import manifest as mf
 from common.config import ClientConfig
 from common.errors import ConfigError
-from common.subgroups import SubgroupSpec, cell_name
+from common.subgroups import SubgroupSpec, cell_name, withheld_cells
 from common.tasks import MetricStates, Task
 
 if TYPE_CHECKING:
@@ -128,7 +128,8 @@ class CellStates:
     patients : dict of str to int
         Distinct patients per sent cell (each at least ``min_cell_size``).
     suppressed : list of str
-        Cells with fewer patients: neither their states nor their size leave the site.
+        Cells with fewer patients, and those withheld with them (complementary suppression):
+        neither their states nor their size leave the site.
     """
 
     overall: MetricStates
@@ -325,22 +326,26 @@ class LocalTrainer:
 
         One forward pass; each batch's predictions are added to the overall states and to
         the states of every cell its samples belong to. Cells with fewer than
-        ``spec.min_cell_size`` distinct patients are dropped here, before anything is sent.
-        A dataset without an attribute table has no cells.
+        ``spec.min_cell_size`` distinct patients, and the cells withheld with them so that
+        none can be computed by subtraction (``common.subgroups.withheld_cells``), are dropped
+        here, before anything is sent. A dataset without an attribute table has no cells.
         """
         table = dataset.attributes
         masks = spec.cells(table) if table is not None and spec.site_attributes else {}
+        counts = {
+            cell: int(table.loc[mask, mf.PATIENT_ID].nunique())  # type: ignore[union-attr]
+            for cell, mask in masks.items()
+        }
+        withheld = withheld_cells(masks, counts, spec.min_cell_size)
         patients: dict[str, int] = {}
         kept: dict[str, np.ndarray] = {}
         suppressed: list[str] = []
         for (attribute, value), mask in masks.items():
             name = cell_name(attribute, value)
-            assert table is not None  # masks is empty otherwise
-            count = int(table.loc[mask, mf.PATIENT_ID].nunique())
-            if spec.is_small(count):
+            if (attribute, value) in withheld:
                 suppressed.append(name)
             else:
-                kept[name], patients[name] = mask, count
+                kept[name], patients[name] = mask, counts[(attribute, value)]
         model.to(self.device).eval()
         overall = self.task.new_states()
         states = {name: self.task.new_states() for name in kept}

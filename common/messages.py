@@ -42,6 +42,9 @@ TEST_IMAGES = "test-images"
 FINAL_EVALUATION = "final"
 SUPPRESSED = "suppressed"
 PATIENTS = "patients"
+REFUSED = "refused"
+"""ConfigRecord of a final evaluation: subgroup attributes the site's disclosure policy refused,
+each with a short reason (``client.disclosure``)."""
 
 # Cross-site validation (message type ``train.local``): train only on the site's own data.
 LOCAL_TRAINING = "local"

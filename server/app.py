@@ -139,7 +139,13 @@ def main(grid: Grid, context: Context) -> None:
             selected_round,
         )
         splits, failed = final.final_evaluation(
-            grid, sites, selected, config.num_classes, config.round_timeout_s, task=config.task
+            grid,
+            sites,
+            selected,
+            config.num_classes,
+            config.round_timeout_s,
+            task=config.task,
+            min_cell_size=config.min_cell_size,
         )
         if failed:
             mlflow.set_tag("radfl.final-evaluation-failed", ", ".join(sorted(failed)))

@@ -83,7 +83,9 @@ def test_final_evaluation_collects_splits_cells_and_suppression_and_names_failed
 
     grid = FakeGrid([1, 2, 3], handler)
     state = {"w": torch.zeros(2)}
-    splits, failed = final.final_evaluation(grid, _sites("a", "b", "c"), state, 2, timeout=5)
+    splits, failed = final.final_evaluation(
+        grid, _sites("a", "b", "c"), state, 2, timeout=5, min_cell_size=10
+    )
     # One copy of the model, shared by every site's message: memory does not grow per site.
     assert len({id(message.content["arrays"]) for message in grid.sent}) == 1
     assert failed == {"c": "error 1: CUDA out of memory"}
@@ -101,7 +103,12 @@ def test_a_malformed_final_reply_drops_that_site_with_the_reason():
         return reply
 
     splits, failed = final.final_evaluation(
-        FakeGrid([1, 2], handler), _sites("a", "b"), {"w": torch.zeros(1)}, 2, timeout=5
+        FakeGrid([1, 2], handler),
+        _sites("a", "b"),
+        {"w": torch.zeros(1)},
+        2,
+        timeout=5,
+        min_cell_size=10,
     )
     assert list(failed) == ["b"] and "malformed" in failed["b"]
     assert "b" not in splits["test"].sites
@@ -161,6 +168,7 @@ def test_report_metrics_are_valid_mlflow_keys():
         {"w": torch.zeros(1)},
         2,
         timeout=5,
+        min_cell_size=10,
     )
     splits["test"].cells["age=>=65"] = splits["test"].cells["sex=F"]
     splits["test"].patients["age=>=65"] = splits["test"].patients["sex=F"]
