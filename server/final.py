@@ -198,7 +198,7 @@ def add_final_reply(
         for cell in dropped:
             del cells[cell], patients[cell]
         hidden = [str(c) for c in suppressed.get(split, [])]  # type: ignore[union-attr]
-        states.add_site(site, overall, cells, patients, hidden + dropped)
+        states.add_site(site, overall, cells, patients, sorted(set(hidden) | set(dropped)))
 
 
 def cross_site_validation(
