@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
 
 from client import audit, faults
 from client.disclosure import DisclosurePolicy
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
 from common import compression
+from common import manifest as mf
 from common import messages as keys
 from common.config import LOCAL_NORMALISATION_STRATEGIES, ClientConfig, from_run_config
+from common.privacy import PrivacyLedger, private_model
 from common.splits import TEST, VALIDATION
 from common.tasks import Task, get_task
 
@@ -26,11 +39,15 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
     task, trainer, model, site = _prepare(msg, context)
     config: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
+    ledger, refusal = _privacy_budget(msg, context, site)
+    if refusal is not None:
+        return refusal
     result = trainer.fit(
         model,
         server_round=int(keys.scalar(config, keys.SERVER_ROUND, 1)),
         num_rounds=int(keys.scalar(config, keys.NUM_ROUNDS, 1)),
         proximal_mu=keys.scalar(config, keys.PROXIMAL_MU, 0.0),
+        ledger=ledger,
     )
     metrics = MetricRecord(
         {
@@ -40,6 +57,7 @@ def train(msg: Message, context: Context) -> Message:
             keys.EPOCHS_RUN: result.epochs_run,
             keys.SKIPPED_STEPS: result.skipped_steps,
             keys.SKIPPED_ROWS: site.skipped_rows,
+            **_privacy_spent(ledger, context, site),
         }
     )
     _keep_local_normalisation(model, context)
@@ -104,7 +122,11 @@ def local_training(msg: Message, context: Context) -> Message:
     settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     rounds = int(keys.scalar(settings, keys.LOCAL_ROUNDS, 1))
     local = replace(config, local_epochs=config.local_epochs * rounds)
-    result = LocalTrainer.for_site(task, local, site).fit(model)
+    ledger, refusal = _privacy_budget(msg, context, site, local_epochs=local.local_epochs)
+    if refusal is not None:
+        return refusal
+    result = LocalTrainer.for_site(task, local, site).fit(model, ledger=ledger)
+    _privacy_spent(ledger, context, site)
     metrics = MetricRecord(
         {keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.train_loss}
     )
@@ -146,10 +168,63 @@ def _prepare(
     task = get_task(config.model_config)
     site: SiteSplits = load_site(context.node_config, config)
     model = task.build_model()
+    if config.private:
+        model = private_model(model)
     model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
     _restore_local_normalisation(model, context)
     trainer = LocalTrainer.for_site(task, config, site)
     return task, trainer, model, site
+
+
+# -- Sample-level differential privacy (DP-SGD) ----------------------------------------------
+PRIVACY_LEDGER = "radfl.privacy-ledger"
+
+
+def _privacy_budget(
+    msg: Message, context: Context, site: SiteSplits, local_epochs: int | None = None
+) -> tuple[PrivacyLedger | None, Message | None]:
+    """This run's privacy ledger (``None`` without DP), or the refusal to send instead of
+    training when the round would take the site past its ``dp-epsilon`` budget."""
+    config = _config(context)
+    if not config.private:
+        return None, None
+    record = context.state.get(PRIVACY_LEDGER)
+    ledger = PrivacyLedger.from_record(record if isinstance(record, ConfigRecord) else None)
+    if config.dp_epsilon > 0:
+        n = len(site.train)
+        steps = math.ceil(n / config.batch_size) * (local_epochs or config.local_epochs)
+        rate = min(1.0, config.batch_size / n)
+        spent = ledger.epsilon(config.dp_delta)
+        planned = ledger.epsilon_after(config.dp_noise_multiplier, rate, steps, config.dp_delta)
+        if planned > config.dp_epsilon:
+            reason = (
+                f"site stops training: its privacy budget dp-epsilon = {config.dp_epsilon:g} "
+                f"(delta {config.dp_delta:g}) is spent up to {spent:.3f}, and this round would "
+                f"take it to {planned:.3f}"
+            )
+            return ledger, Message(
+                Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
+            )
+    return ledger, None
+
+
+def _privacy_spent(
+    ledger: PrivacyLedger | None, context: Context, site: SiteSplits
+) -> dict[str, float]:
+    """Keep the ledger for the next rounds; the epsilon spent so far and the most studies of
+    one patient in the training split (group privacy: ``common.privacy``)."""
+    if ledger is None:
+        return {}
+    config = _config(context)
+    context.state[PRIVACY_LEDGER] = ConfigRecord(ledger.to_record())  # type: ignore[arg-type]
+    studies = 1
+    table = site.train.attributes
+    if table is not None and mf.PATIENT_ID in table:
+        studies = int(table[mf.PATIENT_ID].value_counts().max())
+    return {
+        keys.DP_EPSILON: ledger.epsilon(config.dp_delta),
+        keys.DP_STUDIES_PER_PATIENT: studies,
+    }
 
 
 # -- FedBN: normalisation layers stay at the site -------------------------------------------
