@@ -37,11 +37,11 @@ from common.tasks import Task, get_task
 
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
-    task, trainer, model, site = _prepare(msg, context)
-    config: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
-    ledger, refusal = _privacy_budget(msg, context, site)
+    ledger, refusal = _privacy_budget(msg, context)
     if refusal is not None:
         return refusal
+    task, trainer, model, site = _prepare(msg, context)
+    config: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     result = trainer.fit(
         model,
         server_round=int(keys.scalar(config, keys.SERVER_ROUND, 1)),
@@ -117,14 +117,14 @@ def final_evaluation(msg: Message, context: Context) -> Message:
 def local_training(msg: Message, context: Context) -> Message:
     """Train only on this site's data for ``local-rounds`` rounds' worth of epochs (the
     local-only model of cross-site validation), starting from the received weights."""
-    task, _, model, site = _prepare(msg, context)
     config = from_run_config(ClientConfig, context.run_config)
     settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     rounds = int(keys.scalar(settings, keys.LOCAL_ROUNDS, 1))
     local = replace(config, local_epochs=config.local_epochs * rounds)
-    ledger, refusal = _privacy_budget(msg, context, site, local_epochs=local.local_epochs)
+    ledger, refusal = _privacy_budget(msg, context, local_epochs=local.local_epochs)
     if refusal is not None:
         return refusal
+    task, _, model, site = _prepare(msg, context)
     result = LocalTrainer.for_site(task, local, site).fit(model, ledger=ledger)
     _privacy_spent(ledger, context, site)
     metrics = MetricRecord(
@@ -181,24 +181,35 @@ PRIVACY_LEDGER = "radfl.privacy-ledger"
 
 
 def _privacy_budget(
-    msg: Message, context: Context, site: SiteSplits, local_epochs: int | None = None
+    msg: Message, context: Context, local_epochs: int | None = None
 ) -> tuple[PrivacyLedger | None, Message | None]:
     """This run's privacy ledger (``None`` without DP), or the refusal to send instead of
-    training when the round would take the site past its ``dp-epsilon`` budget."""
+    training: the round would take the site past its ``dp-epsilon`` budget (the run's or its
+    own, the smaller), or the site demands DP-SGD and the run trains without."""
     config = _config(context)
+    policy = DisclosurePolicy.from_node_config(context.node_config)
+    budget = policy.privacy_budget(config.dp_epsilon)
     if not config.private:
+        if policy.dp_epsilon > 0:
+            reason = (
+                f"site trains only with DP-SGD (its dp-epsilon = {policy.dp_epsilon:g}); the run "
+                "has dp-noise-multiplier = 0"
+            )
+            return None, Message(
+                Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
+            )
         return None, None
     record = context.state.get(PRIVACY_LEDGER)
     ledger = PrivacyLedger.from_record(record if isinstance(record, ConfigRecord) else None)
-    if config.dp_epsilon > 0:
-        n = len(site.train)
+    if budget > 0:
+        n = len(load_site(context.node_config, config).train)
         steps = math.ceil(n / config.batch_size) * (local_epochs or config.local_epochs)
         rate = min(1.0, config.batch_size / n)
         spent = ledger.epsilon(config.dp_delta)
         planned = ledger.epsilon_after(config.dp_noise_multiplier, rate, steps, config.dp_delta)
-        if planned > config.dp_epsilon:
+        if planned > budget:
             reason = (
-                f"site stops training: its privacy budget dp-epsilon = {config.dp_epsilon:g} "
+                f"site stops training: its privacy budget dp-epsilon = {budget:g} "
                 f"(delta {config.dp_delta:g}) is spent up to {spent:.3f}, and this round would "
                 f"take it to {planned:.3f}"
             )

@@ -244,6 +244,13 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         default=disclosure.DEFAULT_MAX_EVALUATIONS_PER_MODEL,
         help="evaluations of one model the site answers per run (default %(default)s)",
     )
+    group.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=0.0,
+        help="the site's privacy budget: train only with DP-SGD, and stop at this epsilon "
+        "(default 0: no budget of its own)",
+    )
 
 
 def policy_node_config(args: argparse.Namespace) -> dict[str, str | int | float | bool]:
@@ -255,6 +262,7 @@ def policy_node_config(args: argparse.Namespace) -> dict[str, str | int | float 
         disclosure.MIN_CELL_SIZE_KEY: args.min_cell_size,
         disclosure.MAX_EVALUATIONS_KEY: args.max_evaluations,
         disclosure.MAX_EVALUATIONS_PER_MODEL_KEY: args.max_evaluations_per_model,
+        disclosure.DP_EPSILON_KEY: args.dp_epsilon,
     }
     disclosure.DisclosurePolicy.from_node_config(config)
     return config

@@ -16,6 +16,8 @@ node config key                 meaning (default)
                                 per run (1000)
 ``max-evaluations-per-model``   evaluations of one and the same model per run (3: its round, the
                                 final evaluation and cross-site validation)
+``dp-epsilon``                  the site's own privacy budget (0: none): it trains only with DP-SGD
+                                and stops at the smaller of this and the run's ``dp-epsilon``
 ==============================  ==================================================================
 
 A refused attribute travels back as its name and a short reason in the ``refused`` record of
@@ -60,6 +62,7 @@ ATTRIBUTES_KEY = "subgroup-attributes"
 MIN_CELL_SIZE_KEY = "min-cell-size"
 MAX_EVALUATIONS_KEY = "max-evaluations"
 MAX_EVALUATIONS_PER_MODEL_KEY = "max-evaluations-per-model"
+DP_EPSILON_KEY = "dp-epsilon"
 POLICY_KEYS = (
     ATTRIBUTES_KEY,
     MIN_CELL_SIZE_KEY,
@@ -80,8 +83,11 @@ class DisclosurePolicy:
     min_cell_size: int = DEFAULT_MIN_CELL_SIZE
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS
     max_evaluations_per_model: int = DEFAULT_MAX_EVALUATIONS_PER_MODEL
+    dp_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.dp_epsilon < 0:
+            raise ConfigError(f"node config {DP_EPSILON_KEY} must be >= 0, got {self.dp_epsilon}")
         identifiers = sorted(set(self.attributes) & NEVER_REPORTED)
         if identifiers:
             raise ConfigError(
@@ -111,7 +117,14 @@ class DisclosurePolicy:
             max_evaluations_per_model=_integer(
                 config, MAX_EVALUATIONS_PER_MODEL_KEY, DEFAULT_MAX_EVALUATIONS_PER_MODEL
             ),
+            dp_epsilon=_number(config, DP_EPSILON_KEY, 0.0),
         )
+
+    def privacy_budget(self, run_budget: float) -> float:
+        """The epsilon at which the site stops training: the smaller of its own and the run's
+        (0: no budget)."""
+        budgets = [b for b in (self.dp_epsilon, run_budget) if b > 0]
+        return min(budgets) if budgets else 0.0
 
     def apply(self, spec: SubgroupSpec) -> tuple[SubgroupSpec, dict[str, Any]]:
         """The run's subgroup request cut down to this policy.
@@ -219,6 +232,16 @@ def _split_pairs(text: str) -> list[str]:
     if current:
         pairs.append(current)
     return pairs
+
+
+def _number(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config {key} must be a number, got {value!r}") from None
 
 
 def _integer(config: Mapping[str, Any], key: str, default: int) -> int:

@@ -84,3 +84,26 @@ def test_dp_sgd_refuses_fedprox_by_name():
     trainer = LocalTrainer.for_site(task, config, site, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="cannot train FedProx"):
         trainer.fit(private_model(task.build_model()), proximal_mu=0.1, ledger=PrivacyLedger())
+
+
+def test_a_site_budget_of_its_own_refuses_runs_without_dp_and_caps_runs_with_it():
+    plain = Context(
+        run_id=3,
+        node_id=1,
+        node_config={**NODE, "dp-epsilon": 4.0},
+        state=RecordDict(),
+        run_config={**RUN_CONFIG, "dp-noise-multiplier": 0.0},
+    )
+    message = _train_message(1)
+    refused = app.train(message, plain)
+    assert refused.has_error()
+    assert "site trains only with DP-SGD (its dp-epsilon = 4)" in refused.error.reason
+    capped = Context(
+        run_id=3,
+        node_id=1,
+        node_config={**NODE, "dp-epsilon": 0.5},
+        state=RecordDict(),
+        run_config={**RUN_CONFIG, "dp-epsilon": 50.0},
+    )
+    reply = app.train(_train_message(1), capped)
+    assert reply.has_error() and "dp-epsilon = 0.5" in reply.error.reason

@@ -310,3 +310,36 @@ def _combination_attack(overall: np.ndarray, published: list, hidden: dict) -> l
             ):
                 found.add(cell)
     return sorted(found)
+
+
+def test_a_dp_sgd_simulation_logs_each_site_epsilon_every_round(tmp_path: Path):
+    env = os.environ.copy()
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+    )
+    settings = {
+        "image-size": 32,
+        "synthetic-samples-per-site": 60,
+        "local-epochs": 1,
+        "batch-size": 8,
+        "min-cell-size": 2,
+        "dp-noise-multiplier": 1.0,
+        "dp-max-grad-norm": 1.0,
+    }
+    command = [RADFL, "simulate", "--in-memory", "--sites", "2", "--rounds", "2"]
+    command += ["--model", "small-cnn"]
+    command += [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("radfl").experiment_id])
+    assert run.info.status == "FINISHED"
+    for site in ("site-0", "site-1"):
+        history = client.get_metric_history(run.info.run_id, f"site/{site}/dp-epsilon")
+        values = [m.value for m in sorted(history, key=lambda m: m.step)]
+        assert len(values) == 2 and 0 < values[0] < values[1], values
+    assert "test/auc" in run.data.metrics
