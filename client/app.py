@@ -2,42 +2,29 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
-from flwr.common.constant import ErrorCode
 
-from client import audit, faults
-from client.disclosure import DisclosurePolicy
+from client import audit, disclosure, faults
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
 from common import compression
-from common import manifest as mf
 from common import messages as keys
 from common.config import LOCAL_NORMALISATION_STRATEGIES, ClientConfig, from_run_config
-from common.privacy import PrivacyLedger, private_model
+from common.privacy import private_model
 from common.splits import TEST, VALIDATION
 from common.tasks import Task, get_task
 
 
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
-    ledger, refusal = _privacy_budget(msg, context)
+    ledger, refusal = disclosure.privacy_budget(msg, context)
     if refusal is not None:
         return refusal
     task, trainer, model, site = _prepare(msg, context)
@@ -57,7 +44,7 @@ def train(msg: Message, context: Context) -> Message:
             keys.EPOCHS_RUN: result.epochs_run,
             keys.SKIPPED_STEPS: result.skipped_steps,
             keys.SKIPPED_ROWS: site.skipped_rows,
-            **_privacy_spent(ledger, context, site),
+            **disclosure.privacy_spent(ledger, context, site.train),
         }
     )
     _keep_local_normalisation(model, context)
@@ -67,7 +54,8 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; reply metric states."""
-    refusal = DisclosurePolicy.from_node_config(context.node_config).admit_evaluation(msg, context)
+    policy = disclosure.DisclosurePolicy.from_node_config(context.node_config)
+    refusal = policy.admit_evaluation(msg, context)
     if refusal is not None:
         return refusal
     task, trainer, model, _ = _prepare(msg, context)
@@ -84,7 +72,7 @@ def final_evaluation(msg: Message, context: Context) -> Message:
     k, with those withheld so that none can be subtracted out, are dropped here: only their
     names leave the site.
     """
-    policy = DisclosurePolicy.from_node_config(context.node_config)
+    policy = disclosure.DisclosurePolicy.from_node_config(context.node_config)
     refusal = policy.admit_evaluation(msg, context)
     if refusal is not None:
         return refusal
@@ -121,12 +109,12 @@ def local_training(msg: Message, context: Context) -> Message:
     settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     rounds = int(keys.scalar(settings, keys.LOCAL_ROUNDS, 1))
     local = replace(config, local_epochs=config.local_epochs * rounds)
-    ledger, refusal = _privacy_budget(msg, context, local_epochs=local.local_epochs)
+    ledger, refusal = disclosure.privacy_budget(msg, context, local_epochs=local.local_epochs)
     if refusal is not None:
         return refusal
     task, _, model, site = _prepare(msg, context)
     result = LocalTrainer.for_site(task, local, site).fit(model, ledger=ledger)
-    _privacy_spent(ledger, context, site)
+    disclosure.privacy_spent(ledger, context, site.train)
     metrics = MetricRecord(
         {keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.train_loss}
     )
@@ -174,68 +162,6 @@ def _prepare(
     _restore_local_normalisation(model, context)
     trainer = LocalTrainer.for_site(task, config, site)
     return task, trainer, model, site
-
-
-# -- Sample-level differential privacy (DP-SGD) ----------------------------------------------
-PRIVACY_LEDGER = "radfl.privacy-ledger"
-
-
-def _privacy_budget(
-    msg: Message, context: Context, local_epochs: int | None = None
-) -> tuple[PrivacyLedger | None, Message | None]:
-    """This run's privacy ledger (``None`` without DP), or the refusal to send instead of
-    training: the round would take the site past its ``dp-epsilon`` budget (the run's or its
-    own, the smaller), or the site demands DP-SGD and the run trains without."""
-    config = _config(context)
-    policy = DisclosurePolicy.from_node_config(context.node_config)
-    budget = policy.privacy_budget(config.dp_epsilon)
-    if not config.private:
-        if policy.dp_epsilon > 0:
-            reason = (
-                f"site trains only with DP-SGD (its dp-epsilon = {policy.dp_epsilon:g}); the run "
-                "has dp-noise-multiplier = 0"
-            )
-            return None, Message(
-                Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
-            )
-        return None, None
-    record = context.state.get(PRIVACY_LEDGER)
-    ledger = PrivacyLedger.from_record(record if isinstance(record, ConfigRecord) else None)
-    if budget > 0:
-        n = len(load_site(context.node_config, config).train)
-        steps = math.ceil(n / config.batch_size) * (local_epochs or config.local_epochs)
-        rate = min(1.0, config.batch_size / n)
-        spent = ledger.epsilon(config.dp_delta)
-        planned = ledger.epsilon_after(config.dp_noise_multiplier, rate, steps, config.dp_delta)
-        if planned > budget:
-            reason = (
-                f"site stops training: its privacy budget dp-epsilon = {budget:g} "
-                f"(delta {config.dp_delta:g}) is spent up to {spent:.3f}, and this round would "
-                f"take it to {planned:.3f}"
-            )
-            return ledger, Message(
-                Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg
-            )
-    return ledger, None
-
-
-def _privacy_spent(
-    ledger: PrivacyLedger | None, context: Context, site: SiteSplits
-) -> dict[str, float]:
-    """Keep the ledger for the next rounds; the epsilon spent so far and the most studies of
-    one patient in the training split (group privacy: ``common.privacy``)."""
-    if ledger is None:
-        return {}
-    config = _config(context)
-    context.state[PRIVACY_LEDGER] = ConfigRecord(ledger.to_record())  # type: ignore[arg-type]
-    studies = 1
-    table = site.train.attributes
-    if table is not None and mf.PATIENT_ID in table:
-        studies = int(table[mf.PATIENT_ID].value_counts().max())
-    return {
-        keys.DP_EPSILON: ledger.epsilon(config.dp_delta),
-        keys.DP_STUDIES_PER_PATIENT: studies,
-    }
 
 
 # -- FedBN: normalisation layers stay at the site -------------------------------------------

@@ -25,6 +25,9 @@ the final evaluation; the rest of the reply goes as usual. An evaluation past a 
 with an error whose reason names the cap; the server logs it and leaves the site out of that
 evaluation.
 
+With DP-SGD (``common.privacy``), :func:`privacy_budget` refuses a training round that would
+take the site past its epsilon budget, and :func:`privacy_spent` reports what it has spent.
+
 In Flower's simulation engine virtual sites have no node config of their own: ``radfl simulate
 --node-config`` puts the keys in ``RADFL_SIMULATION_NODE_CONFIG`` (JSON), which every virtual
 site reads here (a real SuperNode's node config ignores it).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -43,7 +47,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.common.constant import ErrorCode
 
 from common import manifest as mf
+from common import messages as keys
+from common.config import ClientConfig, from_run_config
 from common.errors import ConfigError
+from common.privacy import PrivacyLedger
 from common.subgroups import SITE_ATTRIBUTE, SubgroupSpec
 
 #: ``radfl simulate --node-config``: node config of every virtual site, as JSON.
@@ -73,6 +80,15 @@ POLICY_KEYS = (
 #: ``context.state`` record counting the evaluations this site answered in the run.
 EVALUATION_COUNTS = "radfl.evaluation-counts"
 _RUN_COUNT = "run"
+
+
+#: Error code of a refusal: Flower's "a precondition failed" (the site's policy).
+REFUSED = ErrorCode.MOD_FAILED_PRECONDITION
+
+
+def refusal(msg: Message, reason: str) -> Message:
+    """The reply of a site that refuses ``msg``: an error whose reason the server logs."""
+    return Message(Error(code=REFUSED, reason=reason), reply_to=msg)
 
 
 @dataclass(frozen=True)
@@ -175,11 +191,66 @@ class DisclosurePolicy:
             counts[model] = model_count + 1
             context.state[EVALUATION_COUNTS] = counts
             return None
-        return Message(Error(code=REFUSED, reason=reason), reply_to=msg)
+        return refusal(msg, reason)
 
 
-#: Error code of a refusal: Flower's "a precondition failed" (the site's policy).
-REFUSED = ErrorCode.MOD_FAILED_PRECONDITION
+# -- Sample-level differential privacy: the site's budget --------------------------------------
+#: ``context.state`` record of every DP-SGD step the site took in the run.
+PRIVACY_LEDGER = "radfl.privacy-ledger"
+
+
+def privacy_budget(
+    msg: Message, context: Context, local_epochs: int | None = None
+) -> tuple[PrivacyLedger | None, Message | None]:
+    """This run's privacy ledger (``None`` without DP), or the refusal to send instead of
+    training: the round would take the site past its ``dp-epsilon`` budget (the run's or its
+    own, the smaller), or the site demands DP-SGD and the run trains without."""
+    config = from_run_config(ClientConfig, context.run_config)
+    policy = DisclosurePolicy.from_node_config(context.node_config)
+    if not config.private:
+        if policy.dp_epsilon > 0:
+            return None, refusal(
+                msg,
+                f"site trains only with DP-SGD (its dp-epsilon = {policy.dp_epsilon:g}); the "
+                "run has dp-noise-multiplier = 0",
+            )
+        return None, None
+    record = context.state.get(PRIVACY_LEDGER)
+    ledger = PrivacyLedger.from_record(record if isinstance(record, ConfigRecord) else None)
+    budget = policy.privacy_budget(config.dp_epsilon)
+    if budget > 0:
+        from client.site import load_site
+
+        n = len(load_site(context.node_config, config).train)
+        steps = math.ceil(n / config.batch_size) * (local_epochs or config.local_epochs)
+        rate = min(1.0, config.batch_size / n)
+        spent = ledger.epsilon(config.dp_delta)
+        planned = ledger.epsilon_after(config.dp_noise_multiplier, rate, steps, config.dp_delta)
+        if planned > budget:
+            return ledger, refusal(
+                msg,
+                f"site stops training: its privacy budget dp-epsilon = {budget:g} (delta "
+                f"{config.dp_delta:g}) is spent up to {spent:.3f}, and this round would take "
+                f"it to {planned:.3f}",
+            )
+    return ledger, None
+
+
+def privacy_spent(ledger: PrivacyLedger | None, context: Context, train: Any) -> dict[str, float]:
+    """Keep the ledger for the next rounds; the epsilon spent so far and the most studies of
+    one patient in the training split ``train`` (group privacy: ``common.privacy``)."""
+    if ledger is None:
+        return {}
+    config = from_run_config(ClientConfig, context.run_config)
+    context.state[PRIVACY_LEDGER] = ConfigRecord(ledger.to_record())  # type: ignore[arg-type]
+    studies = 1
+    table = getattr(train, "attributes", None)
+    if table is not None and mf.PATIENT_ID in table:
+        studies = int(table[mf.PATIENT_ID].value_counts().max())
+    return {
+        keys.DP_EPSILON: ledger.epsilon(config.dp_delta),
+        keys.DP_STUDIES_PER_PATIENT: studies,
+    }
 
 
 def model_digest(msg: Message) -> str:
