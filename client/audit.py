@@ -20,14 +20,14 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
-from flwr.clientapp.typing import ClientAppCallable
-
-from client.disclosure import site_node_config
 from common.config import SIMULATION_DATA_ENV
 from common.errors import RadFLError
+
+if TYPE_CHECKING:  # `radfl site audit` only reads JSON: it imports neither Flower nor torch
+    from flwr.app import Context, Message
+    from flwr.clientapp.typing import ClientAppCallable
 
 AUDIT_FOLDER = Path(".radfl-logs") / "audit"
 AUDIT_PATH_KEY = "audit-path"
@@ -37,6 +37,8 @@ NUMBER_BYTES = 8
 
 def audit_folder(node_config: Mapping[str, Any]) -> Path | None:
     """Where this site's audit log goes; ``None`` for a site without a folder."""
+    from client.disclosure import site_node_config
+
     config = site_node_config(node_config)
     if AUDIT_PATH_KEY in config:
         return Path(str(config[AUDIT_PATH_KEY])).expanduser()
@@ -77,6 +79,8 @@ def describe_reply(reply: Message) -> dict[str, Any]:
 
 
 def _describe(record: object) -> dict[str, Any]:
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
     if isinstance(record, ArrayRecord):
         return {
             "kind": "arrays",

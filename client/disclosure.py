@@ -70,12 +70,6 @@ MIN_CELL_SIZE_KEY = "min-cell-size"
 MAX_EVALUATIONS_KEY = "max-evaluations"
 MAX_EVALUATIONS_PER_MODEL_KEY = "max-evaluations-per-model"
 DP_EPSILON_KEY = "dp-epsilon"
-POLICY_KEYS = (
-    ATTRIBUTES_KEY,
-    MIN_CELL_SIZE_KEY,
-    MAX_EVALUATIONS_KEY,
-    MAX_EVALUATIONS_PER_MODEL_KEY,
-)
 
 #: ``context.state`` record counting the evaluations this site answered in the run.
 EVALUATION_COUNTS = "radfl.evaluation-counts"
@@ -256,7 +250,7 @@ def privacy_spent(ledger: PrivacyLedger | None, context: Context, train: Any) ->
 def model_digest(msg: Message) -> str:
     """SHA-256 of the weights a message carries (names and bytes), the model's identity."""
     digest = hashlib.sha256()
-    record = msg.content.get("arrays")
+    record = msg.content.get(keys.ARRAYS)
     if isinstance(record, ArrayRecord):
         for name, array in record.items():
             digest.update(name.encode())

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is not needed to read a ledger
+    from torch import nn
 
 #: RDP orders epsilon is minimised over.
 RDP_ORDERS: tuple[int, ...] = tuple(range(2, 256))

@@ -125,13 +125,11 @@ def test_the_audit_log_lists_every_reply_field_with_its_size_and_no_weights(tmp_
         audit.read_audit(tmp_path, "12")
 
 
-def test_weights_are_logged_by_shape_and_size_only(tmp_path):
-    context = _context({"audit-path": str(tmp_path)})
-    message = _message("train")
-    message.content["config"] = ConfigRecord({"server-round": 1, "num-rounds": 1})
-    app.build_app()(message, context)
-    (entry,) = (json.loads(line) for line in (tmp_path / "run-11.jsonl").read_text().splitlines())
-    weights = entry["records"]["arrays"]
-    assert weights["kind"] == "arrays"
-    for field in weights["fields"].values():
+def test_weights_are_logged_by_shape_and_size_only():
+    weights = _message("train").content["arrays"]
+    reply = Message(content=RecordDict({"arrays": weights}), reply_to=_message("train"))
+    described = audit.describe_reply(reply)["records"]["arrays"]
+    assert described["kind"] == "arrays" and set(described["fields"]) == set(weights)
+    for name, field in described["fields"].items():
         assert set(field) == {"type", "shape", "bytes"}
+        assert field["shape"] == list(weights[name].shape)
