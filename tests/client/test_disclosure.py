@@ -105,3 +105,25 @@ def test_site_start_policy_options_reach_the_supernode_node_config():
     bad = parser.parse_args(["--subgroup-attributes", "sex,patient_id"])
     with pytest.raises(ConfigError, match="patient_id"):
         daemon.policy_node_config(bad)
+
+
+def test_the_supernode_reads_back_the_policy_site_start_gives_it():
+    from flwr.common.config import parse_config_args
+
+    parser = argparse.ArgumentParser()
+    daemon.add_policy_arguments(parser)
+    args = parser.parse_args(["--subgroup-attributes", "sex,age", "--dp-epsilon", "3.5"])
+    command = daemon.supernode_command(
+        superlink="fl.example.org:8000",
+        data="/srv/site",
+        name="site-a",
+        root_certificates="ca.crt",
+        auth_key="site.key",
+        port=None,
+        extra_config=daemon.policy_node_config(args),
+    )
+    # Flower's own parser of --node-config, as flower-supernode runs it.
+    node_config = parse_config_args([command[command.index("--node-config") + 1]])
+    policy = DisclosurePolicy.from_node_config(node_config)
+    assert policy.attributes == ("sex", "age") and policy.dp_epsilon == 3.5
+    assert policy.min_cell_size == 10 and policy.max_evaluations_per_model == 3
