@@ -11,18 +11,23 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client import audit, disclosure
 from client.failures import contain_errors
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
 from common import compression
 from common import messages as keys
 from common.config import LOCAL_NORMALISATION_STRATEGIES, ClientConfig, from_run_config
+from common.privacy import private_model
 from common.splits import TEST, VALIDATION
 from common.tasks import Task, get_task
 
 
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's training split."""
+    ledger, refusal = disclosure.privacy_budget(msg, context)
+    if refusal is not None:
+        return refusal
     task, trainer, model, site = _prepare(msg, context)
     config: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     result = trainer.fit(
@@ -30,6 +35,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(keys.scalar(config, keys.SERVER_ROUND, 1)),
         num_rounds=int(keys.scalar(config, keys.NUM_ROUNDS, 1)),
         proximal_mu=keys.scalar(config, keys.PROXIMAL_MU, 0.0),
+        ledger=ledger,
     )
     metrics = MetricRecord(
         {
@@ -39,6 +45,7 @@ def train(msg: Message, context: Context) -> Message:
             keys.EPOCHS_RUN: result.epochs_run,
             keys.SKIPPED_STEPS: result.skipped_steps,
             keys.SKIPPED_ROWS: site.skipped_rows,
+            **disclosure.privacy_spent(ledger, context, site.train),
         }
     )
     _keep_local_normalisation(model, context)
@@ -48,6 +55,10 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split; reply metric states."""
+    policy = disclosure.DisclosurePolicy.from_node_config(context.node_config)
+    refusal = policy.admit_evaluation(msg, context)
+    if refusal is not None:
+        return refusal
     task, trainer, model, _ = _prepare(msg, context)
     states = trainer.evaluate(model)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(trainer.validation_set), **states.to_record()})
@@ -57,14 +68,18 @@ def evaluate(msg: Message, context: Context) -> Message:
 def final_evaluation(msg: Message, context: Context) -> Message:
     """Evaluate the final model on the validation and test splits, overall and per subgroup.
 
-    Subgroup cells with fewer than ``min-cell-size`` patients (or the site's own, larger
-    ``min-cell-size`` from its node config) are dropped here: only their names leave the site.
+    The site's disclosure policy (``client.disclosure``) decides: attributes it does not report
+    are refused by name, k is the larger of the run's and the site's, and subgroup cells below
+    k, with those withheld so that none can be subtracted out, are dropped here: only their
+    names leave the site.
     """
+    policy = disclosure.DisclosurePolicy.from_node_config(context.node_config)
+    refusal = policy.admit_evaluation(msg, context)
+    if refusal is not None:
+        return refusal
     task, trainer, model, site = _prepare(msg, context)
     config = from_run_config(ClientConfig, context.run_config)
-    spec = config.subgroup_spec
-    floor = int(context.node_config.get("min-cell-size", spec.min_cell_size))
-    spec = replace(spec, min_cell_size=max(spec.min_cell_size, floor))
+    spec, refused = policy.apply(config.subgroup_spec)
     content = RecordDict()
     suppressed: dict[str, list[str]] = {}
     for split, dataset in ((VALIDATION, site.validation), (TEST, site.test)):
@@ -82,6 +97,8 @@ def final_evaluation(msg: Message, context: Context) -> Message:
     content[keys.SUPPRESSED] = ConfigRecord(
         {split: cells for split, cells in suppressed.items() if cells}
     )
+    if refused:
+        content[keys.REFUSED] = ConfigRecord(refused)
     content[keys.SITE] = ConfigRecord({keys.SITE_NAME: site_name(context.node_config)})
     return Message(content=content, reply_to=msg)
 
@@ -89,12 +106,16 @@ def final_evaluation(msg: Message, context: Context) -> Message:
 def local_training(msg: Message, context: Context) -> Message:
     """Train only on this site's data for ``local-rounds`` rounds' worth of epochs (the
     local-only model of cross-site validation), starting from the received weights."""
-    task, _, model, site = _prepare(msg, context)
     config = from_run_config(ClientConfig, context.run_config)
     settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     rounds = int(keys.scalar(settings, keys.LOCAL_ROUNDS, 1))
     local = replace(config, local_epochs=config.local_epochs * rounds)
-    result = LocalTrainer.for_site(task, local, site).fit(model)
+    ledger, refusal = disclosure.privacy_budget(msg, context, local_epochs=local.local_epochs)
+    if refusal is not None:
+        return refusal
+    task, _, model, site = _prepare(msg, context)
+    result = LocalTrainer.for_site(task, local, site).fit(model, ledger=ledger)
+    disclosure.privacy_spent(ledger, context, site.train)
     metrics = MetricRecord(
         {keys.NUM_EXAMPLES: result.num_examples, keys.TRAIN_LOSS: result.train_loss}
     )
@@ -119,8 +140,9 @@ def describe(msg: Message, context: Context) -> Message:
 def build_app(mods: list[Mod] | None = None) -> ClientApp:
     """The site ClientApp with every handler; ``mods`` wrap them all (for example a mod that
     records each reply, as the privacy test does), inside ``contain_errors``: whatever fails,
-    only an error's code and category leave the site."""
-    client_app = ClientApp(mods=[contain_errors, *(mods or [])])
+    only an error's code and category leave the site. The site's audit log (``client.audit``)
+    wraps everything, so it records what actually leaves, sanitised errors included."""
+    client_app = ClientApp(mods=[audit.record_reply, contain_errors, *(mods or [])])
     client_app.train()(train)
     client_app.train(keys.LOCAL_TRAINING)(local_training)
     client_app.evaluate()(evaluate)
@@ -136,6 +158,8 @@ def _prepare(
     task = get_task(config.model_config)
     site: SiteSplits = load_site(context.node_config, config)
     model = task.build_model()
+    if config.private:
+        model = private_model(model)
     model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
     _restore_local_normalisation(model, context)
     trainer = LocalTrainer.for_site(task, config, site)

@@ -106,6 +106,7 @@ def start(args: argparse.Namespace) -> int:
     extra: dict[str, str | int | float | bool] = {}
     if args.skip_bad_rows:
         extra["skip-bad-rows"] = True
+    extra.update(policy_node_config(args))
     command = supernode_command(
         superlink=args.superlink,
         data=data,
@@ -210,3 +211,60 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="loopback port of the SuperNode's runtime API (distinct per site on one machine)",
     )
+
+
+# ------------------------------------------------------------------ disclosure policy
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """``radfl site start`` options of the site's disclosure policy (``client.disclosure``)."""
+    from client import disclosure
+
+    group = parser.add_argument_group(
+        "disclosure policy", "what this site answers, whatever the run asks (client.disclosure)"
+    )
+    group.add_argument(
+        "--subgroup-attributes",
+        default=",".join(disclosure.DEFAULT_ATTRIBUTES),
+        help="subgroup attributes the site reports, comma-separated (default %(default)s); "
+        "others are refused, identifiers always",
+    )
+    group.add_argument(
+        "--min-cell-size",
+        type=int,
+        default=disclosure.DEFAULT_MIN_CELL_SIZE,
+        help="the site's floor k: subgroup cells of fewer patients are never sent, whatever "
+        "the run's min-cell-size (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-evaluations",
+        type=int,
+        default=disclosure.DEFAULT_MAX_EVALUATIONS,
+        help="evaluations the site answers per run (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-evaluations-per-model",
+        type=int,
+        default=disclosure.DEFAULT_MAX_EVALUATIONS_PER_MODEL,
+        help="evaluations of one model the site answers per run (default %(default)s)",
+    )
+    group.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=0.0,
+        help="the site's privacy budget: train only with DP-SGD, and stop at this epsilon "
+        "(default 0: no budget of its own)",
+    )
+
+
+def policy_node_config(args: argparse.Namespace) -> dict[str, str | int | float | bool]:
+    """The policy options as node config keys, checked (a bad one names its key)."""
+    from client import disclosure
+
+    config: dict[str, str | int | float | bool] = {
+        disclosure.ATTRIBUTES_KEY: args.subgroup_attributes,
+        disclosure.MIN_CELL_SIZE_KEY: args.min_cell_size,
+        disclosure.MAX_EVALUATIONS_KEY: args.max_evaluations,
+        disclosure.MAX_EVALUATIONS_PER_MODEL_KEY: args.max_evaluations_per_model,
+        disclosure.DP_EPSILON_KEY: args.dp_epsilon,
+    }
+    disclosure.DisclosurePolicy.from_node_config(config)
+    return config

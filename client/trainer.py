@@ -25,7 +25,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomS
 from common import manifest as mf
 from common.config import ClientConfig
 from common.errors import ConfigError
-from common.subgroups import SubgroupSpec, cell_name
+from common.privacy import PrivacyLedger
+from common.subgroups import SubgroupSpec, cell_name, withheld_cells
 from common.tasks import MetricStates, Task
 
 if TYPE_CHECKING:
@@ -128,7 +129,8 @@ class CellStates:
     patients : dict of str to int
         Distinct patients per sent cell (each at least ``min_cell_size``).
     suppressed : list of str
-        Cells with fewer patients: neither their states nor their size leave the site.
+        Cells with fewer patients, and those withheld with them (complementary suppression):
+        neither their states nor their size leave the site.
     """
 
     overall: MetricStates
@@ -217,14 +219,25 @@ class LocalTrainer:
         server_round: int = 1,
         num_rounds: int = 1,
         proximal_mu: float = 0.0,
+        ledger: PrivacyLedger | None = None,
     ) -> FitResult:
         """Train ``model`` in place for up to ``local_epochs`` epochs.
 
         After each epoch the validation loss is measured; training stops when it has not improved
         for ``early_stopping_patience`` epochs and the best epoch's weights are kept.
+
+        With ``dp-noise-multiplier > 0`` it is DP-SGD (``common.privacy``): Poisson-sampled
+        batches, each sample's gradient clipped to ``dp-max-grad-norm``, Gaussian noise added,
+        in fp32; the steps taken are added to ``ledger``. ``model`` must come from
+        :func:`common.privacy.private_model`.
         """
         cfg = self.config
         model.to(self.device)
+        if cfg.private and proximal_mu > 0:
+            raise ConfigError(
+                "dp-noise-multiplier > 0 cannot train FedProx: the proximal term's gradient "
+                "is not per sample; use another strategy"
+            )
         global_params = (
             [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
         )
@@ -234,15 +247,25 @@ class LocalTrainer:
         optimizer = _optimizer(cfg, model)
         loader = self._train_loader(server_round)
         steps_per_epoch = len(loader)
+        private, train_model = None, model
+        if cfg.private:
+            private = _DPSGD(model, optimizer, cfg, len(self.train_set))
+            train_model, optimizer = private.module, private.optimizer
+            steps_per_epoch = private.steps_per_epoch
         total_steps = steps_per_epoch * cfg.local_epochs
-        scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
+        # DP-SGD clips each sample's gradient as it is: no loss scaling, fp32 (below).
+        scaler = torch.amp.GradScaler(
+            enabled=self.autocast_dtype == torch.float16 and private is None
+        )
 
         best_loss, best_state, epochs_without_gain = math.inf, None, 0
         skipped_steps = 0
         loss_sum, loss_count, epochs_run, step = 0.0, 0, 0, 0
         validation_loss = math.nan
         for _epoch in range(cfg.local_epochs):
-            model.train()
+            train_model.train()
+            if private is not None:
+                loader = private.epoch_loader(self.train_set, self.task.collate, server_round)
             for batch in loader:
                 lr = learning_rate_at(
                     cfg.learning_rate,
@@ -254,8 +277,8 @@ class LocalTrainer:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = _to_device(batch, self.device)
-                with self._autocast():
-                    loss = self.task.train_step(model, batch, loss_function)
+                with self._autocast() if private is None else nullcontext():
+                    loss = self.task.train_step(train_model, batch, loss_function)
                 if global_params is not None:
                     loss = loss + _proximal_term(model, global_params, proximal_mu)
                 optimizer.zero_grad(set_to_none=True)
@@ -274,6 +297,8 @@ class LocalTrainer:
                 loss_sum += float(loss.detach()) * n
                 loss_count += n
             epochs_run += 1
+            if private is not None and ledger is not None:
+                ledger.add(cfg.dp_noise_multiplier, private.sample_rate, steps_per_epoch)
             validation_loss = self.evaluate(model).compute().get("loss", math.nan)
             if not math.isfinite(validation_loss) or validation_loss < best_loss - 1e-6:
                 best_loss, epochs_without_gain = validation_loss, 0
@@ -282,6 +307,8 @@ class LocalTrainer:
                 epochs_without_gain += 1
                 if epochs_without_gain >= cfg.early_stopping_patience:
                     break
+        if private is not None:
+            private.close()
         if step and skipped_steps == step:
             raise FloatingPointError(
                 f"all {step} training steps gave non-finite losses or gradients at precision "
@@ -325,22 +352,26 @@ class LocalTrainer:
 
         One forward pass; each batch's predictions are added to the overall states and to
         the states of every cell its samples belong to. Cells with fewer than
-        ``spec.min_cell_size`` distinct patients are dropped here, before anything is sent.
-        A dataset without an attribute table has no cells.
+        ``spec.min_cell_size`` distinct patients, and the cells withheld with them so that
+        none can be computed by subtraction (``common.subgroups.withheld_cells``), are dropped
+        here, before anything is sent. A dataset without an attribute table has no cells.
         """
         table = dataset.attributes
         masks = spec.cells(table) if table is not None and spec.site_attributes else {}
+        counts = {
+            cell: int(table.loc[mask, mf.PATIENT_ID].nunique())  # type: ignore[union-attr]
+            for cell, mask in masks.items()
+        }
+        withheld = withheld_cells(masks, counts, spec.min_cell_size)
         patients: dict[str, int] = {}
         kept: dict[str, np.ndarray] = {}
         suppressed: list[str] = []
         for (attribute, value), mask in masks.items():
             name = cell_name(attribute, value)
-            assert table is not None  # masks is empty otherwise
-            count = int(table.loc[mask, mf.PATIENT_ID].nunique())
-            if spec.is_small(count):
+            if (attribute, value) in withheld:
                 suppressed.append(name)
             else:
-                kept[name], patients[name] = mask, count
+                kept[name], patients[name] = mask, counts[(attribute, value)]
         model.to(self.device).eval()
         overall = self.task.new_states()
         states = {name: self.task.new_states() for name in kept}
@@ -394,6 +425,52 @@ class LocalTrainer:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+class _DPSGD:
+    """Opacus' per-sample gradients and noisy optimizer around one round's model and optimizer.
+
+    Batches are Poisson-sampled, as the accountant assumes: each sample joins each step with
+    probability ``batch_size / len(train)``, ``len(train) / batch_size`` steps per epoch. An
+    empty draw is skipped but still counted as a step (probability ``(1 - q)^n``, about
+    ``e^-batch_size``).
+    """
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, config: ClientConfig, n: int
+    ) -> None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        self.module = GradSampleModule(model)
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=config.dp_noise_multiplier,
+            max_grad_norm=config.dp_max_grad_norm,
+            expected_batch_size=config.batch_size,
+        )
+        self.n = n
+        self.sample_rate = min(1.0, config.batch_size / n)
+        self.steps_per_epoch = max(1, math.ceil(n / config.batch_size))
+        self.seed = config.seed
+        self.epoch = 0
+
+    def epoch_loader(
+        self, dataset: LabelledDataset, collate: Any, server_round: int
+    ) -> DataLoader[dict[str, Any]]:
+        generator = torch.Generator().manual_seed(
+            self.seed * 100_003 + server_round * 1_009 + self.epoch
+        )
+        self.epoch += 1
+        draws = torch.rand(self.steps_per_epoch, self.n, generator=generator) < self.sample_rate
+        batches = [torch.nonzero(row).flatten().tolist() for row in draws]
+        return DataLoader(
+            _as_dataset(dataset), batch_sampler=[b for b in batches if b], collate_fn=collate
+        )
+
+    def close(self) -> None:
+        """Remove Opacus' hooks from the trained module."""
+        self.module._close()
 
 
 def _as_dataset(dataset: LabelledDataset) -> Dataset[dict[str, Any]]:

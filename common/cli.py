@@ -60,7 +60,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     if wanted("site"):
         _daemon().add_start_arguments(start)
+        _daemon().add_policy_arguments(start)
     start.set_defaults(handler=lambda args: _daemon().start(args))
+    audit = site_commands.add_parser(
+        "audit", help="print what this site sent in a run, per message type, from its audit log"
+    )
+    if wanted("site"):
+        _audit().add_arguments(audit)
+    audit.set_defaults(handler=lambda args: _audit().run(args))
 
     coordinator = commands.add_parser(
         "coordinator", help="commands the coordinator runs: federation folder, services, runs"
@@ -122,6 +129,12 @@ def _daemon() -> Any:
     from client import daemon
 
     return daemon
+
+
+def _audit() -> Any:
+    from client import audit
+
+    return audit
 
 
 def _coordinator() -> Any:

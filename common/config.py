@@ -83,6 +83,7 @@ class ServerConfig:
     final_model: str
     leave_out: str
     cross_site: bool
+    dp_noise_multiplier: float
 
     @property
     def model_config(self) -> ModelConfig:
@@ -159,10 +160,19 @@ class ClientConfig:
     age_bands: str
     min_cell_size: int
     update_compression: str
+    dp_noise_multiplier: float
+    dp_max_grad_norm: float
+    dp_delta: float
+    dp_epsilon: float
 
     @property
     def model_config(self) -> ModelConfig:
         return _project(self, ModelConfig)
+
+    @property
+    def private(self) -> bool:
+        """Whether the site trains with DP-SGD (``dp-noise-multiplier > 0``)."""
+        return self.dp_noise_multiplier > 0
 
     @property
     def subgroup_spec(self) -> SubgroupSpec:
@@ -186,6 +196,16 @@ class ClientConfig:
         if not 0.0 <= self.test_fraction < 1.0 - self.validation_fraction:
             raise ConfigError(
                 f"test-fraction must lie in [0, 1 - validation-fraction), got {self.test_fraction}"
+            )
+        if self.dp_noise_multiplier < 0 or self.dp_epsilon < 0:
+            raise ConfigError("run-config keys dp-noise-multiplier and dp-epsilon must be >= 0")
+        _check_positive("dp-max-grad-norm", self.dp_max_grad_norm)
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError(f"run-config key dp-delta must lie in (0, 1), got {self.dp_delta}")
+        if self.private and self.class_balancing == "sampler":
+            raise ConfigError(
+                "dp-noise-multiplier > 0 samples each batch by Poisson sampling: it cannot be "
+                'combined with class-balancing = "sampler"; use "weighted-loss"'
             )
 
 

@@ -10,10 +10,21 @@ suppressed *at that site*: the site sends neither its metric states nor its size
 fact that it suppressed the cell. The pooled value of a cell then rests on the sites that did
 send it, and the report names the sites that did not. ``site`` as an attribute needs nothing
 from the sites: the server already holds each site's states.
+
+Complementary suppression (:func:`withheld_cells`): the cells of one attribute partition the
+split, and the split's overall states are sent too, so overall minus the sent cells is the sum
+of the withheld ones. One withheld cell would be recovered exactly by that subtraction; so
+whenever an attribute withholds a cell, it withholds the smallest sent cells with it until the
+withheld cells are at least two and together hold at least ``min-cell-size`` patients (or the
+whole attribute is withheld). A last check works on the rows themselves: a withheld cell whose
+rows are any linear combination of the rows of sent cells and of the whole split (across
+attributes, e.g. ``age>=80`` minus ``sex=M`` within it) could be computed from what was sent;
+if one is, every cell of the split is withheld.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +121,68 @@ class SubgroupSpec:
 
     def is_small(self, patients: int) -> bool:
         return patients < self.min_cell_size
+
+
+Cell = tuple[str, str]
+
+
+def withheld_cells(
+    masks: Mapping[Cell, np.ndarray], patients: Mapping[Cell, int], min_cell_size: int
+) -> set[Cell]:
+    """The cells a site must not send: the small ones, and enough others that none of the
+    small ones can be computed from what is sent (see the module's *Complementary
+    suppression*).
+
+    Parameters
+    ----------
+    masks : dict of (attribute, value) to numpy.ndarray
+        Boolean row masks of every cell (:meth:`SubgroupSpec.cells`); the cells of one
+        attribute partition the rows.
+    patients : dict of (attribute, value) to int
+        Distinct patients per cell.
+    min_cell_size : int
+        k: cells with fewer patients are suppressed.
+
+    Returns
+    -------
+    set of (attribute, value)
+        Every cell to withhold; the others may be sent next to the overall states.
+    """
+    withheld: set[Cell] = set()
+    by_attribute: dict[str, list[Cell]] = {}
+    for cell in masks:
+        by_attribute.setdefault(cell[0], []).append(cell)
+    for cells in by_attribute.values():
+        # Smallest first; ties by value, so that the choice does not depend on dict order.
+        ordered = sorted(cells, key=lambda c: (patients[c], c[1]))
+        hidden = [c for c in ordered if patients[c] < min_cell_size]
+        if not hidden:
+            continue
+        sent = [c for c in ordered if c not in hidden]
+        while sent and (len(hidden) < 2 or sum(patients[c] for c in hidden) < min_cell_size):
+            hidden.append(sent.pop(0))
+        withheld.update(hidden)
+    if withheld and derivable_cells(masks, withheld):
+        return set(masks)
+    return withheld
+
+
+def derivable_cells(masks: Mapping[Cell, np.ndarray], withheld: set[Cell]) -> list[Cell]:
+    """Withheld cells whose rows are a linear combination of the rows of the sent cells and
+    of the whole split: their summed states could be computed from what is sent."""
+    sent = [c for c in masks if c not in withheld]
+    hidden = sorted(c for c in withheld if c in masks)
+    if not hidden:
+        return []
+    rows = len(next(iter(masks.values())))
+    basis = np.column_stack([np.ones(rows)] + [masks[c].astype(np.float64) for c in sent])
+    out = []
+    for cell in hidden:
+        target = masks[cell].astype(np.float64)
+        coefficients, *_ = np.linalg.lstsq(basis, target, rcond=None)
+        if np.abs(basis @ coefficients - target).max() < 1e-6:
+            out.append(cell)
+    return out
 
 
 def cell_name(attribute: str, value: str) -> str:

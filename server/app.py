@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as keys
 from common.config import RUN_FINISHED_LOG, ClientConfig, ServerConfig, from_run_config
 from common.errors import ConfigError
+from common.privacy import private_model
 from common.report import Report
 from common.report_files import fmt_ci
 from common.tasks import get_task
@@ -37,6 +38,8 @@ def main(grid: Grid, context: Context) -> None:
     config = from_run_config(ServerConfig, context.run_config)
     task = get_task(config.model_config)
     model = task.build_model()
+    if config.dp_noise_multiplier > 0:  # the sites' DP-SGD network: GroupNorm for BatchNorm
+        model = private_model(model)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     buffer_keys = {name for name, _ in model.named_buffers()}
     started = time.monotonic()
@@ -139,7 +142,13 @@ def main(grid: Grid, context: Context) -> None:
             selected_round,
         )
         splits, failed = final.final_evaluation(
-            grid, sites, selected, config.num_classes, config.round_timeout_s, task=config.task
+            grid,
+            sites,
+            selected,
+            config.num_classes,
+            config.round_timeout_s,
+            task=config.task,
+            min_cell_size=config.min_cell_size,
         )
         if failed:
             mlflow.set_tag("radfl.final-evaluation-failed", ", ".join(sorted(failed)))

@@ -31,6 +31,7 @@ from common.config import ServerConfig
 from common.errors import RadFLError
 from common.report import SPLITS, EvaluationStates, Report, SplitStates, build_report
 from common.report_files import write_report
+from common.subgroups import parse_cell_name
 from common.tasks import Task
 from server import tracking
 
@@ -126,9 +127,12 @@ def final_evaluation(
     num_classes: int,
     timeout: float,
     task: str = "classification",
+    *,
+    min_cell_size: int,
 ) -> tuple[dict[str, SplitStates], dict[str, str]]:
     """Validation and test states of the final model from every site, and the sites that
-    failed (name to reason)."""
+    failed (name to reason). Cells holding fewer than ``min_cell_size`` patients are dropped
+    on arrival whatever the site sent (see :func:`add_final_reply`)."""
     record = ArrayRecord(dict(state))  # one copy shared by every message, not one per site
     content = {node: RecordDict({keys.ARRAYS: record}) for node in sites}
     replies = _send(grid, content, f"{MessageType.EVALUATE}.{keys.FINAL_EVALUATION}", timeout)
@@ -140,7 +144,7 @@ def final_evaluation(
             failed[name] = reply
             continue
         try:
-            add_final_reply(splits, name, reply.content)
+            add_final_reply(splits, name, reply.content, min_cell_size=min_cell_size)
         except (ValueError, KeyError, TypeError) as exc:
             failed[name] = f"malformed final evaluation reply: {exc}"
     for name, reason in failed.items():
@@ -148,23 +152,53 @@ def final_evaluation(
     return splits, failed
 
 
-def add_final_reply(splits: Mapping[str, SplitStates], site: str, content: RecordDict) -> None:
-    """Add one site's ``evaluate.final`` reply to the split states."""
+def add_final_reply(
+    splits: Mapping[str, SplitStates], site: str, content: RecordDict, *, min_cell_size: int
+) -> None:
+    """Add one site's ``evaluate.final`` reply to the split states.
+
+    The server checks k again: a cell whose ``patients`` is below ``min_cell_size`` is
+    dropped, logged, and counted as suppressed at that site, so that it reaches neither the
+    report nor MLflow. Attributes the site's disclosure policy refused are logged.
+    """
     suppressed = keys.config_record(content, keys.SUPPRESSED) or ConfigRecord()
+    refused = keys.config_record(content, keys.REFUSED) or ConfigRecord()
+    for attribute, reason in sorted(refused.items()):
+        log(WARNING, "[radfl] site %s refused subgroup attribute %s: %s", site, attribute, reason)
     for split, states in splits.items():
         if split not in content:
             continue
         overall = keys.metric_record(content, split)
         cells: dict[str, MetricRecord] = {}
         patients: dict[str, int] = {}
+        dropped: list[str] = []
         for key in content:
             prefix, sep, cell = key.partition("/")
             if prefix == split and sep:
                 record = keys.metric_record(content, key)
                 cells[cell] = record
                 patients[cell] = int(keys.scalar(record, keys.PATIENTS))
-        hidden = suppressed.get(split, [])
-        states.add_site(site, overall, cells, patients, [str(c) for c in hidden])  # type: ignore[union-attr]
+        # Below k: that cell, and every cell of its attribute, so that the overall states
+        # minus the kept cells do not give the small one back.
+        small = sorted(cell for cell, count in patients.items() if count < min_cell_size)
+        attributes = {parse_cell_name(cell)[0] for cell in small}
+        dropped = sorted(cell for cell in cells if parse_cell_name(cell)[0] in attributes)
+        for cell in small:
+            log(
+                WARNING,
+                "[radfl] site %s sent %s/%s with %d patients, below min-cell-size %d: every "
+                "%s cell of that split dropped",
+                site,
+                split,
+                cell,
+                patients[cell],
+                min_cell_size,
+                parse_cell_name(cell)[0],
+            )
+        for cell in dropped:
+            del cells[cell], patients[cell]
+        hidden = [str(c) for c in suppressed.get(split, [])]  # type: ignore[union-attr]
+        states.add_site(site, overall, cells, patients, sorted(set(hidden) | set(dropped)))
 
 
 def cross_site_validation(

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from client.site import load_site  # noqa: E402
 from common.config import ClientConfig, ServerConfig  # noqa: E402
+from common.privacy import private_model  # noqa: E402
 from common.tasks import Overlay, Task, get_task  # noqa: E402
 from server import tracking  # noqa: E402
 
@@ -47,6 +48,8 @@ def log_overlays(
         return None
     client = MlflowClient(tracking.tracking_uri())
     model = task.build_model()
+    if client_config.private:  # DP-SGD's network: GroupNorm for BatchNorm
+        model = private_model(model)
     model.load_state_dict(_evaluated_weights(client, run_id, server_config.final_model))
     model.eval()
     panels = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import re
 import signal
@@ -83,6 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cpus-per-site", type=int, default=1, help="CPU cores each simulated site may use"
+    )
+    parser.add_argument(
+        "--node-config",
+        default="",
+        metavar="'KEY=VALUE ...'",
+        help="node config of every simulated site, as flower-supernode takes it, e.g. the "
+        "site's disclosure policy: 'min-cell-size=20 max-evaluations=50' (client.disclosure)",
     )
     parser.add_argument("--verbose", action="store_true", help="show Flower's full log")
 
@@ -193,6 +201,11 @@ def simulate(args: argparse.Namespace) -> int:
     data_root = federation_data(args, overrides)
     if data_root is not None:
         env[SIMULATION_DATA_ENV] = str(data_root)
+    node_config = simulation_node_config(getattr(args, "node_config", ""))
+    if node_config:
+        from client.disclosure import SIMULATION_NODE_CONFIG_ENV
+
+        env[SIMULATION_NODE_CONFIG_ENV] = json.dumps(node_config)
     print(
         f"RadFL simulation: {args.sites} sites, {config.num_rounds} rounds, {config.model}, "
         f"{config.strategy}, seed {config.seed}; data {data_root or 'in memory'}; "
@@ -322,6 +335,16 @@ def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> P
         ),
     )
     return folders[0].parent
+
+
+def simulation_node_config(text: str) -> dict[str, Any]:
+    """``--node-config`` as a dict, checked: Flower's simulation gives virtual sites no node
+    config of their own, so it travels in ``RADFL_SIMULATION_NODE_CONFIG``."""
+    from client.disclosure import DisclosurePolicy, parse_node_config
+
+    values = parse_node_config(text) if text.strip() else {}
+    DisclosurePolicy.from_node_config(values)  # a bad policy fails here, naming its key
+    return values
 
 
 def simulation_env(workdir: Path) -> dict[str, str]:

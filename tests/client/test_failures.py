@@ -136,3 +136,30 @@ def test_the_site_clientapp_refuses_a_bad_site_folder_with_a_code_and_a_count(
     site_text = (site / LOG_FOLDER / CLIENTAPP_LOG).read_text()
     assert f"patient {PATIENT} has conflicting sex" in site_text
     assert f"{FILE}: file not found" in site_text
+
+
+def test_a_reply_the_audit_log_cannot_record_is_withheld_with_a_code_and_no_path(tmp_path):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from client.audit import record_reply
+
+    blocked = tmp_path / "PATIENT-P0001-folder"
+    blocked.write_text("a file where the audit folder should be")
+    context = Context(
+        run_id=7,
+        node_id=1,
+        node_config={"audit-path": str(blocked / "audit")},
+        state=RecordDict(),
+        run_config={},
+    )
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=1, message_type="train"
+    )
+
+    def handler(m: Message, c: Context) -> Message:
+        return Message(RecordDict({"site": ConfigRecord({"name": "a"})}), reply_to=m)
+
+    reply = record_reply(msg, context, handler)
+    assert reply.has_error()
+    assert "E-AUDIT" in reply.error.reason
+    assert "PATIENT" not in reply.error.reason and str(tmp_path) not in reply.error.reason

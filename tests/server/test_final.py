@@ -83,7 +83,9 @@ def test_final_evaluation_collects_splits_cells_and_suppression_and_names_failed
 
     grid = FakeGrid([1, 2, 3], handler)
     state = {"w": torch.zeros(2)}
-    splits, failed = final.final_evaluation(grid, _sites("a", "b", "c"), state, 2, timeout=5)
+    splits, failed = final.final_evaluation(
+        grid, _sites("a", "b", "c"), state, 2, timeout=5, min_cell_size=10
+    )
     # One copy of the model, shared by every site's message: memory does not grow per site.
     assert len({id(message.content["arrays"]) for message in grid.sent}) == 1
     assert failed == {"c": "error 1: CUDA out of memory"}
@@ -101,7 +103,12 @@ def test_a_malformed_final_reply_drops_that_site_with_the_reason():
         return reply
 
     splits, failed = final.final_evaluation(
-        FakeGrid([1, 2], handler), _sites("a", "b"), {"w": torch.zeros(1)}, 2, timeout=5
+        FakeGrid([1, 2], handler),
+        _sites("a", "b"),
+        {"w": torch.zeros(1)},
+        2,
+        timeout=5,
+        min_cell_size=10,
     )
     assert list(failed) == ["b"] and "malformed" in failed["b"]
     assert "b" not in splits["test"].sites
@@ -161,6 +168,7 @@ def test_report_metrics_are_valid_mlflow_keys():
         {"w": torch.zeros(1)},
         2,
         timeout=5,
+        min_cell_size=10,
     )
     splits["test"].cells["age=>=65"] = splits["test"].cells["sex=F"]
     splits["test"].patients["age=>=65"] = splits["test"].patients["sex=F"]
@@ -174,3 +182,41 @@ def test_report_metrics_are_valid_mlflow_keys():
         _validate_metric_name(key)
     assert not any("sex/O" in key for key in metrics)  # suppressed: no number at all
     assert isinstance(pd.DataFrame([metrics]), pd.DataFrame)
+
+
+def test_the_server_drops_cells_below_k_with_every_cell_of_their_attribute(caplog):
+    def handler(node, message):
+        reply = _final_reply(f"s{node}", node)
+        if node == 2:  # a site sending a cell of 4 patients next to the others
+            reply["test/sex=O"] = MetricRecord({"patients": 4, **_states(5, 9).to_record()})
+            reply["test/sex=M"] = MetricRecord({"patients": 30, **_states(25, 8).to_record()})
+        return reply
+
+    splits, failed = final.final_evaluation(
+        FakeGrid([1, 2], handler),
+        _sites("a", "b"),
+        {"w": torch.zeros(1)},
+        2,
+        timeout=5,
+        min_cell_size=10,
+    )
+    assert failed == {}
+    test = splits["test"]
+    # F and M of site b go too: overall minus F minus M would give O back.
+    assert sorted(test.cells["sex=F"]) == ["a"] and "sex=M" not in test.cells
+    assert "sex=O" not in test.cells
+    assert sorted(test.suppressed["sex=O"]) == ["a", "b"] and test.suppressed["sex=M"] == ["b"]
+    assert sorted(splits["validation"].cells["sex=F"]) == ["a", "b"]  # b's other split is fine
+    assert "site b sent test/sex=O with 4 patients, below min-cell-size 10" in caplog.text
+
+
+def test_refused_subgroup_attributes_are_logged_with_the_site_reason(caplog):
+    def handler(node, message):
+        reply = _final_reply(f"s{node}", node)
+        reply["refused"] = ConfigRecord({"patient_id": "an identifier is never reported"})
+        return reply
+
+    final.final_evaluation(
+        FakeGrid([1], handler), _sites("a"), {"w": torch.zeros(1)}, 2, timeout=5, min_cell_size=10
+    )
+    assert "site a refused subgroup attribute patient_id: an identifier" in caplog.text

@@ -1,0 +1,111 @@
+"""Sample-level differential privacy at a site: DP-SGD with Opacus, and its RDP accountant.
+
+References
+----------
+M. Abadi et al., "Deep learning with differential privacy", CCS 2016 (DP-SGD: per-sample
+clipping to ``max_grad_norm``, Gaussian noise of ``noise_multiplier * max_grad_norm``, Poisson
+sampling of each batch).
+
+I. Mironov, K. Talwar and L. Zhang, "Renyi differential privacy of the sampled Gaussian
+mechanism", arXiv:1908.10530, 2019 (the accountant).
+
+B. Balle et al., "Hypothesis testing interpretations and Renyi differential privacy", AISTATS
+2020 (RDP to (epsilon, delta), Theorem 21).
+
+A site that trains with ``dp-noise-multiplier > 0`` keeps a :class:`PrivacyLedger` of every
+DP-SGD step it took in the run (noise multiplier, sampling rate, steps) and reports the epsilon
+it has spent at ``dp-delta`` after each round. The unit of privacy is one image (one study):
+a patient with ``m`` studies at the site is protected at ``(m epsilon, m e^((m-1) epsilon)
+delta)`` by group privacy, so each site also reports its largest ``m``.
+
+Epsilon is taken over the integer RDP orders 2..255: slightly looser than with Opacus' default
+fractional orders too, and checkable against a plain computation of the sampled Gaussian
+mechanism (``tests/common/test_privacy.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from common.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is not needed to read a ledger
+    from torch import nn
+
+#: RDP orders epsilon is minimised over.
+RDP_ORDERS: tuple[int, ...] = tuple(range(2, 256))
+
+
+def private_model(model: nn.Module) -> nn.Module:
+    """The model with every layer DP-SGD cannot train per sample replaced (BatchNorm by
+    GroupNorm, through Opacus' validator) and no in-place activation. Server and sites build
+    the same network this way.
+    """
+    from opacus.validators import ModuleValidator
+
+    fixed = ModuleValidator.fix(model)
+    # Opacus' per-sample hooks see every layer's output: an in-place activation would change
+    # it under them (a RuntimeError in backward).
+    for module in fixed.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    errors = ModuleValidator.validate(fixed, strict=False)
+    if errors:
+        raise ConfigError(
+            f"dp-noise-multiplier: the model cannot be trained with DP-SGD: {errors[0]}"
+        )
+    return fixed
+
+
+@dataclass
+class PrivacyLedger:
+    """Every DP-SGD phase a site ran in one run: ``(noise_multiplier, sample_rate, steps)``."""
+
+    history: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def add(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        if steps > 0:
+            self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0 before any step)."""
+        return epsilon_of(self.history, delta)
+
+    def epsilon_after(
+        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float
+    ) -> float:
+        """Epsilon once ``steps`` more steps are taken."""
+        return epsilon_of([*self.history, (noise_multiplier, sample_rate, steps)], delta)
+
+    def to_record(self) -> dict[str, list[float] | list[int]]:
+        return {
+            "noise-multiplier": [h[0] for h in self.history],
+            "sample-rate": [h[1] for h in self.history],
+            "steps": [h[2] for h in self.history],
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> PrivacyLedger:
+        if not record:
+            return cls()
+        return cls(
+            [
+                (float(n), float(q), int(s))
+                for n, q, s in zip(
+                    record["noise-multiplier"], record["sample-rate"], record["steps"], strict=True
+                )
+            ]
+        )
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of the composed sampled Gaussian mechanisms in ``history``."""
+    if not history:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta, alphas=list(RDP_ORDERS)))
