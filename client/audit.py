@@ -18,8 +18,8 @@ import argparse
 import datetime
 import json
 import os
-from logging import ERROR
 from collections.abc import Iterable, Mapping
+from logging import ERROR
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
