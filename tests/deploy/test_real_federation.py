@@ -207,6 +207,7 @@ def _assert_sites_refuse_an_unsigned_app(tmp_path: Path) -> None:
     # No code from the refused bundle was installed at any site.
     for index in range(3):
         assert f"run {run_id}: app bundle sha256" not in logs[index].read_text(errors="replace")
+
     # The coordinator sees why: each site's error reply names the refusal.
     def run_log() -> str:
         shown = [FLWR, "log", run_id, "radfl", "--show"]
