@@ -300,7 +300,6 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(
         assert "[radfl] app bundle signed with key" in done.stdout
         site_log = (tmp_path / "hospitals/site-0/.radfl-logs/supernode.log").read_text()
         assert "accepted" in site_log and "app bundle sha256" in site_log, site_log[-2000:]
-        _assert_sites_refuse_an_unsigned_app(tmp_path)
 
         # Metrics read back through the operators' route: TLS and alice's password.
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
@@ -327,6 +326,9 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(
                 auth=("alice", password),
             )
         assert revoked.status_code == 401, revoked.text[:300]
+
+        # After the MLflow checks: the refused run leaves an MLflow run of its own.
+        _assert_sites_refuse_an_unsigned_app(tmp_path)
 
         # Too few sites for a run: a clear error once the start deadline has passed.
         started = time.monotonic()
