@@ -134,6 +134,17 @@ def test_site_start_runs_the_supernode_with_tls_and_its_key_never_insecure(tmp_p
     assert command[command.index("--host") + 1] == "127.0.0.1"
     # Its ClientApps are started by RadFL's launcher, which checks the bundle's signature.
     assert command[command.index("--isolation") + 1] == "process"
+    unsigned = daemon.supernode_command(
+        superlink="fl.example.org:8000",
+        data=tmp_path / "data",
+        name="site-a",
+        root_certificates=tmp_path / "ca.crt",
+        auth_key=tmp_path / "site.key",
+        port=9100,
+        extra_config={},
+        signed_apps_only=False,  # --allow-unsigned-apps: Flower starts its ClientApps itself
+    )
+    assert "--isolation" not in unsigned
     launch = daemon.launcher_command(
         local_port=9100, clientapp_command=tmp_path / "radfl-clientapp", parent_pid=42
     )
