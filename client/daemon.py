@@ -271,6 +271,19 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--auth-key", type=Path, required=True, help="the site's site.key")
     parser.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        default=None,
+        help=f"the coordinator's app-signing public key (default: {TRUSTED_KEY_NAME} beside "
+        "--root-certificates); repeat it to trust an old and a new key while keys rotate",
+    )
+    parser.add_argument(
+        "--allow-unsigned-apps",
+        action="store_true",
+        help="run app bundles without checking their signature: for tests only",
+    )
+    parser.add_argument(
         "--task", default="classification", choices=list(mf.REQUIRED_BY_TASK), help="data check"
     )
     parser.add_argument("--dims", type=int, default=2, choices=(2, 3), help="data check")
@@ -286,17 +299,4 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="loopback port of the SuperNode's runtime API (distinct per site on one machine)",
-    )
-    parser.add_argument(
-        "--trusted-key",
-        type=Path,
-        action="append",
-        default=None,
-        help=f"the coordinator's app-signing public key (default: {TRUSTED_KEY_NAME} beside "
-        "--root-certificates); repeat it to trust an old and a new key while keys rotate",
-    )
-    parser.add_argument(
-        "--allow-unsigned-apps",
-        action="store_true",
-        help="run app bundles without checking their signature: for tests only",
     )
