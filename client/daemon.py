@@ -4,8 +4,10 @@
 ``start`` checks the site folder (the data check of ``radfl site check``), then runs Flower's
 SuperNode over TLS with the site's key, and keeps it running: when the SuperNode exits (the
 network went away longer than it retries, the coordinator restarted), it is started again after
-a growing pause. Everything is logged to a local file; nothing but weights, metric states and
-counts leaves the site.
+a growing pause. The SuperNode runs in ``--isolation process``: its ClientApps are started by
+RadFL's launcher (``client/launcher.py``), which runs only app bundles signed with a key the
+site trusts (``--trusted-key``, the coordinator's ``app-signing.pub``). Everything is logged
+to a local file; nothing but weights, metric states and counts leaves the site.
 """
 
 from __future__ import annotations
@@ -19,16 +21,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from client import check
+from client import check, launcher
 from common import manifest as mf
-from common import pki
+from common import pki, signing
 from common.errors import RadFLError
 
 LOG_FOLDER = ".radfl-logs"
 #: Restart pauses after the SuperNode exits: doubling from 2 s up to 5 minutes.
 FIRST_PAUSE_S = 2.0
 LONGEST_PAUSE_S = 300.0
+#: The coordinator's app-signing public key, looked for beside ca.crt in the site kit.
+TRUSTED_KEY_NAME = "app-signing.pub"
+#: Flower's default port of the SuperNode's runtime API (``flower-supernode --port``).
+DEFAULT_LOCAL_PORT = 9094
 
 
 def keygen(folder: Path, *, force: bool = False) -> tuple[Path, Path]:
@@ -54,8 +61,11 @@ def supernode_command(
     auth_key: Path,
     port: int | None,
     extra_config: dict[str, str | int | float | bool],
+    signed_apps_only: bool = True,
 ) -> list[str]:
-    """The ``flower-supernode`` command of a site (never ``--insecure``)."""
+    """The ``flower-supernode`` command of a site (never ``--insecure``). With
+    ``signed_apps_only`` it starts no ClientApp itself (``--isolation process``): RadFL's
+    launcher does, after checking the bundle's signature."""
     config = {"data-path": str(Path(data).resolve()), "site-name": name, **extra_config}
     command = [
         "flower-supernode",
@@ -68,7 +78,34 @@ def supernode_command(
     command += ["--host", "127.0.0.1"]
     if port is not None:
         command += ["--port", str(port)]
+    if signed_apps_only:
+        command += ["--isolation", "process"]
     return command
+
+
+def launcher_command(*, local_port: int, clientapp_command: Path, parent_pid: int) -> list[str]:
+    """RadFL's SuperExec (``client/launcher.py``) for the SuperNode of process ``parent_pid``."""
+    return [
+        sys.executable, "-m", "client.launcher", "superexec",
+        "--runtime-api-address", f"127.0.0.1:{local_port}",
+        "--clientapp-command", str(clientapp_command),
+        "--parent-pid", str(parent_pid),
+    ]  # fmt: skip
+
+
+def trusted_keys(paths: list[Path] | None, root_certificates: Path) -> list[Path]:
+    """The coordinator's app-signing public keys a site trusts (default: ``app-signing.pub``
+    beside ``ca.crt``), each checked to be an Ed25519 public key."""
+    chosen = paths or [Path(root_certificates).parent / TRUSTED_KEY_NAME]
+    for path in chosen:
+        if not Path(path).is_file():
+            raise RadFLError(
+                f"--trusted-key {path}: no such file; a site needs the coordinator's "
+                f"{TRUSTED_KEY_NAME} (in the site kit, beside ca.crt) to run signed apps "
+                "(--allow-unsigned-apps is for tests only)"
+            )
+        signing.load_public_key(Path(path))
+    return [Path(p).resolve() for p in chosen]
 
 
 def start(args: argparse.Namespace) -> int:
@@ -79,6 +116,8 @@ def start(args: argparse.Namespace) -> int:
     pki.check_site_private_key(args.auth_key)
     if not Path(args.root_certificates).is_file():
         raise RadFLError(f"--root-certificates {args.root_certificates}: no such file")
+    signed_apps_only = not args.allow_unsigned_apps
+    keys = [] if not signed_apps_only else trusted_keys(args.trusted_key, args.root_certificates)
     log_dir = data / LOG_FOLDER
     # The logs can name patients and files: readable by the site's service account only.
     log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -115,7 +154,13 @@ def start(args: argparse.Namespace) -> int:
         auth_key=args.auth_key,
         port=args.local_port,
         extra_config=extra,
+        signed_apps_only=signed_apps_only,
     )
+    if signed_apps_only:
+        clientapp_command = launcher.write_clientapp_command(log_dir / "bin" / "radfl-clientapp")
+        log(f"running only app bundles signed by {', '.join(str(k) for k in keys)}")
+    else:
+        log("WARNING: --allow-unsigned-apps: this site runs any app bundle (tests only)")
     env = dict(os.environ)
     env.update(
         FLWR_TELEMETRY_ENABLED="0",
@@ -123,15 +168,17 @@ def start(args: argparse.Namespace) -> int:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
+    env[launcher.TRUSTED_KEYS_ENV] = os.pathsep.join(str(k) for k in keys)
     stopping = False
-    process: subprocess.Popen[bytes] | None = None
+    children: list[subprocess.Popen[bytes]] = []
 
     def request_stop(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+        for child in children:  # the loop below waits for them
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGTERM)
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     pause = FIRST_PAUSE_S
@@ -140,35 +187,65 @@ def start(args: argparse.Namespace) -> int:
             log(f"connecting to {args.superlink} (TLS, key {Path(args.auth_key).name})")
             started = time.monotonic()
             with (log_dir / "supernode.log").open("ab") as output:
-                process = subprocess.Popen(
-                    command,
-                    env=env,
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                children[:] = [_spawn(command, env, output)]
+                if signed_apps_only:
+                    children.append(
+                        _spawn(
+                            launcher_command(
+                                local_port=args.local_port or DEFAULT_LOCAL_PORT,
+                                clientapp_command=clientapp_command,
+                                parent_pid=children[0].pid,
+                            ),
+                            env,
+                            output,
+                        )
+                    )
+                # The SuperNode and its launcher live and die together.
+                while all(child.poll() is None for child in children):
+                    time.sleep(0.2)
+                names = ("SuperNode", "ClientApp launcher")
+                code, name = next(
+                    (child.returncode, name)
+                    for child, name in zip(children, names, strict=False)
+                    if child.returncode is not None
                 )
-                code = process.wait()
+                _terminate(children)
             if stopping:
                 break
             if time.monotonic() - started > LONGEST_PAUSE_S:
                 pause = FIRST_PAUSE_S  # it ran a good while: start over
-            log(f"SuperNode exited with code {code}; restarting in {pause:.0f} s")
+            log(f"{name} exited with code {code}; restarting in {pause:.0f} s")
             deadline = time.monotonic() + pause
             while not stopping and time.monotonic() < deadline:
                 time.sleep(0.2)
             pause = min(pause * 2, LONGEST_PAUSE_S)
     finally:
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        _terminate(children)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     log("stopped")
     return 0
+
+
+def _spawn(command: list[str], env: dict[str, str], output: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _terminate(children: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
+    """SIGTERM each child's process group, then SIGKILL what is left after ``timeout_s``."""
+    for child in children:
+        if child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -194,6 +271,19 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
         "--root-certificates", type=Path, required=True, help="the federation's ca.crt"
     )
     parser.add_argument("--auth-key", type=Path, required=True, help="the site's site.key")
+    parser.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        default=None,
+        help=f"the coordinator's app-signing public key (default: {TRUSTED_KEY_NAME} beside "
+        "--root-certificates); repeat it to trust an old and a new key while keys rotate",
+    )
+    parser.add_argument(
+        "--allow-unsigned-apps",
+        action="store_true",
+        help="run app bundles without checking their signature: for tests only",
+    )
     parser.add_argument(
         "--task", default="classification", choices=list(mf.REQUIRED_BY_TASK), help="data check"
     )

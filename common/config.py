@@ -210,11 +210,14 @@ class ClientConfig:
 
 
 APP_CONFIGS: tuple[type, ...] = (ServerConfig, ClientConfig)
+#: Keys no app reads: the site's launcher checks ``app-signature`` (common/signing.py) before
+#: any app code runs.
+DEPLOYMENT_KEYS = frozenset({"app-signature"})
 
 
 def known_keys() -> set[str]:
-    """Every run-config key some app declares, hyphenated."""
-    return {_key(f.name) for cls in APP_CONFIGS for f in dataclasses.fields(cls)}
+    """Every run-config key some app declares, hyphenated, and the deployment's own."""
+    return {_key(f.name) for cls in APP_CONFIGS for f in dataclasses.fields(cls)} | DEPLOYMENT_KEYS
 
 
 def from_run_config(cls: type[ConfigT], run_config: Mapping[str, Any]) -> ConfigT:

@@ -9,6 +9,8 @@ secret::
     DIR/superlink.crt, .key  the TLS certificate (SANs: every --host, 127.0.0.1, localhost)
     DIR/sites/NAME.pub       each registered site's public key (`radfl coordinator add-site`)
     DIR/operators.htpasswd   the operators' MLflow passwords (`radfl coordinator add-operator`)
+    DIR/app-signing.pub      the public key sites check app bundles with (beside ca.crt)
+    DIR/state/app-signing.key  the Ed25519 key `run` signs each app bundle with (0600)
     DIR/flwr-home/           the Flower CLI's connection (FLWR_HOME) to the loopback SuperLink
     DIR/state/               SuperLink and MLflow databases, artifacts, nginx files, logs
 
@@ -16,7 +18,8 @@ secret::
 authentication, persistent state) and an MLflow server, both on 127.0.0.1 only, and nginx in
 front of them (``server/proxy.py``): sites reach only the Fleet API, operators reach MLflow with
 a password, and the Control API answers on the coordinator machine only. It registers every
-site's public key. ``run`` wraps ``flwr run`` and exits with the run's real final status.
+site's public key. ``run`` builds the app bundle, signs it (``common/signing.py``), submits it
+with ``flwr run`` and exits with the run's real final status.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from common import pki
+from common import pki, signing
 from common.config import ServerConfig, default_run_config, from_run_config
 from common.errors import RadFLError
 from server import proxy
@@ -103,6 +106,14 @@ class Federation:
     @property
     def operators_file(self) -> Path:
         return self.root / "operators.htpasswd"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.state / "app-signing.key"
+
+    @property
+    def signing_public_key(self) -> Path:
+        return self.root / "app-signing.pub"
 
     @property
     def nginx_prefix(self) -> Path:
@@ -265,9 +276,38 @@ def init(
     pki.write_private(federation.server_key, pki.key_pem(server_key))
     federation.server_cert.write_bytes(pki.pem(server_cert))
     proxy.write_operators(federation.operators_file, {})
+    signing.make_key_pair(federation.signing_key, federation.signing_public_key)
     federation.save()
     federation.write_connection()
     return federation
+
+
+def rotate_signing_key(root: Path) -> tuple[str, Path | None]:
+    """Replace the app-signing key; keep the old public key as ``app-signing.OLD_ID.pub`` for
+    the sites' overlap. Returns the new key id and the retired public key's path."""
+    federation = Federation.load(root)
+    retired = None
+    if federation.signing_public_key.exists():
+        old = signing.load_public_key(federation.signing_public_key)
+        retired = federation.root / f"app-signing.{signing.key_id(old)}.pub"
+        federation.signing_public_key.replace(retired)
+    federation.signing_key.unlink(missing_ok=True)
+    return signing.make_key_pair(federation.signing_key, federation.signing_public_key), retired
+
+
+def sign_app(federation: Federation, app_dir: Path) -> signing.Signature:
+    """Build the app bundle as ``flwr run`` builds it (Flower's deterministic builder: the
+    same bytes the sites receive) and sign its SHA-256."""
+    from flwr.cli.build import build_fab_from_disk
+
+    if not federation.signing_key.exists():
+        raise RadFLError(
+            f"{federation.signing_key}: no app-signing key (a federation made before signed "
+            f"apps); make one with `radfl coordinator rotate-signing-key --dir {federation.root}` "
+            f"and give every site the new {federation.signing_public_key.name}"
+        )
+    key = signing.load_private_key(federation.signing_key)
+    return signing.sign(build_fab_from_disk(Path(app_dir).resolve()), key)
 
 
 # ----------------------------------------------------------------------- operators
@@ -488,8 +528,9 @@ def run(
     *,
     timeout_s: float | None = None,
 ) -> int:
-    """Submit a run with ``flwr run --stream``, then ask the SuperLink how it ended: 0 only
-    for ``finished:completed`` (``flwr run --stream`` exits 0 even when the run failed)."""
+    """Sign the app bundle, submit it with ``flwr run --stream``, then ask the SuperLink how it
+    ended: 0 only for ``finished:completed`` (``flwr run --stream`` exits 0 even when the run
+    failed)."""
     federation = Federation.load(root)
     federation.write_connection()
     values = {
@@ -498,6 +539,9 @@ def run(
         **overrides,
     }
     from_run_config(ServerConfig, {**default_run_config(), **values})  # a typo fails here
+    signature = sign_app(federation, app_dir)
+    values[signing.SIGNATURE_KEY] = str(signature)
+    print(f"[radfl] app bundle signed with key {signature.key_id}", flush=True)
     from simulations.simulate import format_run_config
 
     command = [
@@ -654,6 +698,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     unoperator.add_argument("--dir", type=Path, default=Path("."), help="federation folder")
     unoperator.set_defaults(handler=_remove_operator)
 
+    rotate = commands.add_parser(
+        "rotate-signing-key", help="replace the key app bundles are signed with (deploy/README.md)"
+    )
+    rotate.add_argument("--dir", type=Path, default=Path("."), help="federation folder")
+    rotate.set_defaults(handler=_rotate_signing_key)
+
     add = commands.add_parser("add-site", help="register a site's public key")
     add.add_argument("name", help="the site's name (lower case, digits, dashes)")
     add.add_argument("--public-key", type=Path, required=True, help="the site's site.pub")
@@ -712,6 +762,19 @@ def _init(args: argparse.Namespace) -> int:
     print(f"  give each site {federation.ca_cert} (public); keep superlink.key here")
     print("  move ca.key to offline storage once you no longer need it (deploy/README.md)")
     print(f"  operators: radfl coordinator add-operator NAME --dir {args.dir}")
+    print(
+        f"  give each site {federation.signing_public_key} (public) with ca.crt: sites run only "
+        "app bundles signed with its key (kept in state/)"
+    )
+    return 0
+
+
+def _rotate_signing_key(args: argparse.Namespace) -> int:
+    new_id, retired = rotate_signing_key(args.dir)
+    federation = Federation.load(args.dir)
+    print(f"new app-signing key {new_id}: give every site {federation.signing_public_key}")
+    if retired is not None:
+        print(f"  the old public key is kept as {retired}; sites may trust both while they switch")
     return 0
 
 

@@ -7,7 +7,9 @@ tell "reachable from the network" from "reachable on the coordinator machine". A
 holding only ``ca.crt`` tries the Control API through the public address with the real ``flwr``
 CLI and is refused by nginx's message; the SuperLink's and MLflow's own ports do not answer on
 the public address; MLflow's operators' route refuses a missing or wrong password. The run
-completes with the three good sites; its metrics are read back through the operators' route."""
+completes with the three good sites; its metrics are read back through the operators' route.
+The sites run only app bundles the coordinator signed: the same app submitted unsigned
+(``flwr run`` of the folder, on the coordinator machine) is refused by every site, by message."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
+from common import signing
 from common.errors import RadFLError
 from server import proxy
 from simulations.local_superlink import free_port
@@ -181,6 +184,39 @@ def _assert_mlflow_needs_a_password(mlflow_port: int, ca: Path) -> None:
             assert "401 Authorization Required" in reply.text
 
 
+def _assert_sites_refuse_an_unsigned_app(tmp_path: Path) -> None:
+    """An operator's plain ``flwr run`` of the app folder: the bundle reaches the sites
+    unsigned, and each site's launcher refuses it before installing it; the refusal is the
+    error reply the ServerApp logs. The run is then stopped (it would keep the model)."""
+    env = _env()
+    env["FLWR_HOME"] = str(tmp_path / "federation/flwr-home")
+    settings = "num-rounds=1 min-sites=3 image-size=32 local-epochs=1 batch-size=8"
+    started = subprocess.run(
+        [FLWR, "run", ROOT, "radfl", "--run-config", settings, "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert '"success": true' in started.stdout, started.stdout + started.stderr
+    run_id = started.stdout.split('"run-id": "', 1)[1].split('"', 1)[0]
+    logs = [tmp_path / f"hospitals/site-{i}/.radfl-logs/supernode.log" for i in range(3)]
+    refusal = f"run {run_id}: {signing.REFUSAL}: it is unsigned"
+    _wait_for(
+        lambda: all(refusal in log.read_text(errors="replace") for log in logs),
+        "every site to refuse the unsigned bundle",
+        timeout_s=180,
+    )
+    # No code from the refused bundle was installed at any site.
+    for index in range(3):
+        assert f"run {run_id}: app bundle sha256" not in logs[index].read_text(errors="replace")
+
+    # The coordinator sees why: each site's error reply names the refusal.
+    def run_log() -> str:
+        shown = [FLWR, "log", run_id, "radfl", "--show"]
+        return subprocess.run(shown, env=env, capture_output=True, text=True, timeout=60).stdout
+
+    _wait_for(lambda: signing.REFUSAL in run_log(), "the refusal in the run's log", timeout_s=60)
+    subprocess.run([FLWR, "stop", run_id, "radfl"], env=env, capture_output=True, timeout=60)
+
+
 def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -261,6 +297,9 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(
         )  # fmt: skip
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
         assert "finished:completed" in done.stdout
+        assert "[radfl] app bundle signed with key" in done.stdout
+        site_log = (tmp_path / "hospitals/site-0/.radfl-logs/supernode.log").read_text()
+        assert "accepted" in site_log and "app bundle sha256" in site_log, site_log[-2000:]
 
         # Metrics read back through the operators' route: TLS and alice's password.
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
@@ -287,6 +326,9 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(
                 auth=("alice", password),
             )
         assert revoked.status_code == 401, revoked.text[:300]
+
+        # After the MLflow checks: the refused run leaves an MLflow run of its own.
+        _assert_sites_refuse_an_unsigned_app(tmp_path)
 
         # Too few sites for a run: a clear error once the start deadline has passed.
         started = time.monotonic()

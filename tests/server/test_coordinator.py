@@ -13,9 +13,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from client import daemon
-from common import pki
+from common import pki, signing
 from common.errors import RadFLError
 from server import coordinator
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_init_writes_a_ca_and_a_superlink_certificate_for_every_host(tmp_path: Path):
@@ -36,8 +38,13 @@ def test_init_writes_a_ca_and_a_superlink_certificate_for_every_host(tmp_path: P
     # Python's TLS stack accepts the pair as a server certificate and key.
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(federation.server_cert, federation.server_key)
-    for secret in ("ca.key", "superlink.key"):
+    for secret in ("ca.key", "superlink.key", "state/app-signing.key"):
         assert (federation.root / secret).stat().st_mode & 0o777 == 0o600
+    # The app-signing key pair: the private half in state/, the public half beside ca.crt.
+    assert signing.key_id(signing.load_public_key(federation.signing_public_key)) == (
+        signing.key_id(signing.load_private_key(federation.signing_key).public_key())
+    )
+    assert federation.signing_public_key.parent == federation.ca_cert.parent
     connection = tomllib.loads((federation.flwr_home / "config.toml").read_text())
     # Operators' Flower CLI dials the SuperLink itself, on loopback; sites dial nginx.
     assert connection["superlink"]["radfl"] == {
@@ -125,6 +132,52 @@ def test_site_start_runs_the_supernode_with_tls_and_its_key_never_insecure(tmp_p
     assert f'data-path="{tmp_path / "data"}"' in node_config
     assert 'site-name="site-a"' in node_config and "skip-bad-rows=true" in node_config
     assert command[command.index("--host") + 1] == "127.0.0.1"
+    # Its ClientApps are started by RadFL's launcher, which checks the bundle's signature.
+    assert command[command.index("--isolation") + 1] == "process"
+    unsigned = daemon.supernode_command(
+        superlink="fl.example.org:8000",
+        data=tmp_path / "data",
+        name="site-a",
+        root_certificates=tmp_path / "ca.crt",
+        auth_key=tmp_path / "site.key",
+        port=9100,
+        extra_config={},
+        signed_apps_only=False,  # --allow-unsigned-apps: Flower starts its ClientApps itself
+    )
+    assert "--isolation" not in unsigned
+    launch = daemon.launcher_command(
+        local_port=9100, clientapp_command=tmp_path / "radfl-clientapp", parent_pid=42
+    )
+    assert launch[1:4] == ["-m", "client.launcher", "superexec"]
+    assert launch[launch.index("--runtime-api-address") + 1] == "127.0.0.1:9100"
+
+
+def test_a_site_without_the_coordinators_signing_key_does_not_start(tmp_path: Path, capsys):
+    from common.cli import main
+
+    private, site_public = daemon.keygen(tmp_path / "keys")
+    (tmp_path / "ca.crt").write_text("unused")
+    argv = [
+        "site", "start", "--superlink", "127.0.0.1:1", "--data", str(tmp_path / "data"),
+        "--name", "site-a", "--root-certificates", str(tmp_path / "ca.crt"),
+        "--auth-key", str(private),
+    ]  # fmt: skip
+    assert main(argv) != 0
+    assert f"--trusted-key {tmp_path / 'app-signing.pub'}: no such file" in capsys.readouterr().err
+    (tmp_path / "not-ed25519.pub").write_bytes(site_public.read_bytes())
+    assert main([*argv, "--trusted-key", str(tmp_path / "not-ed25519.pub")]) != 0
+    assert "not-ed25519.pub is not a PEM public key" in capsys.readouterr().err
+    assert not (tmp_path / "data" / ".radfl-logs" / "supernode.log").exists()
+
+
+def test_rotating_the_signing_key_keeps_the_old_public_key_for_the_overlap(tmp_path: Path):
+    federation = coordinator.init(tmp_path / "fed", ["127.0.0.1"])
+    old = signing.key_id(signing.load_public_key(federation.signing_public_key))
+    new, retired = coordinator.rotate_signing_key(federation.root)
+    assert new != old and retired == federation.root / f"app-signing.{old}.pub"
+    assert signing.key_id(signing.load_public_key(retired)) == old
+    assert signing.key_id(signing.load_public_key(federation.signing_public_key)) == new
+    assert federation.signing_key.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_site_that_fails_its_data_check_does_not_start(tmp_path: Path, capsys):
@@ -132,6 +185,7 @@ def test_a_site_that_fails_its_data_check_does_not_start(tmp_path: Path, capsys)
 
     private, _ = daemon.keygen(tmp_path / "keys")
     (tmp_path / "ca.crt").write_text("unused")
+    signing.make_key_pair(tmp_path / "app-signing.key", tmp_path / daemon.TRUSTED_KEY_NAME)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "manifest.csv").write_text("image,patient_id,study_id,label\n")
     code = main(
@@ -156,7 +210,8 @@ def test_run_exits_with_the_superlinks_final_status_not_flwr_runs(tmp_path: Path
     fake.mkdir()
     (fake / "flwr").write_text(
         "#!/bin/sh\n"
-        'if [ "$1" = run ]; then echo "Successfully started run 42"; exit 0; fi\n'
+        'if [ "$1" = run ]; then echo "$@" > "$FAKE_STATUS.args"; '
+        'echo "Successfully started run 42"; exit 0; fi\n'
         'if [ "$1" = ls ]; then cat "$FAKE_STATUS"; exit 0; fi\n'
         "exit 3\n"
     )
@@ -174,6 +229,16 @@ def test_run_exits_with_the_superlinks_final_status_not_flwr_runs(tmp_path: Path
         (tmp_path / "status.json").write_text(
             json.dumps({"success": True, "runs": [{"run-id": 42, "status": status}]})
         )
-        assert coordinator.run(federation.root, tmp_path, {"num-rounds": 1}) == expected
+        assert coordinator.run(federation.root, ROOT, {"num-rounds": 1}) == expected
+    # The bundle flwr run submits is signed: its signature travels in the run config.
+    from flwr.cli.build import build_fab_from_disk
+
+    submitted = (tmp_path / "status.json.args").read_text()
+    value = submitted.split("app-signature=", 1)[1].split()[0].strip('"')
+    trusted = [signing.load_public_key(federation.signing_public_key)]
+    signing.verify(build_fab_from_disk(ROOT), value, trusted)
     with pytest.raises(RadFLError, match="num-rounds"):
-        coordinator.run(federation.root, tmp_path, {"num-rounds": "many"})
+        coordinator.run(federation.root, ROOT, {"num-rounds": "many"})
+    federation.signing_key.unlink()  # a federation made before signed apps
+    with pytest.raises(RadFLError, match="no app-signing key.*rotate-signing-key"):
+        coordinator.run(federation.root, ROOT, {"num-rounds": 1})
