@@ -92,7 +92,9 @@ def test_secure_sum_equals_the_groups_gradient_the_attacker_models():
     images, labels = _synthetic_images(4)
     torch.manual_seed(0)
     model = SmallCNN(2, 1, 2)
-    updates = [attacks.site_update(model, images[i : i + 2], labels[i : i + 2], 0.5) for i in (0, 2)]
+    updates = [
+        attacks.site_update(model, images[i : i + 2], labels[i : i + 2], 0.5) for i in (0, 2)
+    ]
     summed = attacks.secure_sum(updates)
     grouped = attacks.parameter_gradients(model.eval(), images, labels, group_size=2)
     for seen, gradient in zip(summed, grouped, strict=True):
