@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from simulations.bench import Profile, Runner
 
 NONE, SECAGG = "none", "secagg"
+#: The inversion's reading for an image that carries no information (its random start).
+CHANCE = "chance (random start)"
 
 
 def dp_column(epsilon: float) -> str:
@@ -186,10 +188,9 @@ def _plot_membership(results: dict[str, attacks.MembershipResult], path: Path) -
         return
     figure, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3), squeeze=False)
     for axis, (protection, result) in zip(axes[0], results.items(), strict=True):
-        high = float(
-            np.quantile(np.concatenate([result.member_loss, result.non_member_loss]), 0.99)
-        )
-        bins = np.linspace(0, max(high, 1e-6), 30)
+        losses = np.concatenate([result.member_loss, result.non_member_loss])
+        low, high = np.quantile(losses, [0.0, 0.99])
+        bins = np.linspace(float(low), max(float(high), float(low) + 1e-6), 30)
         axis.hist(result.member_loss, bins=bins, alpha=0.6, density=True, label="members (train)")
         axis.hist(result.non_member_loss, bins=bins, alpha=0.6, density=True,
                   label="non-members (validation, test)")  # fmt: skip
@@ -245,6 +246,13 @@ def inversion(profile: Profile, out: Path) -> list[dict[str, Any]]:
             f"attacked as {len(sites) * batch} images; best match to site 0's images",
         )  # fmt: skip
         reconstructions = {}
+        shape = tuple(true_images.shape[1:])
+        # What SSIM and PSNR read for no information at all: the attacker's random start.
+        start = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed))
+        rows += _inversion_rows(
+            batch, CHANCE, attacks.best_matches(start, true_images),
+            f"the attack's random starting image, before any iteration; {base_note}",
+        )  # fmt: skip
         for protection, (seen, groups, note) in observed.items():
             if groups == 1 and batch == 1:
                 labels = torch.tensor([attacks.infer_label(model, seen)])
@@ -254,29 +262,39 @@ def inversion(profile: Profile, out: Path) -> list[dict[str, Any]]:
             else:
                 labels = torch.cat([y for _, y in batches[:groups]])
                 label_note = "labels known"
-            shape = tuple(true_images.shape[1:])
             reconstructed = attacks.invert_gradients(model, seen, labels, shape, batch, settings)
             matches = attacks.best_matches(reconstructed, true_images)
             reconstructions[protection] = (reconstructed, matches)
-            for metric in ("ssim", "psnr"):
-                values = [getattr(m, metric) for m in matches]
-                rows.append(
-                    {
-                        "attack": "gradient inversion (Geiping 2020)",
-                        "setting": f"batch {batch}",
-                        "protection": protection,
-                        "metric": metric,
-                        "value": float(np.mean(values)),
-                        "low": float(np.min(values)),
-                        "high": float(np.max(values)),
-                        "samples": f"{len(values)} true images",
-                        "note": f"{note}; {label_note}; {base_note}",
-                        "run_id": "",
-                    }
-                )
+            rows += _inversion_rows(
+                batch, protection, matches, f"{note}; {label_note}; {base_note}"
+            )
         print(f"[radfl] privacy: inversion batch {batch} ({time.monotonic() - started:.0f} s)",
               flush=True)  # fmt: skip
         _plot_inversion(true_images, reconstructions, out / f"privacy_inversion_batch{batch}.png")
+    return rows
+
+
+def _inversion_rows(
+    batch: int, protection: str, matches: list[attacks.Similarity], note: str
+) -> list[dict[str, Any]]:
+    """Mean SSIM and PSNR over the true images (low and high: the worst and best image)."""
+    rows = []
+    for metric in ("ssim", "psnr"):
+        values = [getattr(m, metric) for m in matches]
+        rows.append(
+            {
+                "attack": "gradient inversion (Geiping 2020)",
+                "setting": f"batch {batch}",
+                "protection": protection,
+                "metric": metric,
+                "value": float(np.mean(values)),
+                "low": float(np.min(values)),
+                "high": float(np.max(values)),
+                "samples": f"{len(values)} true images",
+                "note": note,
+                "run_id": "",
+            }
+        )
     return rows
 
 
