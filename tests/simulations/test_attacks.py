@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from scipy.optimize import brentq
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
@@ -17,6 +22,8 @@ from common.errors import ConfigError
 from common.models import SmallCNN
 from common.synthetic import make_site, site_profiles
 from simulations import attacks
+
+RADFL = str(Path(sys.executable).parent / "radfl")
 
 
 def test_attack_auc_is_one_half_per_tie_by_hand():
@@ -170,3 +177,33 @@ def test_gradient_inversion_recovers_one_image_without_protection_and_not_under_
           f"PSNR {recovered.psnr:.1f} {blurred.psnr:.1f} dB")  # fmt: skip
     assert recovered.ssim > 0.5 and recovered.psnr > 12
     assert blurred.ssim < 0.25 and recovered.ssim - blurred.ssim > 0.4
+
+
+@pytest.mark.slow
+def test_bench_privacy_attacks_a_real_run_and_writes_its_table_and_pictures(tmp_path: Path):
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [RADFL, "bench", "--parts", "privacy", "--profile", "quick", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "## privacy" in done.stdout
+    summary = pd.read_csv(out / "privacy_summary.csv")
+    assert list(summary.columns) == [
+        "attack", "setting", "metric", "none", "secagg", "dp eps=8", "chance (random start)",
+    ]  # fmt: skip
+    rows = pd.read_csv(out / "privacy.csv")
+    membership = rows[(rows["attack"] == "membership inference") & (rows["protection"] == "none")]
+    assert len(membership) == 2 and membership["value"].between(0, 1).all()
+    assert (membership["low"] <= membership["value"]).all()
+    assert (membership["value"] <= membership["high"]).all()
+    run_id = membership["run_id"].iloc[0]  # the attacked model is a real run's, in MLflow
+    assert MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).info.status == "FINISHED"
+    inversion = rows[rows["attack"].str.startswith("gradient inversion")]
+    assert set(inversion["protection"]) == {"none", "secagg", "dp eps=8", "chance (random start)"}
+    assert inversion[inversion["metric"] == "ssim"]["value"].between(-1, 1).all()
+    for picture in ("privacy_membership.png", "privacy_inversion_batch1.png"):
+        assert (out / picture).stat().st_size > 1000
