@@ -19,6 +19,7 @@ Writes ``privacy.csv`` (long), ``privacy_summary.csv`` (protections as columns),
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from pathlib import Path
@@ -124,10 +125,12 @@ def membership(profile: Profile, runner: Runner) -> list[dict[str, Any]]:
             settings={**profile.run_config(), **settings},
             options=["--in-memory"],
         )
-        model = task.build_model()
+        dp_sgd = "dp-noise-multiplier" in settings
+        model = _network(task, dp_sgd)
         local = run.client.download_artifacts(run.run_id, "weights/final.pt")
         model.load_state_dict(torch.load(local, weights_only=True))
-        result = attacks.membership_inference(model, members, non_members, reference)
+        start = _network(task, dp_sgd) if dp_sgd else reference
+        result = attacks.membership_inference(model, members, non_members, start)
         histograms[protection] = result
         rows += _membership_rows(protection, result, run.run_id, note)
         if protection == NONE:  # SecAgg changes what the server sees, not the model released
@@ -137,6 +140,17 @@ def membership(profile: Profile, runner: Runner) -> list[dict[str, Any]]:
             )  # fmt: skip
     _plot_membership(histograms, runner.out / "privacy_membership.png")
     return rows
+
+
+def _network(task: Any, dp_sgd: bool) -> torch.nn.Module:
+    """The run's initial global network; with DP-SGD the sites' and server's variant of it
+    (``common.privacy.private_model``: GroupNorm for BatchNorm). Imported by name: that module
+    comes with site DP-SGD, and this part runs without it."""
+    model = task.build_model()
+    if not dp_sgd:
+        return model  # type: ignore[no-any-return]
+    private_model = importlib.import_module("common.privacy").private_model
+    return private_model(model)  # type: ignore[no-any-return]
 
 
 def _dp_sgd_noise(
