@@ -132,6 +132,9 @@ def membership(profile: Profile, runner: Runner) -> list[dict[str, Any]]:
         start = _network(task, dp_sgd) if dp_sgd else reference
         result = attacks.membership_inference(model, members, non_members, start)
         histograms[protection] = result
+        spent = [v for k, v in run.metrics.items() if k.endswith("/dp-epsilon")]
+        if spent:  # what the sites' own accountant says they spent (last round, MLflow)
+            note = f"{note}; epsilon the sites report spent: at most {max(spent):.3g}"
         rows += _membership_rows(protection, result, run.run_id, note)
         if protection == NONE:  # SecAgg changes what the server sees, not the model released
             rows += _membership_rows(
