@@ -13,6 +13,9 @@ MLflow run in ``--out/mlflow.db`` whose id is in the table.
 - ``scale``: round time and peak memory (the whole process tree) with more and more sites.
 - ``comm``: bytes each site sends per round, fp32 and with compressed updates, and what
   compression costs in test AUC.
+- ``privacy``: membership inference on a run's final model and gradient inversion of one
+  site's update, without protection, with update-level DP and with SecAgg
+  (``simulations.bench_privacy``).
 
 Profiles size the runs: ``quick`` (seconds per run: CI checks that the tables are produced),
 ``cpu`` (this 2-core machine) and ``gpu`` (the default data and image size).
@@ -82,6 +85,15 @@ class Profile:
     scale_sites: tuple[int, ...] = (10, 30, 100)
     scale_samples: int = 16
     scale_rounds: int = 1
+    #: ``privacy``: the classification network attacked, the attacker's budget in Adam
+    #: iterations, the image size and batch sizes of gradient inversion, the sites summed under
+    #: SecAgg, and the epsilons (delta 1e-5) of the DP columns.
+    privacy_model: str = "small-cnn"
+    inversion_iterations: int = 300
+    inversion_image_size: int = 32
+    inversion_batch_sizes: tuple[int, ...] = (1, 4)
+    secagg_sites: int = 3
+    privacy_epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
 
     def model(self, task: str) -> str:
         return self.classification_model if task == "classification" else self.segmentation_model
@@ -115,6 +127,10 @@ PROFILES: dict[str, Profile] = {
         scale_sites=(2, 4),
         scale_samples=16,
         scale_rounds=1,
+        inversion_iterations=20,
+        inversion_image_size=16,
+        inversion_batch_sizes=(1,),
+        privacy_epsilons=(8.0,),
     ),
     # 64 px: at 32 px neither task learned here (pooled test AUC 0.50 after 30 epochs, Dice
     # 0.05 after 12). Batch 8: federated training is limited by optimiser steps at this budget
@@ -134,6 +150,11 @@ PROFILES: dict[str, Profile] = {
         # fp16 (0.501x the bytes, measured with this profile on 2026-11-27) is left out for
         # time: the profile has to finish within 45 minutes here.
         compressions=("none", "int8"),
+        # 16 px, batch 1: one attack iteration at 32 px took 0.5 to 2 s on this shared
+        # 2-core machine (2026-11-29), 300 of them for each of five columns did not fit.
+        inversion_iterations=150,
+        inversion_image_size=16,
+        inversion_batch_sizes=(1,),
     ),
 }
 #: The default data and image size (``pyproject.toml``), for a GPU machine.
@@ -145,6 +166,9 @@ PROFILES["gpu"] = replace(
     local_epochs=3,
     batch_size=0,  # the task's own, as in pyproject.toml
     compressions=("none", "fp16", "int8"),
+    inversion_iterations=300,
+    inversion_image_size=32,
+    inversion_batch_sizes=(1, 4),
 )
 
 
@@ -532,13 +556,30 @@ def scale(profile: Profile, runner: Runner) -> pd.DataFrame:
     return table
 
 
+def privacy(profile: Profile, runner: Runner) -> pd.DataFrame:
+    """Membership-inference AUC and gradient-inversion SSIM/PSNR, per protection."""
+    from simulations import bench_privacy
+
+    return bench_privacy.privacy(profile, runner)
+
+
+def privacy_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    from simulations import bench_privacy
+
+    return bench_privacy.summary(rows)
+
+
 PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {
     "quality": quality,
     "overhead": overhead,
     "scale": scale,
     "comm": comm,
+    "privacy": privacy,
 }
-SUMMARIES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {"quality": quality_summary}
+SUMMARIES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
+    "quality": quality_summary,
+    "privacy": privacy_summary,
+}
 
 
 def bench(args: argparse.Namespace) -> int:
