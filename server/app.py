@@ -1,6 +1,7 @@
 """The coordinator's ServerApp: a Flower strategy by name, pooled evaluation, MLflow tracking.
 
-A run: wait for ``min-sites`` sites and ask each for its name and split sizes; train for
+A run: wait for ``min-sites`` sites and ask each for its split sizes (its name is the one
+registered for its node, ``site-registry``, or in simulation the one it gives now); train for
 ``num-rounds`` rounds, evaluating the global model on every site's validation split after each;
 then evaluate the final model once on every site's validation and test splits (the only use of
 the test splits), optionally run cross-site validation, and log the report to MLflow.
@@ -55,8 +56,16 @@ def main(grid: Grid, context: Context) -> None:
         config, mode="federated", training=training, resume_run_id=resume_run_id
     ) as run:
         log(INFO, "[radfl] MLflow run %s at %s", run.info.run_id, tracking.tracking_uri())
+        recorder = RoundRecorder(
+            task, num_rounds=config.num_rounds, external_sites=config.left_out_sites
+        )
         nodes = final.wait_for_sites(grid, config.min_sites, config.start_timeout_s)
-        sites = final.describe_sites(grid, nodes, config.round_timeout_s)
+        # A reply is the site of the node Flower authenticated: by the coordinator's registry
+        # in deployment, by the name each node gives in this one query in simulation.
+        registry = final.load_registry(config.site_registry) if config.site_registry else None
+        sites = final.describe_sites(
+            grid, nodes, config.round_timeout_s, registry, on_left_out=recorder.leave_out
+        )
         left_out = _left_out_nodes(config, sites)
         log(
             INFO,
@@ -67,26 +76,27 @@ def main(grid: Grid, context: Context) -> None:
                 for s in sorted(sites.values(), key=lambda s: s.name)
             ),
         )
-        recorder = RoundRecorder(
-            task, num_rounds=config.num_rounds, external_sites=config.left_out_sites
-        )
         declared = {s.name: s.counts.get(keys.TRAIN_IMAGES, 0) for s in sites.values()}
+        validation = {s.name: s.counts.get(keys.VALIDATION_IMAGES, 0) for s in sites.values()}
         strategy = build_strategy(
             config,
             buffer_keys=buffer_keys,
             train_metrics_aggr_fn=recorder.aggregate_train,
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
-            policy=reply_policy(config, declared),
+            policy=reply_policy(config, declared, declared_validation=validation, task=task),
             node_names={node: s.name for node, s in sites.items()},
             on_reject=recorder.reject_update,
             on_failed_round=recorder.fail_round,
             on_traffic=recorder.record_traffic,
+            on_reject_evaluation=recorder.reject_evaluation,
         )
         final.exclude_from_training(strategy, left_out)
         if resumed is None:
             # The untrained model's metrics at step 0: what every round is measured against.
             recorder.baseline(
-                final.evaluate_everywhere(grid, sites, initial_state, config.round_timeout_s),
+                final.evaluate_everywhere(
+                    grid, sites, initial_state, config.round_timeout_s, task=task
+                ),
                 keys.NUM_EXAMPLES,
             )
             start_arrays = ArrayRecord(model.state_dict())
@@ -139,7 +149,13 @@ def main(grid: Grid, context: Context) -> None:
             selected_round,
         )
         splits, failed = final.final_evaluation(
-            grid, sites, selected, config.num_classes, config.round_timeout_s, task=config.task
+            grid,
+            sites,
+            selected,
+            config.num_classes,
+            config.round_timeout_s,
+            task=config.task,
+            checker=task,
         )
         if failed:
             mlflow.set_tag("radfl.final-evaluation-failed", ", ".join(sorted(failed)))

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from common.config import ServerConfig
 from common.errors import RegistryError
 from common.messages import array_record
+from common.tasks import Task
 from server.validation import (
     FailedRoundCallback,
     RejectCallback,
@@ -99,6 +100,9 @@ _STRATEGIES: dict[str, StrategyFactory] = {
 #: Strategies whose aggregate is the sample-weighted mean of the updates (before any server
 #: optimiser step): their replies are folded into a running mean as they arrive.
 MEAN_AGGREGATES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedbn"})
+#: Strategies that take a server optimiser's step from the mean: their aggregate can move the
+#: model further than any update (momentum, adaptive steps), so only its finiteness is checked.
+SERVER_OPTIMISERS = frozenset({"fedadam", "fedyogi", "fedavgm"})
 
 
 def list_strategies() -> list[str]:
@@ -116,6 +120,7 @@ def build_strategy(
     on_reject: RejectCallback | None = None,
     on_failed_round: FailedRoundCallback | None = None,
     on_traffic: TrafficCallback | None = None,
+    on_reject_evaluation: RejectCallback | None = None,
 ) -> flwr_strategy.FedAvg:
     """The strategy ``config.strategy`` names, configured from the run config, checking
     replies by ``policy`` (default: the run config's, without declared sizes).
@@ -149,14 +154,28 @@ def build_strategy(
         on_failed_round or (lambda server_round, reason: None),
         on_traffic,
         fold=config.strategy in MEAN_AGGREGATES,
+        on_reject_evaluation=on_reject_evaluation,
+        bound_aggregate=config.strategy not in SERVER_OPTIMISERS,
     )
 
 
-def reply_policy(config: ServerConfig, declared: Mapping[str, int] | None = None) -> ReplyPolicy:
-    """The reply checks the run config asks for; ``declared``: training images by site."""
+def reply_policy(
+    config: ServerConfig,
+    declared: Mapping[str, int] | None = None,
+    *,
+    declared_validation: Mapping[str, int] | None = None,
+    task: Task | None = None,
+) -> ReplyPolicy:
+    """The reply checks the run config asks for; ``declared``: training images by site,
+    ``declared_validation``: validation images by site, ``task``: whose metric states
+    evaluation replies carry."""
     return ReplyPolicy(
         declared_examples=dict(declared or {}),
         max_num_examples=config.max_num_examples,
         max_update_norm_ratio=config.max_update_norm_ratio,
         min_replies=config.min_replies,
+        max_site_share=config.max_site_share,
+        max_aggregate_norm_ratio=config.max_aggregate_norm_ratio,
+        declared_validation=dict(declared_validation or {}),
+        task=task,
     )
