@@ -303,7 +303,8 @@ class RunningMean:
     def add(self, key: int, arrays: ArrayRecord, weight: float) -> None:
         values = {name: arrays[name].numpy() for name in self.sums}
         for name, value in values.items():
-            self.sums[name] += weight * value
+            # In float64: a Python float times a float32 array stays float32 in NumPy 2.
+            self.sums[name] += np.multiply(value, weight, dtype=np.float64)
         self.weight += weight
         if self.spill_dir is not None:
             path = self.spill_dir / f"{key}.npz"
@@ -316,7 +317,9 @@ class RunningMean:
         path = self._spilled[key] if new_weight else self._spilled.pop(key)
         with np.load(path) as saved:
             for index, name in enumerate(self.sums):
-                self.sums[name] += (new_weight - weight) * saved[f"arr_{index}"]
+                self.sums[name] += np.multiply(
+                    saved[f"arr_{index}"], new_weight - weight, dtype=np.float64
+                )
         self.weight += new_weight - weight
 
     def remove(self, key: int, weight: float) -> None:
@@ -584,10 +587,11 @@ class ReplyGate:
         server_round += self.offset
         kept = []
         for reply in replies:
-            if reply.has_error():
-                kept.append(reply)  # Flower counts it as a failure
-                continue
             name = _name(reply, self.node_names)
+            if reply.has_error():  # recorded here, cleaned: Flower would log the raw text
+                reason = f"error reply ({_last_line(reply.error.reason or '')})"
+                self.on_reject_evaluation(server_round, name, reason)
+                continue
             try:
                 reply.content = self.check_evaluation(reply)
             except boundary.BadReplyError as exc:
