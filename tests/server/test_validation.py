@@ -316,3 +316,45 @@ def test_the_aggregate_does_not_depend_on_which_site_answered_first(fold):
         arrays, _ = strategy.aggregate_train(1, replies)
         results.append(arrays["conv.weight"].numpy())
     assert all(np.array_equal(results[0], other) for other in results[1:])
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_robust_strategies_hold_updates_on_disk_and_aggregate_as_flower_does(name):
+    from flwr.serverapp import strategy as flwr_strategy
+
+    strategy, gate, arrived, benign, rejections = _round(name, False, **{"min-sites": 4})
+    # Each accepted update went to disk as it arrived: no reply holds its weights.
+    assert not any("arrays" in r.content for r in arrived)
+    arrays, _ = strategy.aggregate_train(1, arrived)
+    assert gate._spill is None  # the round's updates are deleted
+    assert {site for site, _ in rejections} == {"nan", "scaled"}
+    reference = {
+        "fedmedian": flwr_strategy.FedMedian(),
+        "fedtrimmedavg": flwr_strategy.FedTrimmedAvg(beta=0.2),
+        "krum": flwr_strategy.Krum(num_malicious_nodes=1),
+        "multikrum": flwr_strategy.MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3),
+    }[name]
+    held = [
+        _reply(
+            f"site-{node}",
+            {"conv.weight": weights, "bn.n": GLOBAL["bn.n"] + node},
+            num_examples=10 * node,
+            node=node,
+        )
+        for node, weights in enumerate(benign, start=1)
+    ]
+    for reply in held:
+        del reply.content["site"]
+    expected, _ = reference.aggregate_train(1, held)
+    result = arrays["conv.weight"].numpy()
+    if name == "krum":
+        # Krum scores each update by its nearest neighbour's distance: two updates that are
+        # each other's nearest tie, and float32 (Flower) and float64 (here) break ties apart.
+        flat = [np.concatenate([w.ravel(), [1.0 * n]]) for n, w in enumerate(benign, start=1)]
+        distance = [[float(np.sum((a - b) ** 2)) for b in flat] for a in flat]
+        scores = np.array([sorted(row)[1] for row in distance])
+        best = np.flatnonzero(np.isclose(scores, scores.min()))
+        assert any(np.allclose(result, benign[i]) for i in best)
+        assert any(np.allclose(expected["conv.weight"].numpy(), benign[i]) for i in best)
+        return
+    np.testing.assert_allclose(result, expected["conv.weight"].numpy(), rtol=1e-6, atol=1e-7)
