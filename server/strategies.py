@@ -76,9 +76,9 @@ class FedYogi(AverageBuffersMixin, flwr_strategy.FedYogi):
     """FedYogi with BatchNorm buffers averaged."""
 
 
-#: Coordinates of each update read at once by the on-disk strategies: 2**18 float32 values,
-#: 1 MiB per site (100 MiB at 100 sites) however large the model.
-CHUNK = 2**18
+#: Coordinates of each update read at once by the on-disk strategies: 2**16 (512 KiB a site
+#: in float64, 50 MiB at 100 sites) however large the model.
+CHUNK = 2**16
 
 
 class OnDiskAggregate:
