@@ -205,6 +205,11 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _left_out_nodes(config: ServerConfig, sites: dict[int, final.Site]) -> set[int]:
+    if not sites:
+        raise final.QuorumError(
+            "no connected node described itself validly (the reasons are logged above and in "
+            "robustness/rejections.csv)"
+        )
     names = {s.name: node for node, s in sites.items()}
     unknown = sorted(set(config.left_out_sites) - set(names))
     if unknown:
