@@ -166,7 +166,14 @@ def _check_arrival(
     try:
         metrics = boundary.check_train_metrics(reply.content, cap)
     except boundary.BadReplyError as exc:
-        return str(exc), math.nan, 0.0
+        reason = str(exc)
+        if reason.startswith(keys.NUM_EXAMPLES):
+            reason += (
+                " (max-num-examples)"
+                if policy.max_num_examples
+                else " (the training images the site declared when it joined)"
+            )
+        return reason, math.nan, 0.0
     reason, _ = _decode(reply, reference)
     if reason is not None:
         return reason, math.nan, 0.0

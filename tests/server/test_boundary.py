@@ -58,7 +58,13 @@ def test_a_ghost_name_with_1e12_examples_gets_its_nodes_cap_and_is_refused():
     honest = [_train_reply(1, 1.0), _train_reply(2, 2.0)]
     ghost = _train_reply(3, 100.0, {"num-examples": 1e12, "train-loss": 0.1}, claimed="ghost")
     arrays, _ = strategy.aggregate_train(1, [*honest, ghost])
-    assert seen["rejected"] == [("site-3", "num-examples = 1e+12 is outside [1, 20]")]
+    assert seen["rejected"] == [
+        (
+            "site-3",
+            "num-examples = 1e+12 is outside [1, 20] "
+            "(the training images the site declared when it joined)",
+        )
+    ]
     np.testing.assert_allclose(arrays["w"].numpy(), 1.5)
 
 
