@@ -31,6 +31,7 @@ from server.validation import (
     FailedRoundCallback,
     RejectCallback,
     ReplyPolicy,
+    StoredArray,
     TrafficCallback,
     UpdateStore,
     with_validation,
@@ -110,22 +111,21 @@ class OnDiskAggregate:
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}), metrics
 
     def aggregate_stored(
-        self, models: list[dict[str, np.ndarray]], replies: list[Message]
+        self, models: list[dict[str, StoredArray]], replies: list[Message]
     ) -> tuple[list[int], dict[str, np.ndarray]]:
         """``(indices of the updates used, aggregate)``."""
         raise NotImplementedError
 
 
-def _chunks(models: list[dict[str, np.ndarray]], name: str) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(models: list[dict[str, StoredArray]], name: str) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, (sites, CHUNK) float64 slice)`` over array ``name`` of every update."""
     size = models[0][name].size
     for start in range(0, size, CHUNK):
-        block = np.stack([np.asarray(m[name]).reshape(-1)[start : start + CHUNK] for m in models])
-        yield start, block.astype(np.float64)
+        yield start, np.stack([m[name].read(start, CHUNK) for m in models]).astype(np.float64)
 
 
 def _by_chunk(
-    models: list[dict[str, np.ndarray]], reduce: Callable[[np.ndarray], np.ndarray]
+    models: list[dict[str, StoredArray]], reduce: Callable[[np.ndarray], np.ndarray]
 ) -> dict[str, np.ndarray]:
     """``reduce`` over the site axis of every array, a slice at a time."""
     out = {}
@@ -141,7 +141,7 @@ class FedMedian(OnDiskAggregate, flwr_strategy.FedMedian):
     """Coordinate-wise median (Yin et al., 2018), from updates on disk."""
 
     def aggregate_stored(
-        self, models: list[dict[str, np.ndarray]], replies: list[Message]
+        self, models: list[dict[str, StoredArray]], replies: list[Message]
     ) -> tuple[list[int], dict[str, np.ndarray]]:
         return list(range(len(models))), _by_chunk(models, lambda b: np.median(b, axis=0))
 
@@ -150,7 +150,7 @@ class FedTrimmedAvg(OnDiskAggregate, flwr_strategy.FedTrimmedAvg):
     """Coordinate-wise trimmed mean (Yin et al., 2018), from updates on disk."""
 
     def aggregate_stored(
-        self, models: list[dict[str, np.ndarray]], replies: list[Message]
+        self, models: list[dict[str, StoredArray]], replies: list[Message]
     ) -> tuple[list[int], dict[str, np.ndarray]]:
         beta = self.beta
         return list(range(len(models))), _by_chunk(models, lambda b: trim_mean(b, beta))
@@ -161,7 +161,7 @@ class MultiKrum(OnDiskAggregate, flwr_strategy.MultiKrum):
     slice by slice, then the weighted mean of the ``num_nodes_to_select`` best."""
 
     def aggregate_stored(
-        self, models: list[dict[str, np.ndarray]], replies: list[Message]
+        self, models: list[dict[str, StoredArray]], replies: list[Message]
     ) -> tuple[list[int], dict[str, np.ndarray]]:
         gram = np.zeros((len(models), len(models)))
         for name in models[0]:

@@ -166,14 +166,14 @@ def _check_arrival(
     try:
         metrics = boundary.check_train_metrics(reply.content, cap)
     except boundary.BadReplyError as exc:
-        reason = str(exc)
-        if reason.startswith(keys.NUM_EXAMPLES):
-            reason += (
+        refused = str(exc)
+        if refused.startswith(keys.NUM_EXAMPLES):
+            refused += (
                 " (max-num-examples)"
                 if policy.max_num_examples
                 else " (the training images the site declared when it joined)"
             )
-        return reason, math.nan, 0.0
+        return refused, math.nan, 0.0
     reason, _ = _decode(reply, reference)
     if reason is not None:
         return reason, math.nan, 0.0
@@ -346,8 +346,35 @@ class RunningMean:
         )
 
 
+@dataclass(frozen=True)
+class StoredArray:
+    """One array of an update on disk, read a slice at a time into a fresh buffer.
+
+    Not memory-mapped: pages a mapping has touched stay resident while it lives, and at 100
+    sites they made FedMedian's server 1.56x and Krum's 2.05x larger than at 10
+    (``radfl bench --parts scale``); a slice read with ``np.fromfile`` is freed after use.
+    """
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self, start: int, count: int) -> np.ndarray:
+        """Elements ``start`` to ``start + count`` of the flattened array."""
+        count = max(0, min(count, self.size - start))
+        with self.path.open("rb") as file:
+            return np.fromfile(
+                file, self.dtype, count, offset=self.offset + start * self.dtype.itemsize
+            )
+
+
 class UpdateStore:
-    """One round's accepted updates on disk, one ``.npy`` per array, read back memory-mapped.
+    """One round's accepted updates on disk, one ``.npy`` per array.
 
     Strategies that need every update at once (median, trimmed mean, Krum) then read them a
     slice at a time (:mod:`server.strategies`), and the server holds no model per site.
@@ -356,25 +383,30 @@ class UpdateStore:
     def __init__(self, folder: Path, names: Iterable[str]) -> None:
         self.folder = folder
         self.names = list(names)
-        self._folders: dict[int, Path] = {}
+        self._arrays: dict[int, dict[str, StoredArray]] = {}
 
     def add(self, key: int, arrays: ArrayRecord) -> None:
-        folder = self.folder / str(len(self._folders))
+        folder = self.folder / str(len(self._arrays))
         folder.mkdir()
+        stored = {}
         for index, name in enumerate(self.names):
-            np.save(folder / f"{index}.npy", arrays[name].numpy())
-        self._folders[key] = folder
+            value = np.ascontiguousarray(arrays[name].numpy())
+            path = folder / f"{index}.npy"
+            with path.open("wb") as file:
+                np.lib.format.write_array(file, value)
+            with path.open("rb") as file:
+                np.lib.format.read_magic(file)
+                np.lib.format.read_array_header_1_0(file)
+                offset = file.tell()
+            stored[name] = StoredArray(path, value.shape, value.dtype, offset)
+        self._arrays[key] = stored
 
     def __contains__(self, key: int) -> bool:
-        return key in self._folders
+        return key in self._arrays
 
-    def load(self, key: int) -> dict[str, np.ndarray]:
-        """The update stored under ``key``, each array memory-mapped (read-only)."""
-        folder = self._folders[key]
-        return {
-            name: np.load(folder / f"{index}.npy", mmap_mode="r")
-            for index, name in enumerate(self.names)
-        }
+    def load(self, key: int) -> dict[str, StoredArray]:
+        """The update stored under ``key``, array by array (nothing read yet)."""
+        return self._arrays[key]
 
 
 class ReplyGate:
