@@ -69,6 +69,9 @@ class ServerConfig:
     min_replies: int
     max_update_norm_ratio: float
     max_num_examples: int
+    max_site_share: float
+    max_aggregate_norm_ratio: float
+    site_registry: str
     byzantine_sites: int
     checkpoint_dir: str
     resume: bool
@@ -117,6 +120,16 @@ class ServerConfig:
             raise ConfigError(
                 "run-config keys max-update-norm-ratio and max-num-examples must be >= 0 "
                 "(0 turns the check off)"
+            )
+        if not 0.0 < self.max_site_share <= 1.0:
+            raise ConfigError(
+                f"run-config key max-site-share must lie in (0, 1] (1 turns the cap off), "
+                f"got {self.max_site_share}"
+            )
+        if self.max_aggregate_norm_ratio < 0:
+            raise ConfigError(
+                "run-config key max-aggregate-norm-ratio must be >= 0 (0: finiteness only), "
+                f"got {self.max_aggregate_norm_ratio}"
             )
 
 

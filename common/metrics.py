@@ -142,6 +142,16 @@ class ClassificationStates:
         self.loss_sum += loss_sum
         self.count += int(round(count))
 
+    def check_totals(self) -> None:
+        """Raise ``ValueError`` unless every class's histogram and the confusion matrix hold
+        exactly ``count`` cases (states a real site computed always do)."""
+        per_class = self.histogram.sum(axis=(1, 2))
+        if np.any(per_class != self.count) or int(self.confusion.sum()) != self.count:
+            raise ValueError(
+                f"metric states disagree: count {self.count}, histogram totals "
+                f"{sorted(set(per_class.tolist()))}, confusion total {int(self.confusion.sum())}"
+            )
+
     @classmethod
     def pooled(
         cls, records: Iterable[Mapping[str, object]], num_classes: int, **kwargs: float

@@ -1,6 +1,7 @@
 """The coordinator's ServerApp: a Flower strategy by name, pooled evaluation, MLflow tracking.
 
-A run: wait for ``min-sites`` sites and ask each for its name and split sizes; train for
+A run: wait for ``min-sites`` sites and ask each for its split sizes (its name is the one
+registered for its node, ``site-registry``, or in simulation the one it gives now); train for
 ``num-rounds`` rounds, evaluating the global model on every site's validation split after each;
 then evaluate the final model once on every site's validation and test splits (the only use of
 the test splits), optionally run cross-site validation, and log the report to MLflow.
@@ -58,8 +59,16 @@ def main(grid: Grid, context: Context) -> None:
         config, mode="federated", training=training, resume_run_id=resume_run_id
     ) as run:
         log(INFO, "[radfl] MLflow run %s at %s", run.info.run_id, tracking.tracking_uri())
+        recorder = RoundRecorder(
+            task, num_rounds=config.num_rounds, external_sites=config.left_out_sites
+        )
         nodes = final.wait_for_sites(grid, config.min_sites, config.start_timeout_s)
-        sites = final.describe_sites(grid, nodes, config.round_timeout_s)
+        # A reply is the site of the node Flower authenticated: by the coordinator's registry
+        # in deployment, by the name each node gives in this one query in simulation.
+        registry = final.load_registry(config.site_registry) if config.site_registry else None
+        sites = final.describe_sites(
+            grid, nodes, config.round_timeout_s, registry, on_left_out=recorder.leave_out
+        )
         left_out = _left_out_nodes(config, sites)
         log(
             INFO,
@@ -70,26 +79,27 @@ def main(grid: Grid, context: Context) -> None:
                 for s in sorted(sites.values(), key=lambda s: s.name)
             ),
         )
-        recorder = RoundRecorder(
-            task, num_rounds=config.num_rounds, external_sites=config.left_out_sites
-        )
         declared = {s.name: s.counts.get(keys.TRAIN_IMAGES, 0) for s in sites.values()}
+        validation = {s.name: s.counts.get(keys.VALIDATION_IMAGES, 0) for s in sites.values()}
         strategy = build_strategy(
             config,
             buffer_keys=buffer_keys,
             train_metrics_aggr_fn=recorder.aggregate_train,
             evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
-            policy=reply_policy(config, declared),
+            policy=reply_policy(config, declared, declared_validation=validation, task=task),
             node_names={node: s.name for node, s in sites.items()},
             on_reject=recorder.reject_update,
             on_failed_round=recorder.fail_round,
             on_traffic=recorder.record_traffic,
+            on_reject_evaluation=recorder.reject_evaluation,
         )
         final.exclude_from_training(strategy, left_out)
         if resumed is None:
             # The untrained model's metrics at step 0: what every round is measured against.
             recorder.baseline(
-                final.evaluate_everywhere(grid, sites, initial_state, config.round_timeout_s),
+                final.evaluate_everywhere(
+                    grid, sites, initial_state, config.round_timeout_s, task=task
+                ),
                 keys.NUM_EXAMPLES,
             )
             start_arrays = ArrayRecord(model.state_dict())
@@ -149,6 +159,7 @@ def main(grid: Grid, context: Context) -> None:
             config.round_timeout_s,
             task=config.task,
             min_cell_size=config.min_cell_size,
+            checker=task,
         )
         if failed:
             mlflow.set_tag("radfl.final-evaluation-failed", ", ".join(sorted(failed)))
@@ -198,6 +209,11 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _left_out_nodes(config: ServerConfig, sites: dict[int, final.Site]) -> set[int]:
+    if not sites:
+        raise final.QuorumError(
+            "no connected node described itself validly (the reasons are logged above and in "
+            "robustness/rejections.csv)"
+        )
     names = {s.name: node for node, s in sites.items()}
     unknown = sorted(set(config.left_out_sites) - set(names))
     if unknown:

@@ -367,6 +367,13 @@ def register_sites(federation: Federation) -> dict[str, Any]:
     return registered
 
 
+def site_registry_config(federation: Federation) -> dict[str, str]:
+    """The run-config entry that makes the ServerApp name each reply's site by the node Flower
+    authenticated (issue 18): ``site-registry``, the absolute path of the registered file
+    (``{name: {"node-id": ..., "key": ...}}``, written by :func:`register_sites`)."""
+    return {"site-registry": str(federation.registered_file)}
+
+
 # --------------------------------------------------------------------------- start
 class Services:
     """The SuperLink, the MLflow server and nginx of a federation, as child process groups."""
@@ -536,6 +543,7 @@ def run(
     values = {
         "run-key": uuid.uuid4().hex,
         "checkpoint-dir": str(federation.state / "checkpoints"),
+        **site_registry_config(federation),
         **overrides,
     }
     from_run_config(ServerConfig, {**default_run_config(), **values})  # a typo fails here

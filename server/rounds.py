@@ -30,6 +30,8 @@ TRAFFIC = "traffic"
 
 
 def reply_site_name(record: RecordDict) -> str:
+    """The site a reply is from: the name the reply gate stamped on it from the node Flower
+    authenticated (``server.boundary.stamp``)."""
     site = keys.config_record(record, keys.SITE)
     return str(site[keys.SITE_NAME]) if site is not None and keys.SITE_NAME in site else "unknown"
 
@@ -155,6 +157,20 @@ class RoundRecorder:
         self.pending[f"{SITE}/{site}/rejected-update"] = 1.0
         self.site_status.setdefault(site, []).append("rejected")
         self.rejections.append({"round": server_round, "site": site, "reason": reason})
+
+    def reject_evaluation(self, server_round: int, site: str, reason: str) -> None:
+        """A site's evaluation reply was left out of this round's pooled metrics."""
+        log(WARNING, "[radfl] round %d: evaluation of %s rejected: %s", server_round, site, reason)
+        self.pending[f"{SITE}/{site}/rejected-evaluation"] = 1.0
+        self.site_status.setdefault(site, []).append("rejected")
+        self.rejections.append({"round": server_round, "site": site, "reason": reason})
+
+    def leave_out(self, who: str, reason: str) -> None:
+        """A node left out of the whole run before training (recorded at round 0)."""
+        self.rejections.append({"round": 0, "site": who, "reason": f"left out: {reason}"})
+        tracking.log_text(
+            pd.DataFrame(self.rejections).to_csv(index=False), "robustness/rejections.csv"
+        )
 
     def fail_round(self, server_round: int, reason: str) -> None:
         """No aggregation this round: the global model is kept."""

@@ -7,27 +7,33 @@ tolerate), and FedBN (Li et al., 2021): FedAvg on the server while each site kee
 normalisation layers (``client.app``), which matters under scanner shift.
 
 Every strategy checks training replies before aggregating and enforces the round's quorum
-(``server.validation``).
+(``server.validation``). The mean-based ones fold replies into a running mean as they arrive;
+the median, trimmed mean and (Multi-)Krum read updates held on disk (:class:`OnDiskAggregate`):
+the server holds no model per site either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import ServerConfig
 from common.errors import RegistryError
-from common.messages import array_record
+from common.messages import array_record, metric_record, scalar
+from common.tasks import Task
 from server.validation import (
     FailedRoundCallback,
     RejectCallback,
     ReplyPolicy,
+    StoredArray,
     TrafficCallback,
+    UpdateStore,
     with_validation,
 )
 
@@ -71,6 +77,116 @@ class FedYogi(AverageBuffersMixin, flwr_strategy.FedYogi):
     """FedYogi with BatchNorm buffers averaged."""
 
 
+#: Coordinates of each update read at once by the on-disk strategies: 2**16 (512 KiB a site
+#: in float64, 50 MiB at 100 sites) however large the model.
+CHUNK = 2**16
+
+
+class OnDiskAggregate:
+    """Robust aggregates that need every update at once, computed from updates held on disk.
+
+    The reply gate writes each accepted update to an :class:`~server.validation.UpdateStore`
+    as it arrives and hands it over as ``updates``; the aggregate reads ``CHUNK``
+    coordinates of every update at a time, so the server holds one model (the result) and a
+    slice per site, not a model per site. The results are Flower's: the same median, trimmed
+    mean and (Multi-)Krum selection, computed in float64.
+    """
+
+    updates: UpdateStore | None = None
+    weighted_by_key: str
+    train_metrics_aggr_fn: MetricsAggregator
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [r for r in replies if not r.has_error()]
+        store = self.updates
+        if store is None or not replies:
+            return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        models = [store.load(id(reply)) for reply in replies]
+        chosen, arrays = self.aggregate_stored(models, replies)
+        metrics = self.train_metrics_aggr_fn(
+            [replies[i].content for i in chosen], self.weighted_by_key
+        )
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}), metrics
+
+    def aggregate_stored(
+        self, models: list[dict[str, StoredArray]], replies: list[Message]
+    ) -> tuple[list[int], dict[str, np.ndarray]]:
+        """``(indices of the updates used, aggregate)``."""
+        raise NotImplementedError
+
+
+def _chunks(models: list[dict[str, StoredArray]], name: str) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, (sites, CHUNK) float64 slice)`` over array ``name`` of every update."""
+    size = models[0][name].size
+    for start in range(0, size, CHUNK):
+        yield start, np.stack([m[name].read(start, CHUNK) for m in models]).astype(np.float64)
+
+
+def _by_chunk(
+    models: list[dict[str, StoredArray]], reduce: Callable[[np.ndarray], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``reduce`` over the site axis of every array, a slice at a time."""
+    out = {}
+    for name, first in models[0].items():
+        flat = np.empty(first.size, np.float64)
+        for start, block in _chunks(models, name):
+            flat[start : start + block.shape[1]] = reduce(block)
+        out[name] = flat.reshape(first.shape)
+    return out
+
+
+class FedMedian(OnDiskAggregate, flwr_strategy.FedMedian):
+    """Coordinate-wise median (Yin et al., 2018), from updates on disk."""
+
+    def aggregate_stored(
+        self, models: list[dict[str, StoredArray]], replies: list[Message]
+    ) -> tuple[list[int], dict[str, np.ndarray]]:
+        return list(range(len(models))), _by_chunk(models, lambda b: np.median(b, axis=0))
+
+
+class FedTrimmedAvg(OnDiskAggregate, flwr_strategy.FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (Yin et al., 2018), from updates on disk."""
+
+    def aggregate_stored(
+        self, models: list[dict[str, StoredArray]], replies: list[Message]
+    ) -> tuple[list[int], dict[str, np.ndarray]]:
+        beta = self.beta
+        return list(range(len(models))), _by_chunk(models, lambda b: trim_mean(b, beta))
+
+
+class MultiKrum(OnDiskAggregate, flwr_strategy.MultiKrum):
+    """MultiKrum (Blanchard et al., 2017) from updates on disk: pairwise distances summed
+    slice by slice, then the weighted mean of the ``num_nodes_to_select`` best."""
+
+    def aggregate_stored(
+        self, models: list[dict[str, StoredArray]], replies: list[Message]
+    ) -> tuple[list[int], dict[str, np.ndarray]]:
+        gram = np.zeros((len(models), len(models)))
+        for name in models[0]:
+            for _, block in _chunks(models, name):
+                gram += block @ block.T
+        norms = np.diag(gram)
+        distances = norms[:, None] + norms[None, :] - 2 * gram
+        closest = max(1, len(models) - self.num_malicious_nodes - 2)
+        scores = [np.sum(np.sort(row)[1 : closest + 1]) for row in distances]
+        chosen = [int(i) for i in np.argsort(scores, kind="stable")[: self.num_nodes_to_select]]
+        weights = np.array(
+            [scalar(metric_record(replies[i].content), self.weighted_by_key) for i in chosen]
+        )
+        picked = [models[i] for i in chosen]
+        mean = _by_chunk(picked, lambda b: weights @ b / weights.sum())
+        return chosen, mean
+
+
+class Krum(MultiKrum):
+    """Krum (Blanchard et al., 2017): MultiKrum selecting one update."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs, num_nodes_to_select=1)
+
+
 StrategyFactory = Callable[[ServerConfig, dict[str, Any]], flwr_strategy.FedAvg]
 
 _STRATEGIES: dict[str, StrategyFactory] = {
@@ -81,12 +197,10 @@ _STRATEGIES: dict[str, StrategyFactory] = {
     "fedavgm": lambda cfg, common: flwr_strategy.FedAvgM(
         **common, server_learning_rate=1.0, server_momentum=0.9
     ),
-    "fedmedian": lambda cfg, common: flwr_strategy.FedMedian(**common),
-    "fedtrimmedavg": lambda cfg, common: flwr_strategy.FedTrimmedAvg(**common, beta=0.2),
-    "krum": lambda cfg, common: flwr_strategy.Krum(
-        **common, num_malicious_nodes=cfg.byzantine_sites
-    ),
-    "multikrum": lambda cfg, common: flwr_strategy.MultiKrum(
+    "fedmedian": lambda cfg, common: FedMedian(**common),
+    "fedtrimmedavg": lambda cfg, common: FedTrimmedAvg(**common, beta=0.2),
+    "krum": lambda cfg, common: Krum(**common, num_malicious_nodes=cfg.byzantine_sites),
+    "multikrum": lambda cfg, common: MultiKrum(
         **common,
         num_malicious_nodes=cfg.byzantine_sites,
         num_nodes_to_select=max(1, cfg.min_sites - cfg.byzantine_sites),
@@ -99,6 +213,9 @@ _STRATEGIES: dict[str, StrategyFactory] = {
 #: Strategies whose aggregate is the sample-weighted mean of the updates (before any server
 #: optimiser step): their replies are folded into a running mean as they arrive.
 MEAN_AGGREGATES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "fedbn"})
+#: Strategies that take a server optimiser's step from the mean: their aggregate can move the
+#: model further than any update (momentum, adaptive steps), so only its finiteness is checked.
+SERVER_OPTIMISERS = frozenset({"fedadam", "fedyogi", "fedavgm"})
 
 
 def list_strategies() -> list[str]:
@@ -116,6 +233,7 @@ def build_strategy(
     on_reject: RejectCallback | None = None,
     on_failed_round: FailedRoundCallback | None = None,
     on_traffic: TrafficCallback | None = None,
+    on_reject_evaluation: RejectCallback | None = None,
 ) -> flwr_strategy.FedAvg:
     """The strategy ``config.strategy`` names, configured from the run config, checking
     replies by ``policy`` (default: the run config's, without declared sizes).
@@ -149,14 +267,29 @@ def build_strategy(
         on_failed_round or (lambda server_round, reason: None),
         on_traffic,
         fold=config.strategy in MEAN_AGGREGATES,
+        on_reject_evaluation=on_reject_evaluation,
+        bound_aggregate=config.strategy not in SERVER_OPTIMISERS,
+        on_disk=isinstance(strategy, OnDiskAggregate),
     )
 
 
-def reply_policy(config: ServerConfig, declared: Mapping[str, int] | None = None) -> ReplyPolicy:
-    """The reply checks the run config asks for; ``declared``: training images by site."""
+def reply_policy(
+    config: ServerConfig,
+    declared: Mapping[str, int] | None = None,
+    *,
+    declared_validation: Mapping[str, int] | None = None,
+    task: Task | None = None,
+) -> ReplyPolicy:
+    """The reply checks the run config asks for; ``declared``: training images by site,
+    ``declared_validation``: validation images by site, ``task``: whose metric states
+    evaluation replies carry."""
     return ReplyPolicy(
         declared_examples=dict(declared or {}),
         max_num_examples=config.max_num_examples,
         max_update_norm_ratio=config.max_update_norm_ratio,
         min_replies=config.min_replies,
+        max_site_share=config.max_site_share,
+        max_aggregate_norm_ratio=config.max_aggregate_norm_ratio,
+        declared_validation=dict(declared_validation or {}),
+        task=task,
     )

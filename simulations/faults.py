@@ -13,6 +13,10 @@ training messages of a listed site, does one of:
 ``scale``      reply with the update multiplied by 100 (``global + 100 * (local - global)``)
 ``inflate``    claim 1000 times the examples actually trained on
 ``shape``      reply with one weight of the wrong shape
+``ghost``      claim to be site ``ghost`` with 1e12 examples (a hostile site, issue 18)
+``overflow``   claim 1e308 examples
+``dots``       claim the site name ``../NAME`` in every reply, the join query's included
+``inf-query``  declare an infinite training split in the join query
 =============  ==============================================================================
 
 The fault mod runs inside the production ClientApp's error containment
@@ -27,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.app import build_app
@@ -37,7 +41,25 @@ from common.errors import ConfigError
 
 ENV = "RADFL_FAULTS"
 HANG_ENV = "RADFL_FAULT_HANG_S"
-KINDS = ("crash", "hang", "nan", "scale", "inflate", "shape")
+KINDS = (
+    "crash",
+    "hang",
+    "nan",
+    "scale",
+    "inflate",
+    "shape",
+    "ghost",
+    "overflow",
+    "dots",
+    "inf-query",
+)
+#: What each kind claims in the reply's metrics and site name (hostile sites).
+CLAIMS: dict[str, tuple[dict[str, float], str | None]] = {
+    "ghost": ({keys.NUM_EXAMPLES: 1e12}, "ghost"),
+    "overflow": ({keys.NUM_EXAMPLES: 1e308}, None),
+    "dots": ({}, "../{name}"),
+    "inf-query": ({keys.TRAIN_IMAGES: float("inf")}, None),
+}
 SCALE = 100.0
 INFLATE = 1000
 
@@ -68,6 +90,11 @@ def fault_mod(faults: list[Fault]) -> Mod:
     """A Flower mod that applies ``faults`` to training replies."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type == "query":
+            name = site_name(context.node_config)
+            claims = [f.kind for f in faults if f.site == name and f.kind in ("dots", "inf-query")]
+            reply = call_next(msg, context)
+            return _claim(claims, name, msg, reply)
         if msg.metadata.message_type != "train":
             return call_next(msg, context)
         name = site_name(context.node_config)
@@ -85,6 +112,8 @@ def fault_mod(faults: list[Fault]) -> Mod:
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
+        if kind in CLAIMS:
+            return _claim([kind], name, msg, reply)
         return Message(
             content=_corrupt(kind, keys.array_record(msg.content), reply.content),
             reply_to=msg,
@@ -96,6 +125,21 @@ def fault_mod(faults: list[Fault]) -> Mod:
 def mods_from_env() -> list[Mod]:
     text = os.environ.get(ENV, "")
     return [fault_mod(parse_faults(text))] if text.strip() else []
+
+
+def _claim(kinds: list[str], name: str, msg: Message, reply: Message) -> Message:
+    """The reply with the metrics and site name that ``kinds`` claim."""
+    if not kinds or reply.has_error():
+        return reply
+    content = RecordDict({key: record for key, record in reply.content.items()})
+    metrics = dict(keys.metric_record(content))
+    for kind in kinds:
+        values, claimed = CLAIMS[kind]
+        metrics.update(values)
+        if claimed is not None:
+            content[keys.SITE] = ConfigRecord({keys.SITE_NAME: claimed.format(name=name)})
+    content[keys.METRICS] = MetricRecord(metrics)  # type: ignore[arg-type]
+    return Message(content=content, reply_to=msg)
 
 
 def _corrupt(kind: str, received: ArrayRecord, content: RecordDict) -> RecordDict:

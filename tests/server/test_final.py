@@ -114,24 +114,59 @@ def test_a_malformed_final_reply_drops_that_site_with_the_reason():
     assert "b" not in splits["test"].sites
 
 
-def test_describe_sites_names_nodes_and_rejects_duplicate_names():
+def _description(name: str, train: int = 10) -> RecordDict:
+    return RecordDict(
+        {
+            "metrics": MetricRecord(
+                {"train-images": train, "validation-images": 5, "test-images": 3}
+            ),
+            "site": ConfigRecord({"site-name": name}),
+        }
+    )
+
+
+def test_describe_sites_names_nodes_and_leaves_out_nodes_sharing_a_name():
     def handler(node, message):
         assert message.metadata.message_type == "query"
-        return RecordDict(
-            {
-                "metrics": MetricRecord({"train-images": 10 * node, "test-images": node}),
-                "site": ConfigRecord({"site-name": f"h{node}"}),
-            }
-        )
+        return _description("x" if node > 2 else f"h{node}", train=10 * node)
 
-    sites = final.describe_sites(FakeGrid([1, 2], handler), [1, 2], timeout=5)
+    left_out = []
+    sites = final.describe_sites(
+        FakeGrid([1, 2, 3, 4], handler),
+        [1, 2, 3, 4],
+        timeout=5,
+        on_left_out=lambda who, reason: left_out.append((who, reason)),
+    )
     assert sites[2].name == "h2" and sites[2].counts["train-images"] == 20
+    assert sorted(sites) == [1, 2]  # the run goes on without the two claiming "x"
+    assert left_out == [
+        ("node-3", "another node also calls itself x"),
+        ("node-4", "another node also calls itself x"),
+    ]
 
-    def same_name(node, message):
-        return RecordDict({"metrics": MetricRecord({}), "site": ConfigRecord({"site-name": "x"})})
 
-    with pytest.raises(final.RadFLError, match="share the name"):
-        final.describe_sites(FakeGrid([1, 2], same_name), [1, 2], timeout=5)
+def test_with_a_registry_a_node_is_its_registered_name_and_an_unregistered_one_is_left_out():
+    left_out = []
+    sites = final.describe_sites(
+        FakeGrid([7, 8, 9], lambda node, message: _description("site-a")),
+        [7, 8, 9],
+        timeout=5,
+        registry={7: "site-a", 8: "site-b"},
+        on_left_out=lambda who, reason: left_out.append((who, reason)),
+    )
+    assert {node: s.name for node, s in sites.items()} == {7: "site-a", 8: "site-b"}
+    assert left_out == [("node-9", "not registered (radfl coordinator add-site)")]
+
+
+def test_the_registry_file_is_read_and_a_bad_one_names_the_file(tmp_path):
+    path = tmp_path / "registered.json"
+    path.write_text('{"site-a": {"node-id": 12, "key": "site-a.pub"}, "site-b": {"node-id": 5}}')
+    assert final.load_registry(path) == {12: "site-a", 5: "site-b"}
+    path.write_text('{"site-a": {"node-id": 1e300}}')
+    with pytest.raises(final.ConfigError, match="registered.json: entry 'site-a': node-id"):
+        final.load_registry(path)
+    with pytest.raises(final.ConfigError, match="site-registry file not found: .*missing.json"):
+        final.load_registry(tmp_path / "missing.json")
 
 
 def test_waiting_for_sites_fails_within_the_deadline_naming_the_counts():
@@ -146,7 +181,7 @@ def test_left_out_sites_get_no_training_message():
     from server.strategies import build_strategy
 
     config = from_run_config(ServerConfig, {**default_run_config(), "min-sites": 3})
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, node_names={1: "a", 2: "b", 3: "c"})
     final.exclude_from_training(strategy, {2})
     grid = FakeGrid([1, 2, 3], lambda node, message: None)
     messages = strategy.configure_train(

@@ -4,11 +4,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from common.config import ServerConfig, default_run_config, from_run_config
 from common.errors import RegistryError
-from server.strategies import FedAdam, build_strategy, list_strategies
+from server.strategies import FedAdam, build_strategy, list_strategies, reply_policy
+
+NAMES = {1: "site-1", 2: "site-2"}
 
 
 def _config(**overrides):
     return from_run_config(ServerConfig, {**default_run_config(), **overrides})
+
+
+def _build(buffer_keys=(), **overrides):
+    """A strategy for the two sites of ``NAMES``, weighting them as they report (no share cap:
+    the numbers below are checked by hand)."""
+    config = _config(**{"max-site-share": 1.0, **overrides})
+    declared = {name: 1000 for name in NAMES.values()}
+    return build_strategy(
+        config,
+        buffer_keys=buffer_keys,
+        policy=reply_policy(config, declared),
+        node_names=NAMES,
+    )
 
 
 def _arrays(weight: float, running_var: float, batches: int) -> ArrayRecord:
@@ -27,14 +42,15 @@ def _started(strategy, arrays: ArrayRecord | None = None):
     return strategy
 
 
-def _reply(weight: float, running_var: float, num_examples: int) -> Message:
+def _reply(weight: float, running_var: float, num_examples: int, node: int) -> Message:
     content = RecordDict(
         {
             "arrays": _arrays(weight, running_var, 4),
             "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0}),
         }
     )
-    return Message(content=content, dst_node_id=1, message_type="train")
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(content=content, reply_to=instruction)
 
 
 @pytest.mark.parametrize("name", list_strategies())
@@ -49,8 +65,8 @@ def test_unknown_strategy_raises_with_known_names():
 
 
 def test_fedavg_weights_by_num_examples():
-    strategy = _started(build_strategy(_config(strategy="fedavg")))
-    arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 1.0, 10), _reply(4.0, 4.0, 30)])
+    strategy = _started(_build(strategy="fedavg"))
+    arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 1.0, 10, 1), _reply(4.0, 4.0, 30, 2)])
     # (1*10 + 4*30) / 40 = 3.25
     assert arrays["w"].numpy()[0] == pytest.approx(3.25)
     # Integer scalars (BatchNorm's batch counter) stay 0-d integers, as the model sent them.
@@ -59,15 +75,16 @@ def test_fedavg_weights_by_num_examples():
 
 
 def test_fedadam_averages_buffers_and_keeps_dtypes():
-    strategy = build_strategy(
-        _config(strategy="fedadam", **{"server-learning-rate": 0.5}),
+    strategy = _build(
         buffer_keys=["bn.running_var", "bn.num_batches_tracked"],
+        strategy="fedadam",
+        **{"server-learning-rate": 0.5},
     )
     assert isinstance(strategy, FedAdam)
     current = _arrays(0.0, 1.0, 0)
     strategy.current_arrays = {k: v.numpy() for k, v in current.items()}
     _started(strategy, current)
-    arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 2.0, 10), _reply(1.0, 4.0, 30)])
+    arrays, _ = strategy.aggregate_train(1, [_reply(1.0, 2.0, 10, 1), _reply(1.0, 4.0, 30, 2)])
     # Buffers: the plain weighted average (2*10 + 4*30) / 40 = 3.5, not an Adam step.
     assert arrays["bn.running_var"].numpy()[0] == pytest.approx(3.5)
     assert arrays["bn.num_batches_tracked"].numpy().dtype == np.int64
@@ -83,8 +100,8 @@ def test_fedprox_sends_proximal_mu():
 
 
 def test_site_config_record_does_not_break_aggregation():
-    strategy = _started(build_strategy(_config(strategy="fedavg")))
-    replies = [_reply(1.0, 1.0, 10), _reply(3.0, 1.0, 10)]
+    strategy = _started(_build(strategy="fedavg"))
+    replies = [_reply(1.0, 1.0, 10, 1), _reply(3.0, 1.0, 10, 2)]
     for i, reply in enumerate(replies):
         reply.content["site"] = ConfigRecord({"site-name": f"site-{i}"})
     arrays, _ = strategy.aggregate_train(1, replies)

@@ -20,8 +20,30 @@ def _record(values) -> ArrayRecord:
     return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in values.items()})
 
 
+_NODES: dict[str, int] = {}
+
+
+def _node_of(site: str) -> int:
+    """A node id per site name: the test plays the registry."""
+    return _NODES.setdefault(site, 100 + len(_NODES))
+
+
+def _names(replies) -> dict[int, str]:
+    """Node id to site name for ``replies``, as the join query (or registry) gives them."""
+    return {
+        r.metadata.src_node_id: r.content["site"]["site-name"] for r in replies if r.has_content()
+    }
+
+
+def _gated(config: ServerConfig, replies, declared: int = 1000, **kwargs):
+    """A strategy whose gate knows the sites of ``replies``, each declaring ``declared``."""
+    names = _names(replies)
+    policy = reply_policy(config, {name: declared for name in names.values()})
+    return build_strategy(config, policy=policy, node_names=names, **kwargs)
+
+
 def _reply(
-    site: str, values=None, num_examples: int = 10, step: float = 0.1, node: int = 1
+    site: str, values=None, num_examples: int = 10, step: float = 0.1, node: int | None = None
 ) -> Message:
     if values is None:
         noise = RNG.normal(size=(4, 3)).astype(np.float32)
@@ -33,6 +55,7 @@ def _reply(
             "site": ConfigRecord({"site-name": site}),
         }
     )
+    node = _node_of(site) if node is None else node
     instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
     return Message(content=content, reply_to=instruction)
 
@@ -64,32 +87,37 @@ def test_each_kind_of_bad_reply_is_rejected_with_its_reason():
         _reply("missing", missing),
         _reply("zero", num_examples=0),
     ]
-    declared = {name: 50 for name in ("inflated", "nan", "scaled", "shape", "missing", "zero")}
+    declared = {name: 50 for name in _names([*benign, *bad]).values()}
     policy = ReplyPolicy(declared_examples=declared, max_update_norm_ratio=10.0)
-    accepted, rejected = check_replies([*benign, *bad], _record(GLOBAL), policy, {})
+    accepted, rejected = check_replies(
+        [*benign, *bad], _record(GLOBAL), policy, _names([*benign, *bad])
+    )
     assert accepted == benign
     reasons = dict(rejected)
     assert reasons["nan"] == "non-finite values in conv.weight"
     assert "exceeds 10x the median" in reasons["scaled"]
-    assert (
-        "num-examples 10000 exceeds the 50 training images the site declared" in reasons["inflated"]
+    assert reasons["inflated"] == (
+        "num-examples = 10000 is outside [1, 50] "
+        "(the training images the site declared when it joined)"
     )
     assert "conv.weight is float32[11], expected float32[4, 3]" in reasons["shape"]
     assert "1 missing" in reasons["missing"]
-    assert "not a positive count" in reasons["zero"]
+    assert reasons["zero"].startswith("num-examples = 0 is outside [1, 50]")
 
 
 def test_a_configured_maximum_replaces_the_declared_size():
     policy = ReplyPolicy(declared_examples={"a": 5}, max_num_examples=100)
-    accepted, rejected = check_replies([_reply("a", num_examples=50)], _record(GLOBAL), policy, {})
+    reply = _reply("a", num_examples=50)
+    accepted, rejected = check_replies([reply], _record(GLOBAL), policy, _names([reply]))
     assert len(accepted) == 1 and not rejected
 
 
 def test_strategy_aggregates_the_valid_replies_and_records_the_rest():
     rejections, failures = [], []
+    config = _config(strategy="fedavg", **{"max-site-share": 1.0})
     strategy = build_strategy(
-        _config(strategy="fedavg"),
-        policy=reply_policy(_config(), {"site-0": 100, "site-1": 100, "site-2": 100}),
+        config,
+        policy=reply_policy(config, {"site-0": 100, "site-1": 100, "site-2": 100}),
         on_reject=lambda r, site, reason: rejections.append((r, site, reason)),
         on_failed_round=lambda r, reason: failures.append((r, reason)),
     )
@@ -98,7 +126,7 @@ def test_strategy_aggregates_the_valid_replies_and_records_the_rest():
     gate.sampled = {1, 2, 3, 4}  # node 4 never answers
     replies = [_reply("site-0", node=1), _reply("site-1", num_examples=30, node=2)]
     replies.append(_error_reply(node=3))
-    gate.node_names = {3: "site-9", 4: "site-4"}
+    gate.node_names = {1: "site-0", 2: "site-1", 3: "site-9", 4: "site-4"}
     expected = (
         10 * replies[0].content["arrays"]["conv.weight"].numpy()
         + 30 * replies[1].content["arrays"]["conv.weight"].numpy()
@@ -113,25 +141,28 @@ def test_strategy_aggregates_the_valid_replies_and_records_the_rest():
 
 def test_below_quorum_the_round_keeps_the_global_model():
     failures = []
-    strategy = build_strategy(
+    replies = [_reply("a"), _reply("b")]
+    strategy = _gated(
         _config(strategy="fedavg", **{"min-replies": 3}),
+        replies,
         on_failed_round=lambda r, reason: failures.append((r, reason)),
     )
     strategy.reply_gate.round_start = _record(GLOBAL)
-    arrays, metrics = strategy.aggregate_train(1, [_reply("a"), _reply("b")])
+    arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is None and metrics is None
     assert failures and "quorum 3" in failures[0][1]
 
 
 @pytest.mark.parametrize("name", ["krum", "multikrum"])
 def test_krum_leaves_out_the_outlier(name):
-    strategy = build_strategy(
-        _config(strategy=name, **{"min-sites": 5, "max-update-norm-ratio": 0.0})
-    )
-    strategy.reply_gate.round_start = _record(GLOBAL)
     benign = [_reply(f"site-{i}", step=0.01) for i in range(4)]
     outlier = {**GLOBAL, "conv.weight": GLOBAL["conv.weight"] + 50.0}
-    arrays, _ = strategy.aggregate_train(1, [*benign, _reply("bad", outlier)])
+    replies = [*benign, _reply("bad", outlier)]
+    strategy = _gated(
+        _config(strategy=name, **{"min-sites": 5, "max-update-norm-ratio": 0.0}), replies
+    )
+    strategy.reply_gate.round_start = _record(GLOBAL)
+    arrays, _ = strategy.aggregate_train(1, replies)
     assert np.abs(arrays["conv.weight"].numpy() - GLOBAL["conv.weight"]).max() < 1.0
 
 
@@ -140,13 +171,14 @@ def test_compressed_updates_are_decoded_aggregated_and_counted():
 
     traffic = []
     rejections = []
-    strategy = build_strategy(
+    plain = [_reply(f"site-{i}") for i in range(3)]
+    strategy = _gated(
         _config(strategy="fedavg"),
+        plain,
         on_reject=lambda r, site, reason: rejections.append((site, reason)),
         on_traffic=lambda r, received, model_bytes: traffic.append((r, received, model_bytes)),
     )
     strategy.reply_gate.round_start = _record(GLOBAL)
-    plain = [_reply(f"site-{i}") for i in range(3)]
     replies, sent_weights = [], []
     for index, reply in enumerate(plain[:2]):
         trained = {k: v.numpy() for k, v in reply.content["arrays"].items()}
@@ -195,13 +227,6 @@ class ArrivingGrid(Grid):
 def _round(strategy_name: str, fold: bool, **overrides):
     """One training round through an ArrivalGrid: 4 benign sites, a NaN one, a scaled one."""
     rejections = []
-    strategy = build_strategy(
-        _config(strategy=strategy_name, **overrides),
-        on_reject=lambda r, site, reason: rejections.append((site, reason)),
-    )
-    gate = strategy.reply_gate
-    gate.fold = fold
-    gate.round_start = _record(GLOBAL)
     rng = np.random.default_rng(7)
     replies = []
     for node, examples in enumerate((10, 20, 30, 40), start=1):
@@ -213,6 +238,14 @@ def _round(strategy_name: str, fold: bool, **overrides):
     scaled = {**GLOBAL, "conv.weight": GLOBAL["conv.weight"] + 50.0}
     replies.append(_reply("scaled", scaled, node=6))
     benign = [r.content["arrays"]["conv.weight"].numpy().copy() for r in replies[:4]]
+    strategy = _gated(
+        _config(strategy=strategy_name, **overrides),
+        replies,
+        on_reject=lambda r, site, reason: rejections.append((site, reason)),
+    )
+    gate = strategy.reply_gate
+    gate.fold = fold
+    gate.round_start = _record(GLOBAL)
     grid = ArrivalGrid(ArrivingGrid(replies), gate.receive, pull_interval_s=0.0)
     instructions = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in range(6)]
     arrived = grid.send_and_receive(instructions, timeout=5)
@@ -276,12 +309,55 @@ def test_the_aggregate_does_not_depend_on_which_site_answered_first(fold):
     ]  # fmt: skip
     results = []
     for order in (range(6), reversed(range(6)), [3, 0, 5, 1, 4, 2]):
-        strategy = build_strategy(_config(strategy="fedavg", **{"max-update-norm-ratio": 0.0}))
+        replies = [_reply(f"site-{i}", values[i], num_examples=7 + 3 * i, node=i) for i in order]
+        config = _config(strategy="fedavg", **{"max-update-norm-ratio": 0.0})
+        strategy = _gated(config, replies)
         gate = strategy.reply_gate
         gate.fold, gate.round_start = fold, _record(GLOBAL)
-        replies = [_reply(f"site-{i}", values[i], num_examples=7 + 3 * i, node=i) for i in order]
         for reply in replies:
             gate.receive(reply)
         arrays, _ = strategy.aggregate_train(1, replies)
         results.append(arrays["conv.weight"].numpy())
     assert all(np.array_equal(results[0], other) for other in results[1:])
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_robust_strategies_hold_updates_on_disk_and_aggregate_as_flower_does(name):
+    from flwr.serverapp import strategy as flwr_strategy
+
+    strategy, gate, arrived, benign, rejections = _round(name, False, **{"min-sites": 4})
+    # Each accepted update went to disk as it arrived: no reply holds its weights.
+    assert not any("arrays" in r.content for r in arrived)
+    arrays, _ = strategy.aggregate_train(1, arrived)
+    assert gate._spill is None  # the round's updates are deleted
+    assert {site for site, _ in rejections} == {"nan", "scaled"}
+    reference = {
+        "fedmedian": flwr_strategy.FedMedian(),
+        "fedtrimmedavg": flwr_strategy.FedTrimmedAvg(beta=0.2),
+        "krum": flwr_strategy.Krum(num_malicious_nodes=1),
+        "multikrum": flwr_strategy.MultiKrum(num_malicious_nodes=1, num_nodes_to_select=3),
+    }[name]
+    held = [
+        _reply(
+            f"site-{node}",
+            {"conv.weight": weights, "bn.n": GLOBAL["bn.n"] + node},
+            num_examples=10 * node,
+            node=node,
+        )
+        for node, weights in enumerate(benign, start=1)
+    ]
+    for reply in held:
+        del reply.content["site"]
+    expected, _ = reference.aggregate_train(1, held)
+    result = arrays["conv.weight"].numpy()
+    if name == "krum":
+        # Krum scores each update by its nearest neighbour's distance: two updates that are
+        # each other's nearest tie, and float32 (Flower) and float64 (here) break ties apart.
+        flat = [np.concatenate([w.ravel(), [1.0 * n]]) for n, w in enumerate(benign, start=1)]
+        distance = [[float(np.sum((a - b) ** 2)) for b in flat] for a in flat]
+        scores = np.array([sorted(row)[1] for row in distance])
+        best = np.flatnonzero(np.isclose(scores, scores.min()))
+        assert any(np.allclose(result, benign[i]) for i in best)
+        assert any(np.allclose(expected["conv.weight"].numpy(), benign[i]) for i in best)
+        return
+    np.testing.assert_allclose(result, expected["conv.weight"].numpy(), rtol=1e-6, atol=1e-7)
