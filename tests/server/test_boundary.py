@@ -284,7 +284,13 @@ def test_a_final_evaluation_with_inf_or_1e300_leaves_that_site_out_and_the_run_g
         for n in (1, 2, 3)
     }
     splits, failed = final.final_evaluation(
-        FakeGrid([1, 2, 3], handler), sites, {"w": torch.zeros(1)}, 2, 5, checker=TASK
+        FakeGrid([1, 2, 3], handler),
+        sites,
+        {"w": torch.zeros(1)},
+        2,
+        5,
+        min_cell_size=1,
+        checker=TASK,
     )
     assert sorted(failed) == ["site-2", "site-3"]
     assert "test num-examples must be a whole number, got inf" in failed["site-2"]
@@ -300,6 +306,7 @@ def test_a_final_evaluation_larger_than_the_declared_split_is_refused():
         {"w": torch.zeros(1)},
         2,
         5,
+        min_cell_size=1,
         checker=TASK,
     )
     assert "test num-examples = 60 is outside [0, 59]" in failed["site-1"]
@@ -317,3 +324,42 @@ def test_error_text_from_a_site_is_bounded_and_cleaned_before_it_is_logged():
         5,
     )
     assert len(replies[1]) < 400 and "\x1b" not in replies[1]
+
+
+def test_a_dp_sites_spent_epsilon_passes_the_boundary_and_a_non_finite_one_is_refused():
+    strategy, seen = _gate(**{"max-update-norm-ratio": 0.0})
+    spent = {"num-examples": 10, "train-loss": 0.5, "dp-epsilon": 2.5}
+    lying = {"num-examples": 10, "train-loss": 0.5, "dp-epsilon": math.inf}
+    arrays, _ = strategy.aggregate_train(
+        1, [_train_reply(1, 1.0, spent), _train_reply(2, 1.0, spent), _train_reply(3, 9.0, lying)]
+    )
+    assert [site for site, _ in seen["rejected"]] == ["site-3"]
+    assert "dp-epsilon = inf is not a finite number" in seen["rejected"][0][1]
+    np.testing.assert_allclose(arrays["w"].numpy(), 1.0)
+    checked = boundary.check_train_metrics(_train_reply(1, 1.0, spent).content, 20)
+    assert checked["dp-epsilon"] == 2.5
+    without = boundary.check_train_metrics(_train_reply(1, 1.0).content, 20)
+    assert "dp-epsilon" not in without  # a run without DP logs no epsilon
+
+
+def test_the_checked_final_evaluation_drops_cells_below_k_with_their_attribute_and_logs_refusals(
+    caplog,
+):
+    def handler(node, message):
+        reply = _final_reply(f"s{node}", node)
+        reply["refused"] = ConfigRecord({"patient_id": "an identifier\nis never reported"})
+        return reply
+
+    sites = {1: final.Site(1, "site-1", {"validation-images": 60, "test-images": 60})}
+    splits, failed = final.final_evaluation(
+        FakeGrid([1], handler), sites, {"w": torch.zeros(1)}, 2, 5, min_cell_size=30, checker=TASK
+    )
+    assert failed == {}
+    # sex=F has 25 patients, below k = 30: dropped and counted as suppressed, whatever was sent
+    for split in ("validation", "test"):
+        assert "sex=F" not in splits[split].cells
+        assert splits[split].suppressed["sex=F"] == ["site-1"]
+    assert "site site-1 refused subgroup attribute patient_id: an identifier?is never reported" in (
+        caplog.text
+    )
+    assert "below min-cell-size 30" in caplog.text

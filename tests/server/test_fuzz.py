@@ -430,6 +430,7 @@ def test_a_mutated_final_evaluation_never_raises_and_leaves_the_honest_sites_who
         {"w": torch.zeros(1)},
         2,
         5,
+        min_cell_size=1,
         checker=TASK,
     )
     assert set(failed) <= {NAMES[HOSTILE]}
