@@ -658,6 +658,8 @@ def fairness_table(subgroups: pd.DataFrame, primary: str = "auc") -> pd.DataFram
             if metric not in frame or frame[metric].dropna().size < 2:
                 return math.nan, ""
             column = frame[metric].dropna()
+            if column.max() == column.min():  # no pair stands out: do not name one group twice
+                return 0.0, "equal in every group"
             return float(column.max() - column.min()), f"{column.idxmax()} vs {column.idxmin()}"
 
         auc_gap, auc_groups = spread(primary)

@@ -272,3 +272,20 @@ def test_left_out_site_is_excluded_from_pooled_values(federation):
     roles = report.sites.set_index("site")["role"]
     assert roles["site-2"].startswith("external") and roles["site-0"] == "training"
     assert not math.isnan(report.sites.set_index("site").loc["site-2", "auc"])
+
+
+def test_a_gap_of_zero_names_no_pair_and_a_real_gap_names_its_two_groups():
+    from common.report import fairness_table
+
+    rows = [
+        ("sex", group, metric, value, "")
+        for group, values in {"F": (0.7, 0.0, 0.9, 0.1), "M": (0.9, 0.0, 0.8, 0.1)}.items()
+        for metric, value in zip(("auc", "sensitivity", "specificity", "ece"), values, strict=True)
+    ]
+    subgroups = pd.DataFrame(rows, columns=["attribute", "group", "metric", "value", "status"])
+    sex = fairness_table(subgroups).set_index("attribute").loc["sex"]
+    assert sex["auc_gap_between"] == "M vs F"
+    assert sex["largest_auc_gap"] == pytest.approx(0.2)
+    assert sex["equal_opportunity_difference"] == 0.0
+    assert sex["tpr_gap_between"] == "equal in every group"
+    assert sex["calibration_gap_between"] == "equal in every group"
