@@ -60,6 +60,7 @@ from monai.data import MetaTensor
 from client import data
 from client.data import SiteDataError
 from common import manifest as mf
+from common.tasks import list_tasks
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,7 @@ def check_site(
 
 
 def _check_arguments(root: Path, task: str, spatial_dims: int, num_classes: int) -> None:
-    if task not in mf.REQUIRED_BY_TASK:
-        raise SiteDataError(f"unknown task {task!r}; known: {', '.join(mf.REQUIRED_BY_TASK)}")
+    data.site_task(task)
     if spatial_dims not in (2, 3):
         raise SiteDataError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if num_classes < 1:
@@ -281,7 +281,7 @@ class _RowChecker:
 
     def __init__(self, root: Path, task: str, spatial_dims: int, num_classes: int) -> None:
         self.root = root
-        self.task = task
+        self.task = data.site_task(task)
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
 
@@ -292,10 +292,10 @@ class _RowChecker:
             problems.append(Problem(line, file or None, kind, message))
 
         image = row[mf.IMAGE]
-        for column in (*mf.REQUIRED_COLUMNS, *mf.REQUIRED_BY_TASK[self.task]):
+        for column in (*mf.REQUIRED_COLUMNS, *self.task.required_columns):
             if not row[column]:
                 add(image, "missing-value", f"empty {column}")
-        if self.task == "classification" and row[mf.LABEL]:
+        if self.task.label_is_target and row[mf.LABEL]:
             message = _label_problem(row[mf.LABEL], self.num_classes)
             if message:
                 add(image, "label", message)
@@ -313,9 +313,10 @@ class _RowChecker:
         for column in (mf.MASK, mf.INSTANCE_MASK):
             if column in row.index and row[column]:
                 self._mask(column, row[column], spatial_shape, add)
-        if self.task == "detection" and row[mf.BOXES]:
+        boxes = self.task.box_column
+        if boxes is not None and row[boxes]:
             for message in _box_problems(
-                row[mf.BOXES], self.spatial_dims, spatial_shape, self.num_classes
+                row[boxes], self.spatial_dims, spatial_shape, self.num_classes
             ):
                 add(image, "boxes", message)
         return list(dict.fromkeys(problems))  # the manifest and the DICOM tag may say the same
@@ -433,7 +434,7 @@ class _RowChecker:
         values = torch.unique(mask)
         if not bool(torch.all(values == torch.round(values))):
             add(relative, "mask-values", f"{column} holds non-integer values")
-        elif column == mf.MASK and self.task == "segmentation":
+        elif column == self.task.mask_column and not self.task.numbered_instances:
             bad = [int(v) for v in values if not 0 <= int(v) < self.num_classes]
             if bad:
                 add(
@@ -751,7 +752,7 @@ def _canonical(column: str, value: str) -> str:
 
 
 def _class_counts(table: pd.DataFrame, task: str, num_classes: int) -> dict[str, int]:
-    if task != "classification":
+    if not data.site_task(task).label_is_target:
         return {}
     counts = Counter(int(float(v)) for v in table[mf.LABEL])
     return {str(c): counts.get(c, 0) for c in range(num_classes)}
@@ -812,7 +813,7 @@ def load_checked_site(
 ) -> tuple[pd.DataFrame, CheckReport]:
     """The rows training may use, and the check report; refuse a site whose check fails.
 
-    The first call checks the site and, for classification, preprocesses every usable row into
+    The first call checks the site and preprocesses every usable row into
     the loader's cache (``SiteDataset``), so preprocessing failures are reported by row too and
     the first epoch reads the cache. The report is stored under ``cache_dir`` (default
     ``ROOT/.radfl-cache``), keyed by the manifest, the stamp of every file it names (size,
@@ -855,9 +856,17 @@ def load_checked_site(
         report = check_site(
             root, task=task, spatial_dims=spatial_dims, num_classes=num_classes, progress=progress
         )
-        if task == "classification" and not report.site_problems:
+        if not report.site_problems:
             _warm_cache(
-                report, table, root, spatial_dims, image_size, cache_root, ct_window_hu, spacing_mm
+                report,
+                table,
+                root,
+                task,
+                spatial_dims,
+                image_size,
+                cache_root,
+                ct_window_hu,
+                spacing_mm,
             )
         report.write_json(stored)
 
@@ -905,6 +914,7 @@ def _warm_cache(
     report: CheckReport,
     table: pd.DataFrame,
     root: Path,
+    task: str,
     spatial_dims: int,
     image_size: int,
     cache_root: Path,
@@ -918,7 +928,7 @@ def _warm_cache(
     dataset = data.SiteDataset(
         usable,
         root,
-        task="classification",
+        task=task,
         spatial_dims=spatial_dims,
         image_size=image_size,
         cache_dir=cache_root,
@@ -945,7 +955,7 @@ def _warm_cache(
         )
         failed_lines = {p.line for p in failed}
         still_usable = usable.drop(index=list(failed_lines))
-        report.class_counts = _class_counts(still_usable, "classification", report.num_classes)
+        report.class_counts = _class_counts(still_usable, task, report.num_classes)
         report.subgroup_counts = _subgroup_counts(still_usable)
 
 
@@ -976,9 +986,7 @@ def _site_fingerprint(root: Path, table: pd.DataFrame, settings: Mapping[str, An
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``radfl site check``."""
     parser.add_argument("dir", type=Path, metavar="DIR", help="the site folder (manifest.csv)")
-    parser.add_argument(
-        "--task", default="classification", choices=list(mf.REQUIRED_BY_TASK), help="the task"
-    )
+    parser.add_argument("--task", default="classification", choices=list_tasks(), help="the task")
     parser.add_argument(
         "--dims", type=int, default=2, choices=(2, 3), help="spatial dimensions of the task"
     )

@@ -57,7 +57,7 @@ from torch.utils.data import Dataset
 
 from common import manifest as mf
 from common.errors import RadFLError
-from common.tasks import instance_target
+from common.tasks import Task, list_tasks, task_class
 
 log = logging.getLogger(__name__)
 # MONAI warns on every PydicomReader that its optional GPU decoder plugin (nvImageCodec) is
@@ -120,8 +120,7 @@ def read_manifest(root: Path, task: str) -> pd.DataFrame:
     """
     root = Path(root)
     path = root / mf.MANIFEST_NAME
-    if task not in mf.REQUIRED_BY_TASK:
-        raise SiteDataError(f"unknown task {task!r}; known tasks: {', '.join(mf.REQUIRED_BY_TASK)}")
+    columns = (*mf.REQUIRED_COLUMNS, *site_task(task).required_columns)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
@@ -155,11 +154,11 @@ def read_manifest(root: Path, task: str) -> pd.DataFrame:
     duplicated = sorted({c for c in header if header.count(c) > 1})
     if duplicated:
         raise SiteDataError(f"{path}: duplicated column(s): {', '.join(duplicated)}")
-    missing = [c for c in (*mf.REQUIRED_COLUMNS, *mf.REQUIRED_BY_TASK[task]) if c not in header]
+    missing = [c for c in columns if c not in header]
     if missing:
         raise SiteDataError(
             f"{path}: missing column(s) {', '.join(missing)} (task {task} needs "
-            f"{', '.join((*mf.REQUIRED_COLUMNS, *mf.REQUIRED_BY_TASK[task]))})"
+            f"{', '.join(columns)})"
         )
     table = pd.DataFrame(records, columns=header, index=pd.Index(lines, name="line"), dtype=str)
     return table
@@ -534,10 +533,12 @@ class _ByModality(mt.MapTransform):
 class SiteDataset(Dataset[dict[str, Any]]):
     """One split of a site's manifest rows, preprocessed once and cached on disk.
 
-    Items are ``{"image": float32 (1, *spatial), "label": ...}``: a long scalar class
-    (classification) or a long ``(1, *spatial)`` label map read from the ``mask`` column
-    (segmentation). ``labels`` holds every row's image-level class without decoding (class
-    weights, balanced sampling; for segmentation the ``label`` column when present, else 0).
+    Items are ``{"image": float32 (1, *spatial), "label": ...}``, the label as the task's
+    ``site_target`` builds it from the row's class, its preprocessed mask (the task's
+    ``mask_column``) or its boxes (``box_column``). ``labels`` holds every row's image-level
+    class without decoding (class weights, balanced sampling): the ``label`` column when
+    present (blank: 0, unless the label is the task's target), else the boxes' largest kind,
+    else 0.
 
     The preprocessed tensor of each row is stored by MONAI's ``PersistentDataset`` under
     ``cache_dir / <preprocessing_key(...)>``; ``cache_dir`` defaults to ``ROOT/.radfl-cache``.
@@ -554,7 +555,7 @@ class SiteDataset(Dataset[dict[str, Any]]):
     root
         The site folder.
     task
-        Only ``classification`` loads here yet.
+        The task (or its registered name) whose targets the rows hold.
     """
 
     def __init__(
@@ -562,30 +563,27 @@ class SiteDataset(Dataset[dict[str, Any]]):
         rows: pd.DataFrame,
         root: Path,
         *,
-        task: str,
+        task: str | type[Task],
         spatial_dims: int,
         image_size: int,
         cache_dir: Path | None = None,
         ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
         spacing_mm: Sequence[float] | None = None,
     ) -> None:
-        if task not in TASK_TARGETS:
-            raise SiteDataError(
-                f"task {task!r} has no site loader; known: {', '.join(TASK_TARGETS)}"
-            )
-        self.task = task
+        self.task = site_task(task, "has no site loader") if isinstance(task, str) else task
         self.spatial_dims = spatial_dims
         self.root = Path(root)
         self.lines = [int(line) for line in rows.index]
         self.files = [str(v) for v in rows[mf.IMAGE]]
-        self.mask_column = TASK_TARGETS[task]
-        self.with_boxes = task == "detection"
+        self.mask_column = self.task.mask_column
+        box_column = self.task.box_column
+        self.with_boxes = box_column is not None
         self.boxes = []
-        if self.with_boxes:
-            column = rows[mf.BOXES] if mf.BOXES in rows.columns else [""] * len(rows)
+        if box_column is not None:
+            column = rows[box_column] if box_column in rows.columns else [""] * len(rows)
             for line, value in zip(self.lines, column, strict=True):
                 self.boxes.append(_parse_boxes(value, line, spatial_dims))
-        if mf.LABEL in rows.columns and task == "classification":
+        if mf.LABEL in rows.columns and self.task.label_is_target:
             label_values = list(rows[mf.LABEL])
         elif mf.LABEL in rows.columns:
             label_values = [v if str(v).strip() else 0 for v in rows[mf.LABEL]]
@@ -632,7 +630,7 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 spacing_mm=spacing_mm,
                 with_mask=self.mask_column is not None,
                 with_boxes=self.with_boxes,
-                instances=task == "instance",
+                instances=self.task.numbered_instances,
             )
             for kind in ("ct-window", "percentile")
         }
@@ -662,35 +660,12 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 f"line {self.lines[index]}: {self.files[index]}: {type(cause).__name__}: {cause}"
             ) from cause
         image = torch.as_tensor(item["image"], dtype=torch.float32)
-        if self.task == "segmentation":
-            return {"image": image, "label": torch.as_tensor(item["mask"], dtype=torch.int64)}
-        if self.task == "instance":
-            instances = torch.as_tensor(item["mask"], dtype=torch.int64)
-            target = instance_target(instances, self.labels[index])
-            if len(target["masks"]) != item["mask_values"]:
-                raise SiteDataError(
-                    f"line {self.lines[index]}: {self.files[index]}: "
-                    f"{item['mask_values'] - len(target['masks'])} of {item['mask_values']} "
-                    "instances vanish at the training size (they share voxels there); raise "
-                    "image-size"
-                )
-            return {"image": image, "label": target}
-        if self.task == "detection":
-            return {"image": image, "label": self._box_target(index, item)}
-        return {"image": image, "label": self.labels[index]}
-
-    def _box_target(self, index: int, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        boxes = torch.as_tensor(item["boxes"], dtype=torch.float32)
-        expected = len(self.boxes[index])
-        if len(boxes) != expected:
-            raise SiteDataError(
-                f"line {self.lines[index]}: {self.files[index]}: {expected - len(boxes)} of "
-                f"{expected} boxes were lost in preprocessing"
-            )
-        return {
-            "boxes": boxes.reshape(-1, 2 * self.spatial_dims),
-            "labels": torch.as_tensor(item["box_labels"], dtype=torch.int64).reshape(-1),
-        }
+        boxes = self.boxes[index] if self.with_boxes else None
+        try:
+            target = self.task.site_target(item, self.labels[index], boxes)
+        except ValueError as exc:
+            raise SiteDataError(f"line {self.lines[index]}: {self.files[index]}: {exc}") from exc
+        return {"image": image, "label": target}
 
 
 def attribute_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -712,14 +687,17 @@ def transform_error_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-#: The manifest column each task's targets are read from besides the image (``None``: the
-#: ``label`` column; detection boxes come from the ``boxes`` column).
-TASK_TARGETS: dict[str, str | None] = {
-    "classification": None,
-    "segmentation": mf.MASK,
-    "detection": None,
-    "instance": mf.INSTANCE_MASK,
-}
+def site_task(name: str, unknown: str = "") -> type[Task]:
+    """The registered task ``name``; an unknown one raises ``SiteDataError`` naming the known
+    ones (``task NAME <unknown>; known: ...`` when ``unknown`` says what went wrong)."""
+    try:
+        return task_class(name)
+    except RadFLError as exc:
+        if unknown:
+            raise SiteDataError(
+                f"task {name!r} {unknown}; known: {', '.join(list_tasks())}"
+            ) from None
+        raise SiteDataError(str(exc)) from None
 
 
 def _parse_boxes(value: Any, line: int, spatial_dims: int) -> np.ndarray:

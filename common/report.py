@@ -234,9 +234,7 @@ def _subgroup_table(
                 for name in overall:
                     rows.append({**base, "metric": name, "status": SUPPRESSED})
                 continue
-            rest = split.sum(
-                s for v, (s, *_) in by_value.items() if v != value and s is not None
-            )
+            rest = split.sum(s for v, (s, *_) in by_value.items() if v != value and s is not None)
             mine = metrics_with_ci(states, threshold, alpha)
             others = metrics_with_ci(rest, threshold, alpha) if rest.count else {}
             for name, metric in mine.items():

@@ -56,6 +56,15 @@ class Task(ABC):
     default_batch_size: ClassVar[int] = 8
     #: How the report's operating threshold is chosen when the task has none.
     threshold_note: ClassVar[str] = "no threshold"
+    #: Whether the manifest's ``label`` column is the target (every row needs a class in
+    #: range, and the site check counts the classes); otherwise a blank label reads as 0.
+    label_is_target: ClassVar[bool] = False
+    #: Manifest column naming a mask file the targets are read from (``None``: none).
+    mask_column: ClassVar[str | None] = None
+    #: Whether that mask numbers instances (1..k) rather than holding classes.
+    numbered_instances: ClassVar[bool] = False
+    #: Manifest column holding the boxes as JSON (``None``: none).
+    box_column: ClassVar[str | None] = None
     #: The model ``radfl simulate --task NAME`` trains when no ``--model`` is given.
     default_model: ClassVar[str]
     #: Metrics the simulation summary shows per round beside the primary metric and loss.
@@ -133,6 +142,17 @@ class Task(ABC):
     def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """Random MONAI transforms applied to each training sample dictionary."""
         return mt.Compose([])
+
+    @classmethod
+    def site_target(
+        cls, item: Mapping[str, Any], label: torch.Tensor, boxes: np.ndarray | None
+    ) -> Any:
+        """A real site's target for one preprocessed manifest row: ``item`` holds the
+        preprocessed ``mask`` (with ``mask_column``) or ``boxes`` and ``box_labels`` (with
+        ``box_column``), ``label`` the row's image-level class and ``boxes`` the row's boxes as
+        the manifest gave them. Raises ``ValueError`` when preprocessing lost part of the
+        target (the loader names the row and file)."""
+        return label
 
     def synthetic_targets(self, data: SiteData) -> Any:
         """What a synthetic site's samples are labelled with (a tensor or a list, one item per

@@ -25,6 +25,7 @@ class ClassificationTask(Task):
     headline_metrics = ("auc", "sensitivity", "specificity", "ece")
     metrics = CLASSIFICATION_METRICS
     required_columns = (mf.LABEL,)
+    label_is_target = True
     #: Classification learns as well at 32 as at 8 here and runs faster.
     default_batch_size = 32
     default_model = "resnet18"

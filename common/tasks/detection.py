@@ -68,6 +68,7 @@ class DetectionTask(Task):
     headline_metrics = ("ap50", "map", "froc", "sensitivity_at_1_fp")
     metrics = DETECTION_METRICS
     required_columns = (mf.BOXES,)
+    box_column: ClassVar[str | None] = mf.BOXES
     threshold_note = "detection: every box scoring >= 0.02 counts, ranked by score"
     default_model = "retinanet"
     round_metrics: ClassVar[tuple[str, ...]] = ("map", "froc")
@@ -140,6 +141,24 @@ class DetectionTask(Task):
         return {
             "image": torch.stack([s["image"] for s in samples]),
             "label": [s["label"] for s in samples],
+        }
+
+    @classmethod
+    def site_target(
+        cls, item: Mapping[str, Any], label: torch.Tensor, boxes: np.ndarray | None
+    ) -> dict[str, torch.Tensor]:
+        """Corners and object classes of the row's boxes after preprocessing."""
+        if boxes is None:
+            raise ValueError("the row's boxes were not read")
+        corners = torch.as_tensor(item["boxes"], dtype=torch.float32)
+        if len(corners) != len(boxes):
+            raise ValueError(
+                f"{len(boxes) - len(corners)} of {len(boxes)} boxes were lost in preprocessing"
+            )
+        # boxes: (k, 2 * dims + 1), corners then the lesion kind
+        return {
+            "boxes": corners.reshape(-1, boxes.shape[1] - 1),
+            "labels": torch.as_tensor(item["box_labels"], dtype=torch.int64).reshape(-1),
         }
 
     def synthetic_targets(self, data: SiteData) -> list[dict[str, torch.Tensor]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
@@ -49,6 +51,9 @@ class InstanceTask(DetectionTask):
     headline_metrics = ("ap50", "map", "instance_dice", "box_ap50")
     metrics = INSTANCE_METRICS
     required_columns = (mf.INSTANCE_MASK,)
+    box_column = None
+    mask_column = mf.INSTANCE_MASK
+    numbered_instances = True
     default_model = "retina-unet"
     round_metrics: ClassVar[tuple[str, ...]] = ("map", "instance_dice", "box_ap50")
     TARGET_IMAGES = ("masks",)
@@ -92,6 +97,22 @@ class InstanceTask(DetectionTask):
                 }
             )
         return predictions, list(batch["label"])
+
+    @classmethod
+    def site_target(
+        cls, item: Mapping[str, Any], label: torch.Tensor, boxes: np.ndarray | None
+    ) -> dict[str, torch.Tensor]:
+        """One mask and box per instance of the preprocessed instance map, all of the row's
+        class; an instance that resizing merged into another raises."""
+        instances = torch.as_tensor(item["mask"], dtype=torch.int64)
+        target = instance_target(instances, label)
+        if len(target["masks"]) != item["mask_values"]:
+            raise ValueError(
+                f"{item['mask_values'] - len(target['masks'])} of {item['mask_values']} "
+                "instances vanish at the training size (they share voxels there); raise "
+                "image-size"
+            )
+        return target
 
     def synthetic_targets(self, data: SiteData) -> list[dict[str, torch.Tensor]]:
         if data.instances is None:

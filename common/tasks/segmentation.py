@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -35,6 +35,7 @@ class SegmentationTask(Task):
     headline_metrics = ("dice_case_mean", "dice", "hd95_mean", "case_detection_rate")
     metrics = SEGMENTATION_METRICS
     required_columns = (mf.MASK,)
+    mask_column = mf.MASK
     threshold_note = "segmentation: each voxel takes its arg-max class, no threshold"
     default_model = "unet"
     round_metrics: ClassVar[tuple[str, ...]] = ("dice", "hd95_mean")
@@ -84,6 +85,12 @@ class SegmentationTask(Task):
             probabilities, target = self.predict(model, batch)
         none = np.zeros((0, 2 * self.config.spatial_dims))
         return Overlay(target[0, 0].numpy(), probabilities.argmax(1)[0].numpy(), none, none)
+
+    @classmethod
+    def site_target(
+        cls, item: Mapping[str, Any], label: torch.Tensor, boxes: np.ndarray | None
+    ) -> torch.Tensor:
+        return torch.as_tensor(item["mask"], dtype=torch.int64)
 
     def synthetic_targets(self, data: SiteData) -> torch.Tensor | None:
         if data.masks is None:
