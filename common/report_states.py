@@ -26,8 +26,9 @@ class SplitStates:
     Attributes
     ----------
     num_classes : int
-    task : Task class or str
-        The task whose metric states the split holds (a name is looked up in the registry).
+    task : Task, Task class or str
+        The task whose metric states the split holds; kept as its class (a name is looked up
+        in the registry).
     sites : dict of str to states
         Each site's own states over the split.
     cells : dict of str to dict of str to states
@@ -40,20 +41,21 @@ class SplitStates:
     """
 
     num_classes: int
-    task: type[Task] | str = "classification"
+    task: type[Task] | Task | str = "classification"
     sites: dict[str, Any] = field(default_factory=dict)
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)
     patients: dict[str, dict[str, int]] = field(default_factory=dict)
     suppressed: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.task, str):
-            self.task = task_class(self.task)
+        self.task = self.task_type
 
     @property
     def task_type(self) -> type[Task]:
-        """The task class (resolved from its name when the split was built from one)."""
-        return self.task if not isinstance(self.task, str) else task_class(self.task)
+        """The task class (resolved from its name or object when the split was built so)."""
+        if isinstance(self.task, str):
+            return task_class(self.task)
+        return self.task if isinstance(self.task, type) else type(self.task)
 
     def empty(self) -> SummableStates:
         """Empty states of this split's task."""

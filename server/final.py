@@ -230,13 +230,14 @@ def final_evaluation(
     state: Mapping[str, torch.Tensor],
     num_classes: int,
     timeout: float,
-    task: str = "classification",
+    task: Task | type[Task] | str = "classification",
     *,
     min_cell_size: int,
     checker: Task | None = None,
 ) -> tuple[dict[str, SplitStates], dict[str, str]]:
     """Validation and test states of the final model from every site, and the sites that
-    failed (name to reason). With ``checker`` (the run's task), every field of a reply is
+    failed (name to reason); the split states are ``task``'s (the run's Task; a registered
+    name is looked up). With ``checker`` (the run's task), every field of a reply is
     checked first (``server.boundary.check_final``). Cells holding fewer than
     ``min_cell_size`` patients are dropped on arrival whatever the site sent
     (:func:`drop_small_cells`)."""
@@ -357,7 +358,8 @@ def cross_site_validation(
     num_rounds: int,
     timeout: float,
 ) -> dict[str, dict[str, float]]:
-    """Validation AUC of each site's local-only model, and of the federated one, on every site.
+    """The task's primary validation metric of each site's local-only model, and of the
+    federated one, on every site.
 
     Each site trains from the same initial weights on its own data for as many epochs as the
     federated run gave it (``num_rounds`` x its ``local-epochs``); every model then visits

@@ -23,12 +23,12 @@ import torch
 from monai import transforms as mt
 from torch import nn
 
-from common.config import ModelConfig
 from common.errors import ConfigError, RegistryError
 from common.models import build_model, list_models, model_task
 from common.states import MetricInfo, SummableStates
 
 if TYPE_CHECKING:  # the synthetic generator is simulation data; only its type is named here
+    from common.config import ModelConfig
     from common.synthetic import SiteData
 
 Batch = dict[str, torch.Tensor]
