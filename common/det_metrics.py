@@ -30,7 +30,7 @@ from monai.data.box_utils import box_iou
 
 from common import evaluation as ev
 from common.errors import ConfigError
-from common.evaluation import MetricWithCI
+from common.intervals import MetricWithCI
 from common.states import MetricInfo, SummableStates
 
 IOU_THRESHOLDS: tuple[float, ...] = (0.1, *np.round(np.arange(0.5, 0.951, 0.05), 2).tolist())

@@ -27,7 +27,7 @@ import torch
 from monai.apps.detection.metrics.matching import matching_batch
 
 from common.det_metrics import DETECTION_METRICS, IOU_THRESHOLDS, DetectionStates, _numpy
-from common.evaluation import MetricWithCI, z_value
+from common.intervals import MetricWithCI, z_value
 from common.states import MetricInfo
 
 INSTANCE_METRICS: dict[str, MetricInfo] = {

@@ -23,7 +23,7 @@ import torch
 
 from common import evaluation as ev
 from common.errors import ConfigError
-from common.evaluation import MetricWithCI
+from common.intervals import MetricWithCI
 from common.states import (
     STATE_PREFIX,
     CurveSet,

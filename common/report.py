@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from common import evaluation as ev
+from common.intervals import difference_ci
 from common.metrics import ClassificationStates
 from common.report_states import SPLITS, EvaluationStates, SplitStates
 from common.splits import TEST, VALIDATION
@@ -82,35 +83,6 @@ def metrics_with_ci(
 ) -> dict[str, ev.MetricWithCI]:
     """The states' summary at ``threshold`` with ``1 - alpha`` intervals."""
     return states.summary(1.0 - alpha, threshold)
-
-
-def difference_ci(
-    a: ev.MetricWithCI, b: ev.MetricWithCI, alpha: float
-) -> tuple[float, float, float, str]:
-    """``a - b`` with an interval, for estimates from disjoint groups of patients.
-
-    AUC: normal approximation with the DeLong standard errors recovered from each interval
-    (``se = half-width / z``, exact when neither interval was clipped at 0 or 1). Proportions:
-    Newcombe's hybrid score interval (method 10, 1998) from the two Wilson intervals. Other
-    metrics: the difference alone.
-    """
-    diff = a.value - b.value
-    nan = math.nan
-    label = "DeLong (independent groups)" if a.method == "DeLong" else "normal (independent groups)"
-    if not (math.isfinite(a.value) and math.isfinite(b.value)):
-        return nan, nan, nan, "undefined"
-    if not all(math.isfinite(v) for v in (a.low, a.high, b.low, b.high)):
-        return diff, nan, nan, "point estimate"
-    if a.method.startswith(("DeLong", "normal")) and b.method == a.method:
-        z = ev.z_value(alpha)
-        se_a, se_b = (a.high - a.low) / (2 * z), (b.high - b.low) / (2 * z)
-        half = z * math.hypot(se_a, se_b)
-        return diff, diff - half, diff + half, label
-    if a.method == "Wilson" and b.method == "Wilson":
-        low = diff - math.hypot(a.value - a.low, b.high - b.value)
-        high = diff + math.hypot(a.high - a.value, b.value - b.low)
-        return diff, low, high, "Newcombe hybrid score"
-    return diff, nan, nan, "point estimate"
 
 
 def build_report(states: EvaluationStates) -> Report:

@@ -31,7 +31,7 @@ from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 
 from common import evaluation as ev
 from common.errors import ConfigError
-from common.evaluation import MetricWithCI
+from common.intervals import MetricWithCI
 from common.states import MetricInfo, SummableStates, mean_of_finite
 
 SEGMENTATION_METRICS: dict[str, MetricInfo] = {

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from common.evaluation import MetricWithCI
+from common.intervals import MetricWithCI
 
 STATE_PREFIX = "state."
 
