@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from client import check, launcher
-from common import manifest as mf
 from common import pki, signing
 from common.errors import RadFLError
+from common.tasks import list_tasks
 
 LOG_FOLDER = ".radfl-logs"
 #: Restart pauses after the SuperNode exits: doubling from 2 s up to 5 minutes.
@@ -284,9 +284,7 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run app bundles without checking their signature: for tests only",
     )
-    parser.add_argument(
-        "--task", default="classification", choices=list(mf.REQUIRED_BY_TASK), help="data check"
-    )
+    parser.add_argument("--task", default="classification", choices=list_tasks(), help="data check")
     parser.add_argument("--dims", type=int, default=2, choices=(2, 3), help="data check")
     parser.add_argument("--num-classes", type=int, default=2, help="data check")
     parser.add_argument(

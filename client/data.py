@@ -12,54 +12,68 @@ preprocessing is deterministic, so its result is stored once per image in a site
 ``PersistentDataset`` folder and later epochs, rounds and processes read the stored tensor
 instead of decoding again. Random augmentation is added by the trainer on top.
 
-Preprocessing (``image_transforms``), in order:
-
-1. read, channel first: a 2D DICOM ``(H, W)`` becomes ``(1, H, W)``; a greyscale image stored as
-   RGB(A) becomes one channel (the mean of its colour channels, which the site check has found
-   equal; true colour images are refused by the check, the networks take one grey channel);
-2. 3D only: reorient to RAS (``Orientationd``) from the affine the reader found (identity for
-   ``.npy``), and resample to ``spacing_mm`` when one is given (``Spacingd``). The default is no
-   resampling: every volume is then resized to the same grid, which keeps its whole field of
-   view whatever its voxel size, so resampling first would only add an interpolation. 2D images
-   (radiographs, single DICOM slices, PNG) keep their stored orientation and are not resampled:
-   projection images have no patient-space affine worth applying, and PNGs have none at all;
-3. intensity by modality: CT is windowed in HU (``ct_window_hu = (level, width)``, default
-   soft tissue 40/400), clipped and scaled to [0, 1]; every other modality (MR, NIfTI without a
-   modality, X-ray CR/DX, US, OT, PNG/JPEG) is scaled from its 0.5th-99.5th percentile to [0, 1]
-   and clipped;
-4. resize to ``(image_size,) * spatial_dims`` (bilinear or trilinear, anti-aliased);
-5. a plain ``float32`` tensor (no MONAI metadata).
+The preprocessing steps, in order, are in ``client.preprocessing`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import json
 import logging
 import os
-import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
 import pandas as pd
 import pydicom
 import torch
 from monai import transforms as mt
-from monai.apps.detection.transforms import dictionary as mdt
 from monai.data import PersistentDataset
 from pydicom.errors import InvalidDicomError
 from torch.utils.data import Dataset
 
+from client.preprocessing import (
+    BOX_MASK,
+    DEFAULT_CT_WINDOW_HU,
+    PERCENTILES,
+    OneChannel,
+    _ByModality,
+    decode_image,
+    image_transforms,
+    normalisation_for,
+    preprocessing_key,
+)
 from common import manifest as mf
-from common.errors import RadFLError
-from common.tasks import instance_target
+from common.errors import RadFLError, SiteDataError
+from common.tasks import Task, list_tasks, task_class
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "BOX_MASK",
+    "CACHE_FOLDER",
+    "DEFAULT_CT_WINDOW_HU",
+    "PERCENTILES",
+    "SUPPORTED_MODALITIES",
+    "OneChannel",
+    "SiteDataError",
+    "SiteDataset",
+    "_ByModality",
+    "attribute_table",
+    "decode_image",
+    "fill_subgroups_from_dicom",
+    "file_stamp",
+    "image_transforms",
+    "normalisation_for",
+    "preprocessing_key",
+    "read_manifest",
+    "resolve_path",
+    "site_task",
+    "transform_error_cause",
+]
 # MONAI warns on every PydicomReader that its optional GPU decoder plugin (nvImageCodec) is
 # missing; decoding on the CPU is the normal path for a site, so that warning is only noise.
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -67,39 +81,8 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 CACHE_FOLDER = ".radfl-cache"
 """The site-local cache folder under the site root (preprocessed images, check results)."""
 
-DEFAULT_CT_WINDOW_HU = (40.0, 400.0)
-"""CT window (level, width) in Hounsfield units: soft tissue."""
-
-PERCENTILES = (0.5, 99.5)
-"""Intensity percentiles mapped to 0 and 1 for every modality except CT."""
-
 SUPPORTED_MODALITIES = ("CT", "MR", "CR", "DX", "US", "OT")
 """Modalities the loader normalises (``common.manifest``); SR, PR, SEG, RT... are refused."""
-
-# Bump when the preprocessing changes in a way the settings below do not capture: it renames the
-# cache folder, so stale tensors are never read.
-_PREPROCESS_VERSION = 1
-
-
-class SiteDataError(RadFLError, ValueError):
-    """A site's manifest or images cannot be used; the message names the file (and CSV line).
-
-    Only ``code``, ``category`` and the number of ``problems`` leave the site
-    (``common.errors.public_message``): the message names files and patients.
-    """
-
-    code = "E-DATA"
-    category = "site data check failed"
-
-    def __init__(self, message: str, *, problems: int | None = None) -> None:
-        super().__init__(message)
-        self.problems = problems
-
-    def public_detail(self) -> str:
-        if self.problems is None:
-            return ""
-        return f"{self.problems} problem{'' if self.problems == 1 else 's'}"
-
 
 # --------------------------------------------------------------------------------------------
 # The manifest
@@ -120,8 +103,7 @@ def read_manifest(root: Path, task: str) -> pd.DataFrame:
     """
     root = Path(root)
     path = root / mf.MANIFEST_NAME
-    if task not in mf.REQUIRED_BY_TASK:
-        raise SiteDataError(f"unknown task {task!r}; known tasks: {', '.join(mf.REQUIRED_BY_TASK)}")
+    columns = (*mf.REQUIRED_COLUMNS, *site_task(task).required_columns)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
@@ -155,11 +137,11 @@ def read_manifest(root: Path, task: str) -> pd.DataFrame:
     duplicated = sorted({c for c in header if header.count(c) > 1})
     if duplicated:
         raise SiteDataError(f"{path}: duplicated column(s): {', '.join(duplicated)}")
-    missing = [c for c in (*mf.REQUIRED_COLUMNS, *mf.REQUIRED_BY_TASK[task]) if c not in header]
+    missing = [c for c in columns if c not in header]
     if missing:
         raise SiteDataError(
             f"{path}: missing column(s) {', '.join(missing)} (task {task} needs "
-            f"{', '.join((*mf.REQUIRED_COLUMNS, *mf.REQUIRED_BY_TASK[task]))})"
+            f"{', '.join(columns)})"
         )
     table = pd.DataFrame(records, columns=header, index=pd.Index(lines, name="line"), dtype=str)
     return table
@@ -252,251 +234,6 @@ def fill_subgroups_from_dicom(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     return table
 
 
-# --------------------------------------------------------------------------------------------
-# Reading and preprocessing
-# --------------------------------------------------------------------------------------------
-
-
-def _load_image(keys: list[str] | None = None) -> mt.Transform:
-    """MONAI's ``LoadImage`` (or ``LoadImaged`` on ``keys``) with PydicomReader tried first.
-
-    PydicomReader then reads DICOM files and series folders; other suffixes fall through to
-    MONAI's NibabelReader, PILReader and NumpyReader.
-    """
-    with warnings.catch_warnings():
-        # LoadImage also builds MONAI's GPU DICOM reader, which warns where nvImageCodec is absent.
-        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-        if keys is None:
-            return mt.LoadImage(reader="PydicomReader", image_only=True)
-        return mt.LoadImaged(keys, reader="PydicomReader", image_only=True)
-
-
-@functools.cache
-def _decoder() -> mt.Compose:
-    return mt.Compose([_load_image(), mt.EnsureChannelFirst()])
-
-
-def decode_image(path: Path) -> torch.Tensor:
-    """Decode one image's pixel data, channel first, with the loader's readers (MetaTensor)."""
-    return _decoder()(str(path))  # type: ignore[no-any-return]
-
-
-def normalisation_for(modality: str) -> str:
-    """``"ct-window"`` for CT, ``"percentile"`` for every other (or unknown) modality."""
-    return "ct-window" if str(modality).strip().upper() == "CT" else "percentile"
-
-
-class OneChannel(mt.MapTransform):
-    """Keep one channel: greyscale stored as RGB(A) becomes the mean of its colour channels.
-
-    Anything else with more than one channel raises ``SiteDataError``; the site check reports such
-    images before training.
-    """
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            image = d[key]
-            channels = image.shape[0]
-            if channels in (3, 4) and image.ndim == 3:
-                d[key] = image[:3].mean(dim=0, keepdim=True)
-            elif channels != 1:
-                source = getattr(image, "meta", {}).get("filename_or_obj", key)
-                raise SiteDataError(f"{source}: {channels} channels; the networks take one")
-        return d
-
-
-def image_transforms(
-    spatial_dims: int,
-    image_size: int,
-    modality: str | None,
-    *,
-    ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
-    spacing_mm: Sequence[float] | None = None,
-    with_mask: bool = False,
-    with_boxes: bool = False,
-    instances: bool = False,
-) -> mt.Compose:
-    """The deterministic preprocessing of one modality: read, orient, normalise, resize.
-
-    Applies to a dictionary whose ``"image"`` is a path. See the module docstring for each step.
-    With ``with_mask``, ``"mask"`` (a label map on the image's grid) is read, oriented and
-    resized with it, by nearest neighbour, and never normalised. With ``with_boxes``,
-    ``"boxes"`` (``(k, 2 * dims)`` corners in the loaded array's voxel indices) and
-    ``"box_labels"`` follow the image through orientation and resizing: MONAI draws each box as
-    a mask on the image's grid, the masks are transformed as the image, and boxes are read
-    back from them (``BoxToMaskd``, ``MaskToBoxd``). With ``instances`` the mask numbers
-    instances, and an instance that nearest-neighbour resizing would lose keeps the voxel at
-    its centre.
-
-    Parameters
-    ----------
-    spatial_dims
-        2 or 3.
-    image_size
-        Edge length in pixels of the network input; every image is resized to
-        ``(image_size,) * spatial_dims``.
-    modality
-        DICOM modality (``CT``, ``MR``, ``CR``...); ``None`` or ``""`` when unknown (NIfTI
-        without a modality is treated as MR, PNG/JPEG as X-ray: both are percentile-scaled).
-    ct_window_hu
-        ``(level, width)`` of the CT window in HU.
-    spacing_mm
-        Voxel spacing to resample 3D volumes to before resizing; ``None`` (default) keeps the
-        native grid.
-    """
-    if spatial_dims not in (2, 3):
-        raise SiteDataError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    if image_size < 1:
-        raise SiteDataError(f"image_size must be positive, got {image_size}")
-    keys = ["image"]
-    both = ["image", "mask"] if with_mask else keys
-    steps: list[Any] = [
-        _load_image(both),
-        mt.EnsureChannelFirstd(both),
-        OneChannel(both),
-    ]
-    masks = both[1:]
-    if with_boxes:
-        steps += [
-            mt.Lambda(functools.partial(_box_arrays, spatial_dims=spatial_dims)),
-            mdt.BoxToMaskd(
-                box_keys="boxes",
-                box_mask_keys=BOX_MASK,
-                label_keys="box_labels",
-                box_ref_image_keys="image",
-                min_fg_label=0,
-            ),
-            mt.Lambda(_box_mask_on_image_grid),
-        ]
-        masks.append(BOX_MASK)
-    spatial = ["image", *masks]
-    if spatial_dims == 3:
-        steps.append(mt.Orientationd(spatial, axcodes="RAS", labels=None))
-        if spacing_mm is not None:
-            modes = ("bilinear", *["nearest"] * len(masks))
-            steps.append(mt.Spacingd(spatial, pixdim=tuple(spacing_mm), mode=modes))
-    if with_boxes:
-        # Boxes leave their masks on the oriented grid and are scaled to the training size
-        # exactly, so resizing never makes a thin box vanish.
-        steps += [
-            mdt.MaskToBoxd(
-                box_keys="boxes", box_mask_keys=BOX_MASK, label_keys="box_labels", min_fg_label=0
-            ),
-            mt.DeleteItemsd(BOX_MASK),
-            mt.Lambda(functools.partial(_scale_boxes, size=image_size)),
-            mt.EnsureTyped("boxes", dtype=torch.float32, track_meta=False),
-            mt.EnsureTyped("box_labels", dtype=torch.int64, track_meta=False),
-        ]
-        masks.remove(BOX_MASK)
-    if with_mask:
-        steps.append(mt.Lambda(_count_instances))
-    if normalisation_for(modality or "") == "ct-window":
-        level, width = ct_window_hu
-        if width <= 0:
-            raise SiteDataError(f"ct_window_hu width must be positive, got {width}")
-        steps.append(
-            mt.ScaleIntensityRanged(
-                keys,
-                a_min=level - width / 2,
-                a_max=level + width / 2,
-                b_min=0.0,
-                b_max=1.0,
-                clip=True,
-            )
-        )
-    else:
-        steps.append(
-            mt.ScaleIntensityRangePercentilesd(
-                keys, lower=PERCENTILES[0], upper=PERCENTILES[1], b_min=0.0, b_max=1.0, clip=True
-            )
-        )
-    steps += [
-        mt.Resized(
-            keys,
-            spatial_size=(image_size,) * spatial_dims,
-            mode="bilinear" if spatial_dims == 2 else "trilinear",
-            anti_aliasing=True,
-        ),
-        mt.EnsureTyped(keys, dtype=torch.float32, track_meta=False),
-    ]
-    if instances:
-        steps.append(mt.Lambda(functools.partial(_resize_instances, size=image_size)))
-    elif masks:
-        steps.append(mt.Resized(masks, spatial_size=(image_size,) * spatial_dims, mode="nearest"))
-    if with_mask:
-        steps.append(mt.EnsureTyped("mask", dtype=torch.int64, track_meta=False))
-    return mt.Compose(steps)
-
-
-#: The key of the per-box masks that carry boxes through the image's spatial transforms.
-BOX_MASK = "box_mask"
-
-
-def _box_arrays(data: dict[str, Any], spatial_dims: int) -> dict[str, Any]:
-    """Boxes and their labels as arrays (the cached item holds JSON-friendly lists)."""
-    data["boxes"] = np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 2 * spatial_dims)
-    data["box_labels"] = np.asarray(data["box_labels"], dtype=np.int64).reshape(-1)
-    return data
-
-
-def _scale_boxes(data: dict[str, Any], size: int) -> dict[str, Any]:
-    """Boxes on the image's current grid scaled to ``size`` voxels per axis (the resize)."""
-    shape = torch.as_tensor(data["image"].shape[1:], dtype=torch.float64)
-    factor = (size / shape).repeat(2)
-    data["boxes"] = torch.as_tensor(data["boxes"], dtype=torch.float64) * factor
-    return data
-
-
-def _resize_instances(data: dict[str, Any], size: int) -> dict[str, Any]:
-    """Nearest-neighbour resizing of an instance map that keeps every instance: one that
-    would vanish (smaller than a voxel at ``size``) keeps the voxel at its centre."""
-    mask = torch.as_tensor(data["mask"])
-    shape = torch.tensor(mask.shape[1:], dtype=torch.float64)
-    resized = torch.as_tensor(mt.Resize((size,) * (mask.dim() - 1), mode="nearest")(mask))
-    for value in set(torch.unique(mask).tolist()) - set(torch.unique(resized).tolist()):
-        centre = torch.nonzero(mask[0] == value).double().mean(0)
-        voxel = ((centre + 0.5) * size / shape).floor().long().clamp(0, size - 1)
-        if resized[(0, *voxel.tolist())] == 0:
-            resized[(0, *voxel.tolist())] = value
-    data["mask"] = resized
-    return data
-
-
-def _count_instances(data: dict[str, Any]) -> dict[str, Any]:
-    """The number of distinct non-zero mask values before resizing (``mask_values``), so
-    the loader can tell when resizing drops a small instance."""
-    data["mask_values"] = int((torch.unique(torch.as_tensor(data["mask"])) > 0).sum())
-    return data
-
-
-def _box_mask_on_image_grid(data: dict[str, Any]) -> dict[str, Any]:
-    """Give the box masks the image's affine, so orientation moves them as the image."""
-    image = data["image"]
-    affine = image.affine if isinstance(image, monai.data.MetaTensor) else None
-    data[BOX_MASK] = monai.data.MetaTensor(torch.as_tensor(data[BOX_MASK]), affine=affine)
-    return data
-
-
-def preprocessing_key(
-    spatial_dims: int,
-    image_size: int,
-    ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
-    spacing_mm: Sequence[float] | None = None,
-) -> str:
-    """A short hash of every preprocessing setting: the name of the cache folder they fill."""
-    settings = {
-        "version": _PREPROCESS_VERSION,
-        "monai": monai.__version__,
-        "spatial_dims": spatial_dims,
-        "image_size": image_size,
-        "ct_window_hu": list(ct_window_hu),
-        "spacing_mm": None if spacing_mm is None else list(spacing_mm),
-        "percentiles": list(PERCENTILES),
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def file_stamp(path: Path) -> str:
     """Size, modification time, inode and status-change time of a file, or of every file in a
     folder: a cache key part of the preprocessing cache and the stored site check.
@@ -518,26 +255,15 @@ def _stamp(stat: os.stat_result) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
 
 
-class _ByModality(mt.MapTransform):
-    """Runs the preprocessing of the item's modality and counts the decodes it performs."""
-
-    def __init__(self, pipelines: dict[str, mt.Compose]) -> None:
-        super().__init__(keys=["image"])
-        self.pipelines = pipelines
-        self.calls = 0
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        self.calls += 1
-        return self.pipelines[data["normalisation"]](dict(data))  # type: ignore[no-any-return]
-
-
 class SiteDataset(Dataset[dict[str, Any]]):
     """One split of a site's manifest rows, preprocessed once and cached on disk.
 
-    Items are ``{"image": float32 (1, *spatial), "label": ...}``: a long scalar class
-    (classification) or a long ``(1, *spatial)`` label map read from the ``mask`` column
-    (segmentation). ``labels`` holds every row's image-level class without decoding (class
-    weights, balanced sampling; for segmentation the ``label`` column when present, else 0).
+    Items are ``{"image": float32 (1, *spatial), "label": ...}``, the label as the task's
+    ``site_target`` builds it from the row's class, its preprocessed mask (the task's
+    ``mask_column``) or its boxes (``box_column``). ``labels`` holds every row's image-level
+    class without decoding (class weights, balanced sampling): the ``label`` column when
+    present (blank: 0, unless the label is the task's target), else the boxes' largest kind,
+    else 0.
 
     The preprocessed tensor of each row is stored by MONAI's ``PersistentDataset`` under
     ``cache_dir / <preprocessing_key(...)>``; ``cache_dir`` defaults to ``ROOT/.radfl-cache``.
@@ -554,7 +280,7 @@ class SiteDataset(Dataset[dict[str, Any]]):
     root
         The site folder.
     task
-        Only ``classification`` loads here yet.
+        The task (or its registered name) whose targets the rows hold.
     """
 
     def __init__(
@@ -562,30 +288,27 @@ class SiteDataset(Dataset[dict[str, Any]]):
         rows: pd.DataFrame,
         root: Path,
         *,
-        task: str,
+        task: str | type[Task],
         spatial_dims: int,
         image_size: int,
         cache_dir: Path | None = None,
         ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
         spacing_mm: Sequence[float] | None = None,
     ) -> None:
-        if task not in TASK_TARGETS:
-            raise SiteDataError(
-                f"task {task!r} has no site loader; known: {', '.join(TASK_TARGETS)}"
-            )
-        self.task = task
+        self.task = site_task(task, "has no site loader") if isinstance(task, str) else task
         self.spatial_dims = spatial_dims
         self.root = Path(root)
         self.lines = [int(line) for line in rows.index]
         self.files = [str(v) for v in rows[mf.IMAGE]]
-        self.mask_column = TASK_TARGETS[task]
-        self.with_boxes = task == "detection"
+        self.mask_column = self.task.mask_column
+        box_column = self.task.box_column
+        self.with_boxes = box_column is not None
         self.boxes = []
-        if self.with_boxes:
-            column = rows[mf.BOXES] if mf.BOXES in rows.columns else [""] * len(rows)
+        if box_column is not None:
+            column = rows[box_column] if box_column in rows.columns else [""] * len(rows)
             for line, value in zip(self.lines, column, strict=True):
                 self.boxes.append(_parse_boxes(value, line, spatial_dims))
-        if mf.LABEL in rows.columns and task == "classification":
+        if mf.LABEL in rows.columns and self.task.label_is_target:
             label_values = list(rows[mf.LABEL])
         elif mf.LABEL in rows.columns:
             label_values = [v if str(v).strip() else 0 for v in rows[mf.LABEL]]
@@ -632,7 +355,7 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 spacing_mm=spacing_mm,
                 with_mask=self.mask_column is not None,
                 with_boxes=self.with_boxes,
-                instances=task == "instance",
+                instances=self.task.numbered_instances,
             )
             for kind in ("ct-window", "percentile")
         }
@@ -662,35 +385,12 @@ class SiteDataset(Dataset[dict[str, Any]]):
                 f"line {self.lines[index]}: {self.files[index]}: {type(cause).__name__}: {cause}"
             ) from cause
         image = torch.as_tensor(item["image"], dtype=torch.float32)
-        if self.task == "segmentation":
-            return {"image": image, "label": torch.as_tensor(item["mask"], dtype=torch.int64)}
-        if self.task == "instance":
-            instances = torch.as_tensor(item["mask"], dtype=torch.int64)
-            target = instance_target(instances, self.labels[index])
-            if len(target["masks"]) != item["mask_values"]:
-                raise SiteDataError(
-                    f"line {self.lines[index]}: {self.files[index]}: "
-                    f"{item['mask_values'] - len(target['masks'])} of {item['mask_values']} "
-                    "instances vanish at the training size (they share voxels there); raise "
-                    "image-size"
-                )
-            return {"image": image, "label": target}
-        if self.task == "detection":
-            return {"image": image, "label": self._box_target(index, item)}
-        return {"image": image, "label": self.labels[index]}
-
-    def _box_target(self, index: int, item: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        boxes = torch.as_tensor(item["boxes"], dtype=torch.float32)
-        expected = len(self.boxes[index])
-        if len(boxes) != expected:
-            raise SiteDataError(
-                f"line {self.lines[index]}: {self.files[index]}: {expected - len(boxes)} of "
-                f"{expected} boxes were lost in preprocessing"
-            )
-        return {
-            "boxes": boxes.reshape(-1, 2 * self.spatial_dims),
-            "labels": torch.as_tensor(item["box_labels"], dtype=torch.int64).reshape(-1),
-        }
+        boxes = self.boxes[index] if self.with_boxes else None
+        try:
+            target = self.task.site_target(item, self.labels[index], boxes)
+        except ValueError as exc:
+            raise SiteDataError(f"line {self.lines[index]}: {self.files[index]}: {exc}") from exc
+        return {"image": image, "label": target}
 
 
 def attribute_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -712,14 +412,17 @@ def transform_error_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-#: The manifest column each task's targets are read from besides the image (``None``: the
-#: ``label`` column; detection boxes come from the ``boxes`` column).
-TASK_TARGETS: dict[str, str | None] = {
-    "classification": None,
-    "segmentation": mf.MASK,
-    "detection": None,
-    "instance": mf.INSTANCE_MASK,
-}
+def site_task(name: str, unknown: str = "") -> type[Task]:
+    """The registered task ``name``; an unknown one raises ``SiteDataError`` naming the known
+    ones (``task NAME <unknown>; known: ...`` when ``unknown`` says what went wrong)."""
+    try:
+        return task_class(name)
+    except RadFLError as exc:
+        if unknown:
+            raise SiteDataError(
+                f"task {name!r} {unknown}; known: {', '.join(list_tasks())}"
+            ) from None
+        raise SiteDataError(str(exc)) from None
 
 
 def _parse_boxes(value: Any, line: int, spatial_dims: int) -> np.ndarray:

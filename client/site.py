@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from client.trainer import LabelledDataset, SampleDataset
+from client.datasets import LabelledDataset, SampleDataset
 from common import manifest as mf
 from common.config import SIMULATION_DATA_ENV, ClientConfig
 from common.errors import ConfigError

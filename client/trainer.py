@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, cast
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from client.datasets import Augmented, ConcatLabelled, LabelledDataset, SampleDataset, Splits
 from common import manifest as mf
 from common.config import ClientConfig
 from common.errors import ConfigError
@@ -29,91 +29,17 @@ from common.privacy import PrivacyLedger
 from common.subgroups import SubgroupSpec, cell_name, withheld_cells
 from common.tasks import MetricStates, Task
 
-if TYPE_CHECKING:
-    from client.site import SiteSplits
-
-
-class LabelledDataset(Protocol):
-    """A dataset of ``{"image", "label"}`` samples whose labels are known without decoding.
-
-    ``attributes``, when not ``None``, is a table aligned with the samples holding
-    ``patient_id`` and the subgroup columns (sex, age, manufacturer, ...) for the bias report.
-    """
-
-    labels: torch.Tensor
-    attributes: pd.DataFrame | None
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-
-class SampleDataset(Dataset[dict[str, Any]]):
-    """Images and labels held in memory (synthetic sites, tests).
-
-    ``labels`` are image-level classes (for class weights and balanced sampling); a sample's
-    ``"label"`` is ``targets[i]`` when targets are given (segmentation masks), else
-    ``labels[i]``.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        attributes: pd.DataFrame | None = None,
-        targets: torch.Tensor | Sequence[Any] | None = None,
-    ) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        if attributes is not None and len(attributes) != len(labels):
-            raise ValueError(f"{len(labels)} samples but {len(attributes)} attribute rows")
-        if targets is not None and len(targets) != len(labels):
-            raise ValueError(f"{len(labels)} samples but {len(targets)} targets")
-        self.images = images
-        self.labels = labels
-        self.attributes = None if attributes is None else attributes.reset_index(drop=True)
-        self.targets = targets
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        target = self.labels[index] if self.targets is None else self.targets[index]
-        return {"image": self.images[index], "label": target}
-
-
-class ConcatLabelled(ConcatDataset[dict[str, Any]]):
-    """Several labelled datasets as one (pooled data for centralized training)."""
-
-    def __init__(self, datasets: list[LabelledDataset]) -> None:
-        super().__init__(datasets)  # type: ignore[arg-type]
-        self.labels = torch.cat([d.labels for d in datasets])
-        tables = [d.attributes for d in datasets]
-        self.attributes = (
-            None if any(t is None for t in tables) else pd.concat(tables, ignore_index=True)  # type: ignore[arg-type]
-        )
-
-
-class Augmented(Dataset[dict[str, Any]]):
-    """A dataset whose samples pass through random MONAI transforms (training only)."""
-
-    def __init__(self, base: LabelledDataset, transform: Any) -> None:
-        self.base = base
-        self.labels = base.labels
-        self.attributes = base.attributes
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.transform(dict(self.base[index]))
-        # MONAI returns MetaTensors; the model and collation need plain tensors.
-        for key, value in sample.items():
-            if hasattr(value, "as_tensor"):
-                sample[key] = value.as_tensor()
-        sample["image"] = sample["image"].float()
-        return sample
+__all__ = [
+    "Augmented",
+    "CellStates",
+    "ConcatLabelled",
+    "FitResult",
+    "LabelledDataset",
+    "LocalTrainer",
+    "SampleDataset",
+    "learning_rate_at",
+    "select_device",
+]
 
 
 @dataclass
@@ -207,7 +133,7 @@ class LocalTrainer:
 
     @classmethod
     def for_site(
-        cls, task: Task, config: ClientConfig, site: SiteSplits, device: torch.device | None = None
+        cls, task: Task, config: ClientConfig, site: Splits, device: torch.device | None = None
     ) -> LocalTrainer:
         """A trainer on a site's training split that validates on its validation split."""
         return cls(task, config, site.train, site.validation, device=device)

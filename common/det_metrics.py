@@ -28,8 +28,10 @@ import torch
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
 
+from common import evaluation as ev
 from common.errors import ConfigError
-from common.metrics import MetricInfo, arrays_from_record, arrays_to_record
+from common.intervals import MetricWithCI
+from common.states import MetricInfo, SummableStates
 
 IOU_THRESHOLDS: tuple[float, ...] = (0.1, *np.round(np.arange(0.5, 0.951, 0.05), 2).tolist())
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -50,7 +52,7 @@ DETECTION_METRICS: dict[str, MetricInfo] = {
 
 
 @dataclass
-class DetectionStates:
+class DetectionStates(SummableStates):
     """Summable detection states.
 
     Parameters
@@ -67,7 +69,7 @@ class DetectionStates:
     num_bins: int = 1000
     max_detections: int = 100
     arrays: dict[str, np.ndarray] = field(init=False)
-    images: int = field(init=False, default=0)
+    count: int = field(init=False, default=0)
     loss_sum: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -81,8 +83,9 @@ class DetectionStates:
         }
 
     @property
-    def count(self) -> int:
-        return self.images
+    def images(self) -> int:
+        """Images seen (the states' case count)."""
+        return self.count
 
     def update(
         self,
@@ -96,7 +99,7 @@ class DetectionStates:
         if not predictions:
             return
         self._accumulate(self._match(predictions, targets))
-        self.images += len(predictions)
+        self.count += len(predictions)
 
     def _match(
         self,
@@ -133,17 +136,6 @@ class DetectionStates:
                     np.add.at(fp[t, cls], bins[~matched[t] & ~ignored[t]], 1)
                 gt_ignore = np.asarray(match["gtIgnore"], dtype=bool).reshape(-1)
                 gt[cls] += (~gt_ignore).sum()
-
-    # ------------------------------------------------------------- federation
-    def to_record(self) -> dict[str, list[float]]:
-        return arrays_to_record(self.arrays, self.images, self.loss_sum)
-
-    def add_record(self, record: Mapping[str, object]) -> None:
-        incoming, count, loss_sum = arrays_from_record(record, self.arrays)
-        for name, values in incoming.items():
-            self.arrays[name] += values
-        self.images += count
-        self.loss_sum += loss_sum
 
     # ---------------------------------------------------------------- compute
     def curve(
@@ -210,6 +202,34 @@ class DetectionStates:
         # tells the trainer there is no validation loss to stop early on.
         out["loss"] = math.nan
         return out
+
+    def summary(self, confidence: float, threshold: float) -> dict[str, MetricWithCI]:
+        """AP, mAP and FROC as point estimates over the images; the sensitivity at 1 and 4
+        false positives per image with Wilson intervals over the ground-truth lesions. Every
+        box scoring at least the selector's floor counts, ranked by score: ``threshold`` is
+        unused."""
+        nan = math.nan
+        values = self.compute()
+        images = int(self.images)
+        lesions = int(self.arrays["gt"].sum())
+        out = {
+            name: MetricWithCI(name, values[name], nan, nan, "point estimate", images)
+            for name in ("ap50", "map", "ap10", "froc")
+        }
+        for name in ("sensitivity_at_1_fp", "sensitivity_at_4_fp"):
+            value = values[name]
+            if math.isfinite(value) and lesions:
+                _, low, high = ev.wilson_ci(int(round(value * lesions)), lesions, 1 - confidence)
+                out[name] = MetricWithCI(name, value, low, high, "Wilson", lesions)
+            else:
+                out[name] = MetricWithCI(name, value, nan, nan, "point estimate", lesions)
+        return out
+
+    def per_class(self, confidence: float = 0.95) -> list[dict[str, float]]:
+        """AP at IoU 0.5 per object class."""
+        return [
+            {"class": c, "ap50": self.average_precision(0.5, c)} for c in range(self.num_classes)
+        ]
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

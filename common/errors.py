@@ -39,6 +39,26 @@ class RegistryError(RadFLError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class SiteDataError(RadFLError, ValueError):
+    """A site's manifest or images cannot be used; the message names the file (and CSV line).
+
+    Only ``code``, ``category`` and the number of ``problems`` leave the site
+    (``common.errors.public_message``): the message names files and patients.
+    """
+
+    code = "E-DATA"
+    category = "site data check failed"
+
+    def __init__(self, message: str, *, problems: int | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+    def public_detail(self) -> str:
+        if self.problems is None:
+            return ""
+        return f"{self.problems} problem{'' if self.problems == 1 else 's'}"
+
+
 #: What every public message ends with: where the full text is.
 SEE_SITE_LOG = "see the site's log"
 _TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")

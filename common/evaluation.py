@@ -10,8 +10,8 @@ X. Sun and W. Xu, "Fast implementation of DeLong's algorithm for comparing the a
 correlated receiver operating characteristic curves", IEEE Signal Processing Letters
 21(11):1389-1393, 2014.
 
-E. B. Wilson, "Probable inference, the law of succession, and statistical inference", Journal
-of the American Statistical Association 22(158):209-212, 1927.
+Wilson's interval, the normal quantile and :class:`MetricWithCI` live in ``common.intervals``
+(shared with every task's states) and are re-exported here.
 
 Every function here reads only a pair of score histograms, the states that
 :class:`common.metrics.ClassificationStates` keeps and sites add up: ``neg[b]`` negatives and
@@ -41,43 +41,32 @@ Exactness
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
+
+from common.intervals import MetricWithCI, check_alpha, wilson_ci, z_value
+
+__all__ = [
+    "THRESHOLD_METHODS",
+    "MetricWithCI",
+    "auc_from_histogram",
+    "binary_report",
+    "calibration_from_histogram",
+    "choose_threshold",
+    "delong_ci",
+    "per_class_one_vs_rest",
+    "roc_curve_from_histogram",
+    "threshold_metrics",
+    "wilson_ci",
+    "z_value",
+]
 
 ThresholdMethod = Literal["youden", "target-sensitivity"]
 THRESHOLD_METHODS: tuple[str, ...] = ("youden", "target-sensitivity")
 
 # A threshold this close to an edge, in bin widths, is taken as that edge (float round-off).
 _EDGE_TOLERANCE_BINS = 1e-6
-
-
-@dataclass(frozen=True)
-class MetricWithCI:
-    """One reported metric with its confidence interval.
-
-    Attributes
-    ----------
-    name : str
-        Metric name, as in :data:`common.metrics.CLASSIFICATION_METRICS` where it exists.
-    value : float
-        Point estimate (NaN when no case defines it).
-    low, high : float
-        Interval bounds (NaN when the method gives none).
-    method : str
-        How the interval was computed: ``"DeLong"``, ``"Wilson"`` or ``"point estimate"``.
-    n : int
-        Number of cases the estimate rests on (its denominator; all cases for AUC).
-    """
-
-    name: str
-    value: float
-    low: float
-    high: float
-    method: str
-    n: int
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -119,18 +108,6 @@ def _edge_index(threshold: float, num_bins: int) -> int:
             f"{threshold}; choose it with choose_threshold on histograms with the same bins"
         )
     return k
-
-
-def _check_alpha(alpha: float) -> float:
-    value = float(alpha)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-    return value
-
-
-def z_value(alpha: float) -> float:
-    """The two-sided normal quantile z for a 1 - alpha interval (1.96 for alpha 0.05)."""
-    return NormalDist().inv_cdf(1.0 - alpha / 2.0)
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -412,7 +389,7 @@ def delong_ci(
         everything is NaN without positives or negatives.
     """
     neg_counts, pos_counts = _counts(neg, pos)
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     negatives, positives = neg_counts.astype(np.float64), pos_counts.astype(np.float64)
     n_neg, n_pos = negatives.sum(), positives.sum()
     auc = _auc(negatives, positives)
@@ -428,40 +405,6 @@ def delong_ci(
     se = math.sqrt(s10 / n_pos + s01 / n_neg)
     half = z_value(alpha) * se
     return auc, max(0.0, auc - half), min(1.0, auc + half), se
-
-
-def wilson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float, float]:
-    """Proportion with Wilson's (1927) score interval.
-
-    Parameters
-    ----------
-    successes : int
-        Number of successes, ``0 <= successes <= n``.
-    n : int
-        Number of trials.
-    alpha : float
-        One minus the confidence level.
-
-    Returns
-    -------
-    p, low, high : float
-        ``successes / n`` and the interval bounds; all NaN when ``n == 0``.
-    """
-    alpha = _check_alpha(alpha)
-    for name, value in (("successes", successes), ("n", n)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    if n < 0 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
-    if n == 0:
-        nan = float("nan")
-        return nan, nan, nan
-    p = successes / n
-    z = z_value(alpha)
-    z2_n = z * z / n
-    centre = (p + z2_n / 2.0) / (1.0 + z2_n)
-    half = z / (1.0 + z2_n) * math.sqrt(p * (1.0 - p) / n + z2_n / (4.0 * n))
-    return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
 # -------------------------------------------------------------------------- reporting
@@ -525,7 +468,7 @@ def binary_report(
         (n = all cases) as point estimates without an interval (their bounds are NaN).
     """
     neg_counts, pos_counts = _counts(neg, pos)
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     counts = threshold_metrics(neg_counts, pos_counts, threshold)
     tp, fp, tn, fn = (int(counts[key]) for key in ("tp", "fp", "tn", "fn"))
     total = tp + fp + tn + fn

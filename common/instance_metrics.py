@@ -27,7 +27,8 @@ import torch
 from monai.apps.detection.metrics.matching import matching_batch
 
 from common.det_metrics import DETECTION_METRICS, IOU_THRESHOLDS, DetectionStates, _numpy
-from common.metrics import MetricInfo
+from common.intervals import MetricWithCI, z_value
+from common.states import MetricInfo
 
 INSTANCE_METRICS: dict[str, MetricInfo] = {
     **DETECTION_METRICS,
@@ -145,6 +146,21 @@ class InstanceStates(DetectionStates):
             math.sqrt(max(squares / count - mean**2, 0.0) * count / (count - 1))
             if count > 1
             else math.nan
+        )
+        return out
+
+    def summary(self, confidence: float, threshold: float) -> dict[str, MetricWithCI]:
+        """The detection summary over masks, box AP as point estimates, and the mean
+        per-instance Dice with a normal interval."""
+        out = super().summary(confidence, threshold)
+        values = self.compute()
+        nan = math.nan
+        for name in ("box_ap50", "box_map"):
+            out[name] = MetricWithCI(name, values[name], nan, nan, "point estimate", self.images)
+        mean, sd, n = values["instance_dice"], values["instance_dice_sd"], self.instances
+        half = z_value(1 - confidence) * sd / math.sqrt(n) if n > 1 and math.isfinite(sd) else nan
+        out["instance_dice"] = MetricWithCI(
+            "instance_dice", mean, mean - half, mean + half, "normal (mean of instances)", n
         )
         return out
 

@@ -25,7 +25,7 @@ column             required  meaning
 =================  ========  ===============================================================
 
 Any other column is kept as a subgroup attribute (for the bias report). Which label columns are
-required depends on the task (``REQUIRED_BY_TASK``).
+required depends on the task: its ``required_columns`` (``common.tasks``).
 """
 
 from __future__ import annotations
@@ -45,12 +45,6 @@ AGE = "age"
 MANUFACTURER = "manufacturer"
 
 REQUIRED_COLUMNS = (IMAGE, PATIENT_ID, STUDY_ID)
-REQUIRED_BY_TASK: dict[str, tuple[str, ...]] = {
-    "classification": (LABEL,),
-    "segmentation": (MASK,),
-    "detection": (BOXES,),
-    "instance": (INSTANCE_MASK,),
-}
 PATH_COLUMNS = (IMAGE, MASK, INSTANCE_MASK)
 SUBGROUP_COLUMNS = (SEX, AGE, MANUFACTURER, MODALITY)
 

@@ -21,18 +21,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common import evaluation as ev
 from common.errors import ConfigError
+from common.intervals import MetricWithCI
+from common.states import (
+    STATE_PREFIX,
+    CurveSet,
+    MetricInfo,
+    SummableStates,
+    arrays_from_record,
+    arrays_to_record,
+)
 
-STATE_PREFIX = "state."
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    """What a server needs to know about one computed metric."""
-
-    name: str
-    higher_is_better: bool
-
+__all__ = [
+    "CLASSIFICATION_METRICS",
+    "STATE_PREFIX",
+    "ClassificationStates",
+    "MetricInfo",
+    "arrays_from_record",
+    "arrays_to_record",
+]
 
 CLASSIFICATION_METRICS: dict[str, MetricInfo] = {
     info.name: info
@@ -50,7 +58,7 @@ CLASSIFICATION_METRICS: dict[str, MetricInfo] = {
 
 
 @dataclass
-class ClassificationStates:
+class ClassificationStates(SummableStates):
     """Summable states of binary or multi-class classification metrics.
 
     Parameters
@@ -67,10 +75,7 @@ class ClassificationStates:
     num_classes: int
     num_bins: int = 2000
     threshold: float = 0.5
-    # histogram[c, 1, b]: cases of class c with score for c in bin b; [c, 0, b]: other cases.
-    histogram: np.ndarray = field(init=False)
-    # confusion[t, p]: cases of true class t predicted as class p.
-    confusion: np.ndarray = field(init=False)
+    arrays: dict[str, np.ndarray] = field(init=False, repr=False)
     loss_sum: float = field(init=False, default=0.0)
     count: int = field(init=False, default=0)
 
@@ -79,8 +84,21 @@ class ClassificationStates:
             raise ConfigError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.num_bins < 2:
             raise ConfigError(f"num_bins must be >= 2, got {self.num_bins}")
-        self.histogram = np.zeros((self.num_classes, 2, self.num_bins), dtype=np.int64)
-        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        self.arrays = {
+            "histogram": np.zeros((self.num_classes, 2, self.num_bins), dtype=np.int64),
+            "confusion": np.zeros((self.num_classes, self.num_classes), dtype=np.int64),
+        }
+
+    @property
+    def histogram(self) -> np.ndarray:
+        """``histogram[c, 1, b]``: cases of class c with score for c in bin b; ``[c, 0, b]``:
+        the other cases."""
+        return self.arrays["histogram"]
+
+    @property
+    def confusion(self) -> np.ndarray:
+        """``confusion[t, p]``: cases of true class t predicted as class p."""
+        return self.arrays["confusion"]
 
     # ----------------------------------------------------------------- update
     def update(self, probs: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
@@ -110,38 +128,6 @@ class ClassificationStates:
         self.count += int(t.size)
 
     # ------------------------------------------------------------- federation
-    def to_record(self) -> dict[str, list[float]]:
-        """States as flat lists of numbers (a Flower ``MetricRecord`` holds these)."""
-        return {
-            f"{STATE_PREFIX}histogram": self.histogram.reshape(-1).astype(float).tolist(),
-            f"{STATE_PREFIX}confusion": self.confusion.reshape(-1).astype(float).tolist(),
-            f"{STATE_PREFIX}loss_sum": [self.loss_sum],
-            f"{STATE_PREFIX}count": [float(self.count)],
-        }
-
-    def add_record(self, record: Mapping[str, object]) -> None:
-        """Add the states of another site, as written by ``to_record``."""
-        try:
-            histogram = np.asarray(record[f"{STATE_PREFIX}histogram"], dtype=np.float64)
-            confusion = np.asarray(record[f"{STATE_PREFIX}confusion"], dtype=np.float64)
-            loss_sum = float(np.asarray(record[f"{STATE_PREFIX}loss_sum"]).reshape(-1)[0])
-            count = float(np.asarray(record[f"{STATE_PREFIX}count"]).reshape(-1)[0])
-        except KeyError as exc:
-            raise ValueError(f"metric states lack key {exc.args[0]!r}") from exc
-        if histogram.size != self.histogram.size or confusion.size != self.confusion.size:
-            raise ValueError(
-                "metric states do not match this metric's shape: "
-                f"histogram {histogram.size} vs {self.histogram.size}, "
-                f"confusion {confusion.size} vs {self.confusion.size}"
-            )
-        values = np.concatenate([histogram, confusion, [loss_sum, count]])
-        if not np.all(np.isfinite(values)) or np.any(values < 0):
-            raise ValueError("metric states must be finite, non-negative counts")
-        self.histogram += np.rint(histogram).astype(np.int64).reshape(self.histogram.shape)
-        self.confusion += np.rint(confusion).astype(np.int64).reshape(self.confusion.shape)
-        self.loss_sum += loss_sum
-        self.count += int(round(count))
-
     def check_totals(self) -> None:
         """Raise ``ValueError`` unless every class's histogram and the confusion matrix hold
         exactly ``count`` cases (states a real site computed always do)."""
@@ -175,7 +161,9 @@ class ClassificationStates:
         specificity = _ratio(tn, tn + fp)
         ppv = _ratio(tp, tp + fp)
         npv = _ratio(tn, tn + fn)
-        aucs = np.array([_auc_from_histogram(self.histogram[c]) for c in range(self.num_classes)])
+        aucs = np.array(
+            [ev.auc_from_histogram(*self.histogram[c]) for c in range(self.num_classes)]
+        )
         if self.num_classes == 2:
             pick = {
                 "auc": aucs[1],
@@ -198,16 +186,78 @@ class ClassificationStates:
         pick["loss"] = self.loss_sum / self.count if self.count else float("nan")
         return {name: float(value) for name, value in pick.items()}
 
+    # ----------------------------------------------------------------- report
+    def positive_histograms(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(neg, pos)`` score histograms of the positive class (class 1; binary tasks)."""
+        return self.histogram[1, 0], self.histogram[1, 1]
 
-def _auc_from_histogram(histogram: np.ndarray) -> float:
-    """Mann-Whitney AUC from negative (row 0) and positive (row 1) score histograms."""
-    negatives, positives = histogram[0].astype(np.float64), histogram[1].astype(np.float64)
-    n_neg, n_pos = negatives.sum(), positives.sum()
-    if n_neg == 0 or n_pos == 0:
-        return float("nan")
-    negatives_below = np.cumsum(negatives) - negatives
-    wins = (positives * (negatives_below + 0.5 * negatives)).sum()
-    return float(wins / (n_pos * n_neg))
+    def summary(self, confidence: float, threshold: float) -> dict[str, MetricWithCI]:
+        """AUC (DeLong), threshold metrics (Wilson) and ECE.
+
+        Binary: at ``threshold`` on the positive class. Multi-class: ``auc`` is the macro
+        one-vs-rest mean (point estimate), ``accuracy`` from the arg-max confusion (Wilson).
+        """
+        alpha = 1.0 - confidence
+        nan = math.nan
+        n = int(self.count)
+        if self.num_classes == 2:
+            neg, pos = self.positive_histograms()
+            out = {m.name: m for m in ev.binary_report(neg, pos, threshold, alpha)}
+            *_, ece = ev.calibration_from_histogram(neg, pos, 10)
+            out["ece"] = MetricWithCI("ece", ece, nan, nan, "point estimate", n)
+            return out
+        rows = ev.per_class_one_vs_rest(self.histogram, alpha)
+        aucs = [r["auc"] for r in rows if math.isfinite(r["auc"])]
+        correct = int(np.trace(self.confusion))
+        accuracy, low, high = ev.wilson_ci(correct, n, alpha)
+        macro = float(np.mean(aucs)) if aucs else nan
+        return {
+            "auc": MetricWithCI("auc", macro, nan, nan, "macro one-vs-rest", n),
+            "accuracy": MetricWithCI("accuracy", accuracy, low, high, "Wilson", n),
+            "balanced_accuracy": MetricWithCI(
+                "balanced_accuracy",
+                self.compute()["balanced_accuracy"],
+                nan,
+                nan,
+                "point estimate",
+                n,
+            ),
+        }
+
+    def per_class(self, confidence: float = 0.95) -> list[dict[str, float]]:
+        """One-vs-rest AUC with DeLong's interval per class."""
+        return ev.per_class_one_vs_rest(self.histogram, 1.0 - confidence)
+
+    def confusion_at(self, threshold: float) -> np.ndarray:
+        """Binary: ``[[tn, fp], [fn, tp]]`` at ``threshold``; multi-class: the arg-max one."""
+        if self.num_classes != 2:
+            return self.confusion.copy()
+        counts = ev.threshold_metrics(*self.positive_histograms(), threshold)
+        return np.array(
+            [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]], dtype=np.int64
+        )
+
+    def positives(self) -> int | None:
+        return int(self.histogram[1, 1].sum()) if self.num_classes == 2 else None
+
+    def curves(self, label: str, confidence: float) -> CurveSet | None:
+        """Binary only: the ROC curve with the DeLong AUC, and the reliability curve."""
+        if self.num_classes != 2 or self.count == 0:
+            return None
+        neg, pos = self.positive_histograms()
+        fpr, tpr, _ = ev.roc_curve_from_histogram(neg, pos)
+        auc, low, high, _ = ev.delong_ci(neg, pos, 1.0 - confidence)
+        mean_predicted, observed, counts, ece = ev.calibration_from_histogram(neg, pos, 10)
+        return CurveSet(
+            label,
+            fpr,
+            tpr,
+            MetricWithCI("auc", auc, low, high, "DeLong", int(self.count)),
+            mean_predicted,
+            observed,
+            counts,
+            ece,
+        )
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -224,46 +274,3 @@ def _to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().float().cpu().numpy()
     return np.asarray(value)
-
-
-def arrays_to_record(
-    arrays: Mapping[str, np.ndarray], count: float, loss_sum: float
-) -> dict[str, list[float]]:
-    """Named count arrays, the case count and the loss sum as a flat record."""
-    record = {
-        f"{STATE_PREFIX}{name}": array.reshape(-1).astype(float).tolist()
-        for name, array in arrays.items()
-    }
-    record[f"{STATE_PREFIX}loss_sum"] = [float(loss_sum)]
-    record[f"{STATE_PREFIX}count"] = [float(count)]
-    return record
-
-
-def arrays_from_record(
-    record: Mapping[str, object], like: Mapping[str, np.ndarray]
-) -> tuple[dict[str, np.ndarray], int, float]:
-    """Read arrays shaped as ``like``, the case count and the loss sum from a site's record.
-
-    Raises ``ValueError`` naming the problem: a missing key, a wrong size, a non-finite or
-    negative count (a malformed or hostile reply never reaches the sums).
-    """
-    incoming = {}
-    for name, array in like.items():
-        key = f"{STATE_PREFIX}{name}"
-        if key not in record:
-            raise ValueError(f"metric states lack key {key!r}")
-        values = np.asarray(record[key], dtype=np.float64)
-        if values.size != array.size:
-            raise ValueError(f"metric state {key} has {values.size} values, expected {array.size}")
-        incoming[name] = values.reshape(array.shape)
-    try:
-        loss_sum = float(np.asarray(record[f"{STATE_PREFIX}loss_sum"]).reshape(-1)[0])
-        count = float(np.asarray(record[f"{STATE_PREFIX}count"]).reshape(-1)[0])
-    except KeyError as exc:
-        raise ValueError(f"metric states lack key {exc.args[0]!r}") from exc
-    everything = np.concatenate([v.reshape(-1) for v in incoming.values()] + [[count]])
-    if not np.all(np.isfinite(everything)) or not math.isfinite(loss_sum):
-        raise ValueError("metric states must be finite")
-    if np.any(everything < 0):
-        raise ValueError("metric states must be non-negative")
-    return incoming, int(round(count)), loss_sum

@@ -7,7 +7,8 @@
 ``validation_metrics.csv``  the same on the validation split (where the threshold was chosen)
 ``sites.csv``               per-site test metrics with intervals (external sites marked)
 ``subgroups.csv``           the long subgroup table (value, interval, n, gaps, suppression)
-``fairness.csv``            per attribute: AUC gap, equal opportunity, equalized odds, calibration
+``fairness.csv``            per attribute: gap in the task's primary metric, equal opportunity,
+                            equalized odds, calibration
 ``subgroups.md``            the subgroup tables as a readable page
 ``cross_site.csv``          each site's local-only model on every site (when requested)
 ``roc.png``                 ROC curves, pooled and per site, AUC with DeLong interval
@@ -19,7 +20,8 @@
 ``states.json``             the stored states every file above is computed from
 ==========================  ==================================================================
 
-ROC, calibration and confusion plots exist for classification only.
+ROC and calibration plots exist where the task's states draw curves (binary classification),
+the confusion plot where they have a confusion matrix (classification).
 """
 
 from __future__ import annotations

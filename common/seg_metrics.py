@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -30,8 +29,10 @@ import numpy as np
 import torch
 from monai.metrics.hausdorff_distance import compute_hausdorff_distance
 
+from common import evaluation as ev
 from common.errors import ConfigError
-from common.metrics import MetricInfo, arrays_from_record, arrays_to_record
+from common.intervals import MetricWithCI
+from common.states import MetricInfo, SummableStates, mean_of_finite
 
 SEGMENTATION_METRICS: dict[str, MetricInfo] = {
     info.name: info
@@ -52,7 +53,7 @@ SEGMENTATION_METRICS: dict[str, MetricInfo] = {
 
 
 @dataclass
-class SegmentationStates:
+class SegmentationStates(SummableStates):
     """Summable states of per-class segmentation metrics.
 
     Parameters
@@ -168,19 +169,8 @@ class SegmentationStates:
         a["false_positive_cases"] += (~has_true & has_pred).sum(0)
         self.count += n
 
-    # ------------------------------------------------------------- federation
-    def to_record(self) -> dict[str, list[float]]:
-        return arrays_to_record(self.arrays, self.count, self.loss_sum)
-
-    def add_record(self, record: Mapping[str, object]) -> None:
-        incoming, count, loss_sum = arrays_from_record(record, self.arrays)
-        for name, values in incoming.items():
-            self.arrays[name] += values
-        self.count += count
-        self.loss_sum += loss_sum
-
     # ---------------------------------------------------------------- compute
-    def per_class(self) -> list[dict[str, float]]:
+    def per_class(self, confidence: float = 0.95) -> list[dict[str, float]]:
         """Metrics of each foreground class (NaN where no case defines them)."""
         a = self.arrays
         rows = []
@@ -210,13 +200,58 @@ class SegmentationStates:
         """Metrics averaged over the foreground classes, and the mean loss per case."""
         rows = self.per_class()
         out = {
-            name: _nanmean([r[name] for r in rows])
+            name: mean_of_finite([r[name] for r in rows])
             for name in SEGMENTATION_METRICS
             if name != "loss"
         }
         out["missed_cases"] = float(sum(r["missed_cases"] for r in rows))
         out["false_positive_cases"] = float(sum(r["false_positive_cases"] for r in rows))
         out["loss"] = self.loss_sum / self.count if self.count else math.nan
+        return out
+
+    def summary(self, confidence: float, threshold: float) -> dict[str, MetricWithCI]:
+        """Per-case means with normal intervals (``mean +/- z sd / sqrt(n)``), global Dice and
+        IoU, HD95 summaries; averaged over the foreground classes, with intervals when there
+        is one foreground class. Each voxel takes its arg-max class: ``threshold`` is unused."""
+        nan = math.nan
+        z = ev.z_value(1.0 - confidence)
+        a = self.arrays
+        rows = self.per_class()
+        single = len(rows) == 1
+        out: dict[str, MetricWithCI] = {}
+
+        def mean_ci(name: str, total: str, squares: str, count: str) -> None:
+            n = int(a[count].sum())
+            value = mean_of_finite([r[name] for r in rows])
+            low = high = nan
+            method = "normal (mean of cases)" if single else "point estimate (mean of classes)"
+            if single and a[count][0] >= 2:
+                sd = _std(a[total][0], a[squares][0], a[count][0])
+                half = z * sd / math.sqrt(a[count][0])
+                low, high = value - half, value + half
+            out[name] = MetricWithCI(name, value, low, high, method, n)
+
+        mean_ci("dice_case_mean", "dice_sum", "dice_sumsq", "dice_count")
+        cases = int(a["dice_count"].sum())
+        for name in ("dice", "iou", "dice_case_median", "iou_case_mean"):
+            value = mean_of_finite([r[name] for r in rows])
+            out[name] = MetricWithCI(name, value, nan, nan, "point estimate", cases)
+        mean_ci("hd95_mean", "hd_sum", "hd_sumsq", "hd_count")
+        out["hd95_median"] = MetricWithCI(
+            "hd95_median",
+            mean_of_finite([r["hd95_median"] for r in rows]),
+            nan,
+            nan,
+            "point estimate",
+            int(a["hd_count"].sum()),
+        )
+        missed = int(a["missed"].sum())
+        detected, low, high = (
+            ev.wilson_ci(cases - missed, cases, 1.0 - confidence) if cases else (nan, nan, nan)
+        )
+        out["case_detection_rate"] = MetricWithCI(
+            "case_detection_rate", detected, low, high, "Wilson", cases
+        )
         return out
 
 
@@ -242,8 +277,3 @@ def _median(histogram: np.ndarray, width: float) -> float:
         return math.nan
     index = int(np.searchsorted(np.cumsum(histogram), n / 2.0))
     return (index + 0.5) * width
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan

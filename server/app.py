@@ -157,7 +157,7 @@ def main(grid: Grid, context: Context) -> None:
             selected,
             config.num_classes,
             config.round_timeout_s,
-            task=config.task,
+            task=task,
             min_cell_size=config.min_cell_size,
             checker=task,
         )

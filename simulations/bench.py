@@ -46,11 +46,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from common.errors import RadFLError
+from common.tasks import task_class
 from server import tracking
 
 EXPERIMENT = "radfl-bench"
-#: The test metric each task is compared by (MLflow ``test/NAME``).
-PRIMARY = {"classification": "auc", "segmentation": "dice_case_mean"}
 
 
 class BenchError(RadFLError):
@@ -294,7 +293,8 @@ def quality(profile: Profile, runner: Runner) -> pd.DataFrame:
     """Test metric of pooled, federated (each strategy) and local-only training, per seed."""
     rows = []
     for task in profile.tasks:
-        primary = PRIMARY[task]
+        # The test metric each task is compared by (MLflow ``test/NAME``).
+        primary = task_class(task).primary_metric
         common = {
             "task": task,
             "model": profile.model(task),
@@ -377,7 +377,7 @@ def quality_summary(rows: pd.DataFrame) -> pd.DataFrame:
 
 def comm(profile: Profile, runner: Runner) -> pd.DataFrame:
     """Bytes per site per round, and the test metric, for each update compression."""
-    metric = f"test/{PRIMARY[profile.comm_task]}"
+    metric = f"test/{task_class(profile.comm_task).primary_metric}"
     rows = []
     for method in profile.compressions:
         run = runner.run(

@@ -62,9 +62,10 @@ from pydicom.uid import (
 from common import manifest
 from common.errors import ConfigError
 from common.synthetic import SiteData, SiteProfile, make_site, native_image_size, site_profiles
+from common.tasks import list_tasks, task_class
 
 SITE_FORMATS = ("dicom", "nifti", "png")
-TASKS = tuple(manifest.REQUIRED_BY_TASK)
+TASKS = tuple(list_tasks())
 # Bump when the generator or the layout changes, so cached federations are rebuilt.
 GENERATOR_VERSION = 3
 COMPLETE_MARKER = ".complete"
@@ -83,7 +84,7 @@ class FederationSpec:
     num_classes: int
 
     def __post_init__(self) -> None:
-        if self.task not in manifest.REQUIRED_BY_TASK:
+        if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dims not in (2, 3):
             raise ConfigError(f"dims must be 2 or 3, got {self.dims}")
@@ -236,7 +237,7 @@ def _write_site(folder: Path, data: SiteData, fmt: SiteFormat, *, task: str, see
     spacing_mm = FIELD_OF_VIEW_MM / data.images.shape[-1]
     masks = _numpy(data.masks, "masks")
     instances = _numpy(data.instances, "instances")
-    label_columns = manifest.REQUIRED_BY_TASK[task]
+    label_columns = task_class(task).required_columns
     rows = []
     for i, study in enumerate(data.study_ids):
         image_path = f"images/{study}{fmt.image_suffix}"

@@ -48,7 +48,7 @@ def test_augmentation_keeps_shape():
 
 
 def test_segmentation_predicts_larger_volumes_with_a_sliding_window(monkeypatch):
-    from common import tasks
+    from common.tasks import segmentation as tasks
 
     task = get_task(_config(task="segmentation", model="unet", **{"image-size": 32}))
     model = task.build_model().eval()
@@ -197,3 +197,20 @@ def test_box_augmentation_moves_boxes_and_masks_with_the_image(task_name):
             assert torch.equal(label["masks"].any(0), bright)
         moved_somewhere |= not torch.equal(label["boxes"], target["boxes"])
     assert moved_somewhere
+
+
+def test_detection_anchor_scale_matches_the_synthetic_lesion_scale():
+    # common.tasks does not import the synthetic generator; the two constants must agree.
+    from common.synthetic import LESION_SCALE
+    from common.tasks import DetectionTask
+
+    assert DetectionTask.ANCHOR_SCALE == LESION_SCALE
+
+
+def test_tasks_do_not_import_the_synthetic_generator():
+    import subprocess
+    import sys
+
+    code = "import sys, common.tasks; print('common.synthetic' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

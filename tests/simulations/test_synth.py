@@ -14,6 +14,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from common import manifest
 from common.errors import ConfigError
 from common.synthetic import make_site, native_image_size, site_profiles
+from common.tasks import task_class
 from simulations import synth
 
 TINY = {"seed": 5, "samples_per_site": 12, "image_size": 32, "num_classes": 2}
@@ -66,7 +67,7 @@ def test_manifests_are_valid(federations, task, dims):
         assert rows
         columns = set(rows[0])
         assert set(manifest.REQUIRED_COLUMNS) <= columns
-        assert set(manifest.REQUIRED_BY_TASK[task]) <= columns
+        assert set(task_class(task).required_columns) <= columns
         assert {manifest.SEX, manifest.AGE, manifest.MANUFACTURER, manifest.MODALITY} <= columns
         assert len({r[manifest.STUDY_ID] for r in rows}) == len(rows)
         for row in rows:

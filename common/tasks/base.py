@@ -1,0 +1,226 @@
+"""The Task base class and the registry of tasks by name.
+
+A task knows its model family, loss, train and eval steps, its metric states and what the
+data and the report need from it (manifest columns, targets, default batch size, primary and
+headline metrics, operating threshold). Server, client and simulation code ask the task and
+never branch on its name. Adding a task is one module in ``common/tasks/`` that subclasses
+:class:`Task` and calls :func:`register_task`, its metric states (a
+:class:`common.states.SummableStates`), its models (``common.models``) and its tests.
+
+A batch is a MONAI-style dictionary: ``{"image": (N, C, *spatial), "label": ...}``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from torch import nn
+
+from common.errors import ConfigError, RegistryError
+from common.models import build_model, list_models, model_task
+from common.states import MetricInfo, SummableStates
+
+if TYPE_CHECKING:  # the synthetic generator is simulation data; only its type is named here
+    from common.config import ModelConfig
+    from common.synthetic import SiteData
+
+Batch = dict[str, torch.Tensor]
+
+
+#: What a task's ``new_states`` returns: summable states (``common.states``).
+MetricStates = SummableStates
+
+
+class Task(ABC):
+    """One kind of radiology learning problem."""
+
+    name: ClassVar[str]
+    #: The one metric that picks the best global model per round and that the report's
+    #: subgroup gaps and fairness table centre on.
+    primary_metric: ClassVar[str]
+    #: The metrics the report shows first.
+    headline_metrics: ClassVar[tuple[str, ...]]
+    metrics: ClassVar[dict[str, MetricInfo]]
+    #: Manifest columns a site's data needs for this task, beside the common ones.
+    required_columns: ClassVar[tuple[str, ...]]
+    #: What ``batch-size = 0`` stands for: dense tasks learn per pixel and need the optimiser
+    #: steps (2D U-Net, 3 sites of 300 images, 20 rounds of 3 epochs: FedAvg test per-case
+    #: Dice 0.509 at batch 32, 0.580 at batch 8, against 0.636 and 0.612 pooled).
+    default_batch_size: ClassVar[int] = 8
+    #: How the report's operating threshold is chosen when the task has none.
+    threshold_note: ClassVar[str] = "no threshold"
+    #: Whether the manifest's ``label`` column is the target (every row needs a class in
+    #: range, and the site check counts the classes); otherwise a blank label reads as 0.
+    label_is_target: ClassVar[bool] = False
+    #: Manifest column naming a mask file the targets are read from (``None``: none).
+    mask_column: ClassVar[str | None] = None
+    #: Whether that mask numbers instances (1..k) rather than holding classes.
+    numbered_instances: ClassVar[bool] = False
+    #: Manifest column holding the boxes as JSON (``None``: none).
+    box_column: ClassVar[str | None] = None
+    #: The model ``radfl simulate --task NAME`` trains when no ``--model`` is given.
+    default_model: ClassVar[str]
+    #: Metrics the simulation summary shows per round beside the primary metric and loss.
+    round_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        if model_task(config.model) != self.name:
+            raise ConfigError(
+                f"model {config.model!r} is a {model_task(config.model)} network; task "
+                f"{self.name} takes {', '.join(list_models(self.name))}"
+            )
+
+    def build_model(self) -> nn.Module:
+        """A fresh network for this task, seeded by the run's seed."""
+        torch.manual_seed(self.config.seed)
+        return build_model(
+            self.config.model,
+            spatial_dims=self.config.spatial_dims,
+            in_channels=1,
+            out_channels=self.output_channels(),
+        )
+
+    @abstractmethod
+    def output_channels(self) -> int:
+        """Number of output channels of the network."""
+
+    @abstractmethod
+    def loss_function(self, train_labels: torch.Tensor | None, balance: bool) -> nn.Module:
+        """The training loss; ``balance`` weights classes by their inverse frequency."""
+
+    @abstractmethod
+    def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights that balance the classes, for a weighted sampler."""
+
+    def train_step(self, model: nn.Module, batch: Batch, loss_function: nn.Module) -> torch.Tensor:
+        """Forward a batch and return the loss to minimise (no backward here)."""
+        logits = model(batch["image"])
+        return loss_function(logits.float(), batch["label"])  # type: ignore[no-any-return]
+
+    @classmethod
+    @abstractmethod
+    def empty_states(cls, num_classes: int) -> MetricStates:
+        """Empty metric states for a run with ``num-classes`` (the report builds them from
+        stored records, without a model configuration)."""
+
+    def new_states(self) -> MetricStates:
+        """Empty metric states of this run."""
+        return self.empty_states(self.config.num_classes)
+
+    @classmethod
+    def operating_threshold(
+        cls, validation: MetricStates, method: str, target_sensitivity: float
+    ) -> tuple[float, str]:
+        """The report's operating threshold, chosen on the pooled validation states, with a
+        note on how; NaN where the task has none."""
+        return math.nan, cls.threshold_note
+
+    @abstractmethod
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward a batch in eval mode: ``(prediction, target)``, both indexed by sample first,
+        as the task's metric states take them in ``update``."""
+
+    def eval_step(self, model: nn.Module, batch: Batch, states: MetricStates) -> None:
+        """Forward a batch in eval mode and add it to ``states``."""
+        states.update(*self.predict(model, batch))
+
+    def pool(self, records: Iterable[Mapping[str, object]]) -> MetricStates:
+        """Sum the metric states sent by several sites."""
+        states = self.new_states()
+        for record in records:
+            states.add_record(record)
+        return states
+
+    def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """Random MONAI transforms applied to each training sample dictionary."""
+        return mt.Compose([])
+
+    @classmethod
+    def site_target(
+        cls, item: Mapping[str, Any], label: torch.Tensor, boxes: np.ndarray | None
+    ) -> Any:
+        """A real site's target for one preprocessed manifest row: ``item`` holds the
+        preprocessed ``mask`` (with ``mask_column``) or ``boxes`` and ``box_labels`` (with
+        ``box_column``), ``label`` the row's image-level class and ``boxes`` the row's boxes as
+        the manifest gave them. Raises ``ValueError`` when preprocessing lost part of the
+        target (the loader names the row and file)."""
+        return label
+
+    def synthetic_targets(self, data: SiteData) -> Any:
+        """What a synthetic site's samples are labelled with (a tensor or a list, one item per
+        image); ``None``: the image's class."""
+        return None
+
+    #: How samples form a batch; ``None``: PyTorch's default collation.
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
+
+    def overlay(self, model: nn.Module, sample: dict[str, Any]) -> Overlay | None:
+        """Truth against prediction on one sample, for pictures of synthetic validation
+        images in simulation; ``None``: nothing to draw (image-level labels)."""
+        return None
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """What a picture of one prediction shows: label maps (0 background) and boxes."""
+
+    truth: np.ndarray
+    predicted: np.ndarray
+    truth_boxes: np.ndarray
+    predicted_boxes: np.ndarray
+    #: Predicted boxes scoring below this are left out of the picture.
+    SCORE = 0.3
+
+    @staticmethod
+    def boxes(value: Any) -> np.ndarray:
+        return np.asarray(torch.as_tensor(value).detach().cpu(), dtype=np.float64)
+
+
+def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class weights ``n / (num_classes * count)``; a class absent here gets 0, not infinity."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return torch.where(counts > 0, labels.numel() / (len(counts) * counts.clamp(min=1)), 0.0)
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Register a task class under its ``name``; a duplicate name raises."""
+    if cls.name in _TASKS:
+        raise RegistryError(f"task {cls.name!r} is already registered")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def unregister_task(name: str) -> None:
+    """Remove a registered task (tests that register a toy task clean up with this)."""
+    task_class(name)
+    del _TASKS[name]
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def task_class(name: str) -> type[Task]:
+    """The task class registered as ``name``."""
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise RegistryError(
+            f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}"
+        ) from None
+
+
+def get_task(config: ModelConfig) -> Task:
+    """The task named by ``config.task``, bound to that model configuration."""
+    return task_class(config.task)(config)

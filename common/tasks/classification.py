@@ -1,0 +1,98 @@
+"""Binary or multi-class image classification (class 0: no finding)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from monai import transforms as mt
+from torch import nn
+
+from common import evaluation as ev
+from common import manifest as mf
+from common.metrics import CLASSIFICATION_METRICS, ClassificationStates
+from common.tasks.base import Batch, MetricStates, Task, inverse_frequency_weights, register_task
+
+
+@register_task
+class ClassificationTask(Task):
+    """Binary or multi-class image classification (class 0: no finding)."""
+
+    name = "classification"
+    primary_metric = "auc"
+    headline_metrics = ("auc", "sensitivity", "specificity", "ece")
+    metrics = CLASSIFICATION_METRICS
+    required_columns = (mf.LABEL,)
+    label_is_target = True
+    #: Classification learns as well at 32 as at 8 here and runs faster.
+    default_batch_size = 32
+    default_model = "resnet18"
+    round_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "sensitivity", "specificity")
+
+    def output_channels(self) -> int:
+        return self.config.num_classes
+
+    def loss_function(self, train_labels: torch.Tensor | None, balance: bool) -> nn.Module:
+        if not balance or train_labels is None:
+            return nn.CrossEntropyLoss()
+        return nn.CrossEntropyLoss(weight=self._class_weights(train_labels))
+
+    def sample_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        return self._class_weights(labels)[labels]
+
+    def _class_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        return inverse_frequency_weights(labels, self.config.num_classes)
+
+    @classmethod
+    def empty_states(cls, num_classes: int) -> ClassificationStates:
+        return ClassificationStates(num_classes)
+
+    @classmethod
+    def operating_threshold(
+        cls, validation: MetricStates, method: str, target_sensitivity: float
+    ) -> tuple[float, str]:
+        """Binary: the threshold on the positive class by ``method``; without the validation
+        positives or negatives the method needs, 0.5 and a note saying so. Multi-class tasks
+        predict the arg-max class and have no threshold (NaN)."""
+        if not isinstance(validation, ClassificationStates):
+            raise TypeError(f"classification takes ClassificationStates, got {validation!r}")
+        if validation.num_classes != 2:
+            return math.nan, "multi-class: the predicted class is the arg-max, no threshold"
+        neg, pos = validation.positive_histograms()
+        try:
+            threshold = ev.choose_threshold(
+                neg,
+                pos,
+                method=method,  # type: ignore[arg-type]
+                target_sensitivity=target_sensitivity,
+            )
+        except ValueError as exc:
+            return 0.5, f"0.5 (fallback: {exc})"
+        if method == "target-sensitivity":
+            how = f"highest threshold with validation sensitivity >= {target_sensitivity:g}"
+        else:
+            how = "Youden's J on the pooled validation split"
+        return threshold, f"{threshold:.4f} ({how}; applied unchanged to test)"
+
+    def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(batch["image"]).float()
+        return torch.softmax(logits, dim=1), batch["label"]
+
+    def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        size = (self.config.image_size,) * self.config.spatial_dims
+        crop = tuple(max(8, int(round(s * 0.875))) for s in size)
+        return mt.Compose(
+            [
+                mt.RandFlipd(keys="image", prob=0.5, spatial_axis=0),
+                mt.RandRotated(keys="image", range_x=0.26, prob=0.5, padding_mode="border"),
+                mt.RandZoomd(
+                    keys="image", min_zoom=0.9, max_zoom=1.1, prob=0.5, padding_mode="edge"
+                ),
+                mt.RandSpatialCropd(keys="image", roi_size=crop, random_size=False),
+                mt.Resized(keys="image", spatial_size=size),
+                mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                mt.RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.5),
+            ]
+        )
