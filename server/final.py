@@ -208,7 +208,7 @@ def evaluate_everywhere(
     return out
 
 
-def exclude_from_training(strategy: flwr_strategy.FedAvg, node_ids: set[int]) -> None:
+def exclude_from_training(strategy: flwr_strategy.Strategy, node_ids: set[int]) -> None:
     """Make ``strategy`` send no training message to ``node_ids`` (left-out sites): they are
     still evaluated every round, as external validation."""
     if not node_ids:
