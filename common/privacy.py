@@ -47,6 +47,11 @@ from common.errors import ConfigError
 if TYPE_CHECKING:  # torch is not needed to read a ledger
     from torch import nn
 
+#: MLflow tags of a run whose update-level DP budget stopped training: why, and the rounds
+#: trained (what a complete run then has).
+BUDGET_STOP_TAG = "radfl.dp-update-budget-stop"
+ROUNDS_TRAINED_TAG = "radfl.dp-update-rounds-trained"
+
 #: RDP orders epsilon is minimised over.
 RDP_ORDERS: tuple[int, ...] = tuple(range(2, 256))
 

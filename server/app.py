@@ -22,7 +22,12 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as keys
 from common.config import RUN_FINISHED_LOG, ClientConfig, ServerConfig, from_run_config
 from common.errors import ConfigError
-from common.privacy import UpdateAccountant, private_model
+from common.privacy import (
+    BUDGET_STOP_TAG,
+    ROUNDS_TRAINED_TAG,
+    UpdateAccountant,
+    private_model,
+)
 from common.report import Report
 from common.report_files import fmt_ci
 from common.tasks import get_task
@@ -253,7 +258,6 @@ DP_EPSILON = "dp-update/epsilon"
 UPDATE_DP_FILE = "dp_update.json"
 #: The log line and MLflow tag of a run whose update-level DP budget stopped training.
 BUDGET_STOP_LOG = "[radfl] update-level DP budget reached: training stops"
-BUDGET_STOP_TAG = "radfl.dp-update-budget-stop"
 
 
 def _update_dp_summary(
@@ -304,6 +308,7 @@ def _report_update_dp(
             spent,
             config.dp_delta,
         )
+        mlflow.set_tag(ROUNDS_TRAINED_TAG, str(trained_rounds))
         mlflow.set_tag(
             BUDGET_STOP_TAG,
             f"after round {trained_rounds} of {config.num_rounds}: round {trained_rounds + 1} "
