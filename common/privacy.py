@@ -156,6 +156,25 @@ class UpdateAccountant:
             return 0.0
         return epsilon_of([(self.noise_multiplier, self.sample_rate, rounds)], self.delta)
 
+    @classmethod
+    def for_budget(
+        cls, epsilon: float, rounds: int, sample_rate: float, delta: float
+    ) -> UpdateAccountant:
+        """The accountant with the smallest noise multiplier (to 0.1%) whose ``rounds`` rounds
+        stay within ``epsilon``: what a run config needs for a target budget."""
+        if epsilon <= 0 or rounds < 1:
+            raise ConfigError(f"need epsilon > 0 and rounds >= 1; got {epsilon}, {rounds}")
+        low, high = 1e-3, 1.0
+        while cls(high, sample_rate, delta).epsilon(rounds) > epsilon:
+            low, high = high, high * 2
+        while high - low > 1e-3 * high:
+            middle = (low + high) / 2
+            if cls(middle, sample_rate, delta).epsilon(rounds) > epsilon:
+                low = middle
+            else:
+                high = middle
+        return cls(high, sample_rate, delta)
+
     def affordable_rounds(self, budget: float, num_rounds: int) -> int:
         """The most rounds, up to ``num_rounds``, whose epsilon stays within ``budget``
         (``budget = 0``: no budget). Epsilon grows with the rounds, so a bisection finds it."""

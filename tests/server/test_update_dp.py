@@ -216,3 +216,10 @@ def test_an_error_reply_keeps_the_global_model_and_is_recorded_as_a_failed_round
     arrays, _ = strategy.aggregate_train(1, [_reply([0.1, 0.1], 10, 1), crashed])
     assert arrays is None
     assert "update-level DP releases no aggregate" in failed[0]
+
+
+def test_the_noise_for_a_budget_spends_just_that_budget():
+    accountant = UpdateAccountant.for_budget(8.0, rounds=20, sample_rate=1.0, delta=1e-5)
+    assert accountant.epsilon(20) <= 8.0
+    assert accountant.epsilon(20) == pytest.approx(8.0, rel=0.01)
+    assert accountant.affordable_rounds(8.0, 25) == 20
