@@ -58,7 +58,8 @@ RDP_ORDERS: tuple[int, ...] = tuple(range(2, 256))
 
 def private_model(model: nn.Module) -> nn.Module:
     """The model with every layer DP-SGD cannot train per sample replaced (BatchNorm by
-    GroupNorm, through Opacus' validator) and no in-place activation. Server and sites build
+    GroupNorm, through Opacus' validator), no in-place activation and no in-place residual
+    addition. Server and sites build
     the same network this way.
     """
     from opacus.validators import ModuleValidator
@@ -69,6 +70,14 @@ def private_model(model: nn.Module) -> nn.Module:
     for module in fixed.modules():
         if getattr(module, "inplace", False) is True:
             module.inplace = False
+    from common.private_resnet import OUT_OF_PLACE
+
+    for module in fixed.modules():
+        # In-place residual additions break Opacus' per-sample hooks (common/private_resnet.py):
+        # the same block, computing the same function out of place.
+        twin = OUT_OF_PLACE.get(type(module))
+        if twin is not None:
+            module.__class__ = twin
     errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
         raise ConfigError(

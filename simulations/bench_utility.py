@@ -101,16 +101,22 @@ def _row(
             "value": float("nan"),
             "note": f"not run: this tree has no run-config key {', '.join(settings)}",
         }
-    run = runner.run(
-        "simulate",
-        task=task,
-        model=model,
-        sites=profile.sites,
-        rounds=profile.rounds,
-        seed=profile.seeds[0],
-        settings={**profile.run_config(), **settings},
-        options=["--in-memory"],
-    )
+    from simulations.bench import BenchError
+
+    try:
+        run = runner.run(
+            "simulate",
+            task=task,
+            model=model,
+            sites=profile.sites,
+            rounds=profile.rounds,
+            seed=profile.seeds[0],
+            settings={**profile.run_config(), **settings},
+            options=["--in-memory"],
+        )
+    except BenchError as exc:  # one failed cell must not lose the others' hours
+        first = str(exc).splitlines()[0]
+        return {**row, "value": float("nan"), "note": f"failed: {first}"}
     site_epsilons = [v for k, v in run.metrics.items() if k.endswith("/dp-epsilon")]
     epsilon = (
         run.metrics.get("dp-update/epsilon-final")

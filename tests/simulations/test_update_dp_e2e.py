@@ -7,6 +7,7 @@ site received and the weights that left it (what the server got): the attacker's
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,12 @@ def test_site_level_epsilon_is_logged_every_round_and_matches_an_independent_acc
     for rounds, value in values.items():
         assert value == pytest.approx(_epsilon([(NOISE, 1.0, rounds)], DELTA), rel=0.01)
     assert "at delta 1e-05" in run.data.tags["radfl.dp-update-epsilon"]
+    # The report carries it too.
+    local = client.download_artifacts(run.info.run_id, "report/dp_update.json", str(dp_run["tmp"]))
+    summary = json.loads(Path(local).read_text())
+    assert summary["rounds"] == 2 and summary["stopped-by-budget"] is True
+    assert summary["epsilon"] == pytest.approx(values[2])
+    assert summary["sampled-sites"] == 2 and summary["sample-rate"] == 1.0
 
 
 def test_the_budget_stops_training_before_the_round_that_would_pass_it(dp_run):
