@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import audit, disclosure
 from client.failures import contain_errors
@@ -143,7 +145,7 @@ def build_app(mods: list[Mod] | None = None) -> ClientApp:
     only an error's code and category leave the site. The site's audit log (``client.audit``)
     wraps everything, so it records what actually leaves, sanitised errors included."""
     client_app = ClientApp(mods=[audit.record_reply, contain_errors, *(mods or [])])
-    client_app.train()(train)
+    client_app.train(mods=[update_clipping])(train)
     client_app.train(keys.LOCAL_TRAINING)(local_training)
     client_app.evaluate()(evaluate)
     client_app.evaluate(keys.FINAL_EVALUATION)(final_evaluation)
@@ -158,12 +160,34 @@ def _prepare(
     task = get_task(config.model_config)
     site: SiteSplits = load_site(context.node_config, config)
     model = task.build_model()
-    if config.private:
+    if config.private_network:
         model = private_model(model)
     model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
     _restore_local_normalisation(model, context)
     trainer = LocalTrainer.for_site(task, config, site)
     return task, trainer, model, site
+
+
+# -- Update-level DP: the site clips its update before it leaves ----------------------------
+def update_clipping(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """With ``dp-update-noise-multiplier > 0``, Flower's ``fixedclipping_mod``: the update
+    (the trained weights minus the received ones) is scaled down to ``dp-update-clip-norm`` in
+    L2 norm before the reply leaves. The site clips to the run config's norm: a training
+    message that asks for a larger one, or none, is refused (the server's noise would no longer
+    cover this site's update)."""
+    config = _config(context)
+    if not config.update_private:
+        return call_next(msg, context)
+    settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
+    asked = settings.get(KEY_CLIPPING_NORM)
+    if not isinstance(asked, int | float) or not 0 < float(asked) <= config.dp_update_clip_norm:
+        return disclosure.refusal(
+            msg,
+            f"site refuses to train: update-level DP needs its update clipped to "
+            f"dp-update-clip-norm = {config.dp_update_clip_norm:g}, and the training message "
+            f"asks for {KEY_CLIPPING_NORM} = {asked!r}",
+        )
+    return fixedclipping_mod(msg, context, call_next)
 
 
 # -- FedBN: normalisation layers stay at the site -------------------------------------------

@@ -43,6 +43,9 @@ UPDATE_COMPRESSIONS = ("none", "fp16", "int8")
 #: Set by ``radfl simulate`` for its simulated sites: the folder holding ``site-0``,
 #: ``site-1``, ... (unset: each site is generated in memory).
 SIMULATION_DATA_ENV = "RADFL_SIMULATION_DATA"
+#: Strategies update-level DP (``dp-update-noise-multiplier``) composes with: their aggregate
+#: is the plain mean the noise is calibrated to (DP-FedAvg; ``server.strategies.UpdateDP``).
+UPDATE_DP_STRATEGIES = ("fedavg", "fedprox", "fedbn")
 #: The ServerApp logs this, then the MLflow run id, once the run has ended in MLflow: all that
 #: is left then is Flower stopping its runtime, which ``radfl simulate`` does not wait for.
 RUN_FINISHED_LOG = "[radfl] finished; MLflow run"
@@ -88,10 +91,24 @@ class ServerConfig:
     leave_out: str
     cross_site: bool
     dp_noise_multiplier: float
+    dp_delta: float
+    dp_update_noise_multiplier: float
+    dp_update_clip_norm: float
+    dp_update_epsilon: float
 
     @property
     def model_config(self) -> ModelConfig:
         return _project(self, ModelConfig)
+
+    @property
+    def update_private(self) -> bool:
+        """Whether updates get site-level DP (``dp-update-noise-multiplier > 0``)."""
+        return self.dp_update_noise_multiplier > 0
+
+    @property
+    def private_network(self) -> bool:
+        """Whether sites train the GroupNorm network of ``common.privacy.private_model``."""
+        return self.dp_noise_multiplier > 0 or self.update_private
 
     @property
     def subgroup_spec(self) -> SubgroupSpec:
@@ -132,6 +149,42 @@ class ServerConfig:
                 "run-config key max-aggregate-norm-ratio must be >= 0 (0: finiteness only), "
                 f"got {self.max_aggregate_norm_ratio}"
             )
+        self._check_update_dp()
+
+    def _check_update_dp(self) -> None:
+        """Refuse, by key, what would break update-level DP's guarantee (README, "Update-level
+        differential privacy")."""
+        if self.dp_update_noise_multiplier < 0 or self.dp_update_epsilon < 0:
+            raise ConfigError(
+                "run-config keys dp-update-noise-multiplier and dp-update-epsilon must be >= 0"
+            )
+        _check_positive("dp-update-clip-norm", self.dp_update_clip_norm)
+        if not self.update_private:
+            if self.dp_update_epsilon > 0:
+                raise ConfigError(
+                    "run-config key dp-update-epsilon is a budget for update-level DP: it needs "
+                    "dp-update-noise-multiplier > 0"
+                )
+            return
+        if self.strategy not in UPDATE_DP_STRATEGIES:
+            raise ConfigError(
+                f"run-config key strategy = {self.strategy!r} cannot be combined with "
+                f"dp-update-noise-multiplier > 0: the noise is calibrated to the plain mean of "
+                f"the clipped updates (DP-FedAvg), which a server optimiser's step or a robust "
+                f"aggregate is not; use one of {', '.join(UPDATE_DP_STRATEGIES)}"
+            )
+        if self.cross_site:
+            raise ConfigError(
+                "run-config key cross-site = true cannot be combined with "
+                "dp-update-noise-multiplier > 0: each site would send a model trained on its "
+                "data alone, without clipping or noise"
+            )
+        if self.left_out_sites and self.fraction_train < 1.0:
+            raise ConfigError(
+                "run-config key leave-out cannot be combined with fraction-train < 1 and "
+                "dp-update-noise-multiplier > 0: Flower samples among all nodes, so the number "
+                "of training sites per round, which the noise is calibrated to, would vary"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +218,8 @@ class ClientConfig:
     dp_max_grad_norm: float
     dp_delta: float
     dp_epsilon: float
+    dp_update_noise_multiplier: float
+    dp_update_clip_norm: float
 
     @property
     def model_config(self) -> ModelConfig:
@@ -174,6 +229,18 @@ class ClientConfig:
     def private(self) -> bool:
         """Whether the site trains with DP-SGD (``dp-noise-multiplier > 0``)."""
         return self.dp_noise_multiplier > 0
+
+    @property
+    def update_private(self) -> bool:
+        """Whether the site's update is clipped for update-level DP."""
+        return self.dp_update_noise_multiplier > 0
+
+    @property
+    def private_network(self) -> bool:
+        """Whether the site trains the GroupNorm network of ``common.privacy.private_model``:
+        DP-SGD needs it, and update-level DP too (BatchNorm's integer batch counters cannot be
+        scaled by the clipping, and its running statistics would spend the clipping norm)."""
+        return self.private or self.update_private
 
     @property
     def subgroup_spec(self) -> SubgroupSpec:
@@ -203,6 +270,16 @@ class ClientConfig:
         _check_positive("dp-max-grad-norm", self.dp_max_grad_norm)
         if not 0.0 < self.dp_delta < 1.0:
             raise ConfigError(f"run-config key dp-delta must lie in (0, 1), got {self.dp_delta}")
+        if self.dp_update_noise_multiplier < 0:
+            raise ConfigError("run-config key dp-update-noise-multiplier must be >= 0")
+        _check_positive("dp-update-clip-norm", self.dp_update_clip_norm)
+        if self.update_private and self.update_compression != "none":
+            raise ConfigError(
+                f"run-config key update-compression = {self.update_compression!r} cannot be "
+                "combined with dp-update-noise-multiplier > 0: compression changes the update "
+                "after it is clipped (int8's error feedback carries what it dropped into later "
+                "rounds), so the update sent is not bounded by dp-update-clip-norm"
+            )
         if self.private and self.class_balancing == "sampler":
             raise ConfigError(
                 "dp-noise-multiplier > 0 samples each batch by Poisson sampling: it cannot be "

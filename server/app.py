@@ -9,6 +9,7 @@ the test splits), optionally run cross-site validation, and log the report to ML
 
 from __future__ import annotations
 
+import json
 import time
 from logging import INFO, WARNING
 
@@ -21,13 +22,18 @@ from flwr.serverapp import Grid, ServerApp
 from common import messages as keys
 from common.config import RUN_FINISHED_LOG, ClientConfig, ServerConfig, from_run_config
 from common.errors import ConfigError
-from common.privacy import private_model
+from common.privacy import (
+    BUDGET_STOP_TAG,
+    ROUNDS_TRAINED_TAG,
+    UpdateAccountant,
+    private_model,
+)
 from common.report import Report
 from common.report_files import fmt_ci
 from common.tasks import get_task
 from server import checkpoint, final, tracking
 from server.rounds import RoundRecorder
-from server.strategies import build_strategy, reply_policy
+from server.strategies import build_strategy, reply_policy, sampled_per_round
 from server.validation import ArrivalGrid, gate_of
 
 app = ServerApp()
@@ -39,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     config = from_run_config(ServerConfig, context.run_config)
     task = get_task(config.model_config)
     model = task.build_model()
-    if config.dp_noise_multiplier > 0:  # the sites' DP-SGD network: GroupNorm for BatchNorm
+    if config.private_network:  # the sites' DP network: GroupNorm for BatchNorm
         model = private_model(model)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     buffer_keys = {name for name, _ in model.named_buffers()}
@@ -81,6 +87,15 @@ def main(grid: Grid, context: Context) -> None:
         )
         declared = {s.name: s.counts.get(keys.TRAIN_IMAGES, 0) for s in sites.values()}
         validation = {s.name: s.counts.get(keys.VALIDATION_IMAGES, 0) for s in sites.values()}
+        training_sites = len(sites) - len(left_out)
+        sampled = sampled_per_round(config, len(nodes), training_sites)
+        accountant = (
+            UpdateAccountant(
+                config.dp_update_noise_multiplier, sampled / training_sites, config.dp_delta
+            )
+            if config.update_private
+            else None
+        )
         strategy = build_strategy(
             config,
             buffer_keys=buffer_keys,
@@ -92,6 +107,12 @@ def main(grid: Grid, context: Context) -> None:
             on_failed_round=recorder.fail_round,
             on_traffic=recorder.record_traffic,
             on_reject_evaluation=recorder.reject_evaluation,
+            sampled_sites=sampled,
+            on_dp_round=(
+                (lambda r: tracking.log_metrics({DP_EPSILON: accountant.epsilon(r)}, step=r))
+                if accountant is not None
+                else None
+            ),
         )
         final.exclude_from_training(strategy, left_out)
         if resumed is None:
@@ -127,7 +148,25 @@ def main(grid: Grid, context: Context) -> None:
                     "random": checkpoint.random_state(),
                 },
             )
-        remaining = config.num_rounds - recorder.offset
+        trained_rounds = config.num_rounds
+        if accountant is not None:
+            trained_rounds = accountant.affordable_rounds(
+                config.dp_update_epsilon, config.num_rounds
+            )
+            log(
+                INFO,
+                "[radfl] update-level DP: %d of %d sites a round (rate %.3g), noise multiplier "
+                "%g, clip %g: epsilon %.4g at delta %g after %d rounds",
+                sampled,
+                training_sites,
+                accountant.sample_rate,
+                config.dp_update_noise_multiplier,
+                config.dp_update_clip_norm,
+                accountant.epsilon(trained_rounds),
+                config.dp_delta,
+                trained_rounds,
+            )
+        remaining = max(0, trained_rounds - recorder.offset)
         result = strategy.start(
             grid=ArrivalGrid(grid, gate_of(strategy).receive),
             initial_arrays=start_arrays,
@@ -136,6 +175,8 @@ def main(grid: Grid, context: Context) -> None:
             train_config=ConfigRecord({keys.NUM_ROUNDS: config.num_rounds}),
             evaluate_fn=recorder.end_of_round,
         )
+        if accountant is not None:
+            _report_update_dp(config, accountant, trained_rounds, sampled, training_sites)
         if recorder.rounds_completed == 0:
             log(WARNING, "[radfl] no round produced an aggregated model")
         # With no aggregated round, Flower's result holds no arrays: the start model is final.
@@ -143,7 +184,7 @@ def main(grid: Grid, context: Context) -> None:
         last_state = last.to_torch_state_dict()
         use_best = config.final_model == "best" and recorder.best_state is not None
         selected = recorder.best_state if use_best else last_state
-        selected_round = recorder.best_round if use_best else config.num_rounds
+        selected_round = recorder.best_round if use_best else trained_rounds
         assert selected is not None  # last_state is never None
         log(
             INFO,
@@ -186,12 +227,15 @@ def main(grid: Grid, context: Context) -> None:
             cross_site=cross_site,
         )
         if splits["test"].sites:
-            report = final.publish_report(
-                states,
-                extra_files={
-                    "sites_by_round.csv": pd.DataFrame(recorder.site_rows).to_csv(index=False)
-                },
-            )
+            extra_files = {
+                "sites_by_round.csv": pd.DataFrame(recorder.site_rows).to_csv(index=False)
+            }
+            if accountant is not None:
+                extra_files[UPDATE_DP_FILE] = json.dumps(
+                    _update_dp_summary(config, accountant, trained_rounds, sampled, training_sites),
+                    indent=2,
+                )
+            report = final.publish_report(states, extra_files=extra_files)
             log(INFO, "[radfl] test %s", _headline(report))
         else:
             log(WARNING, "[radfl] no site returned test states; no report was written")
@@ -206,6 +250,75 @@ def main(grid: Grid, context: Context) -> None:
             registered_state=selected,
         )
     log(INFO, "%s %s", RUN_FINISHED_LOG, run.info.run_id)  # after the MLflow run has ended
+
+
+#: MLflow metric of update-level DP's site-level epsilon, logged at each round's step.
+DP_EPSILON = "dp-update/epsilon"
+#: The report file holding update-level DP's settings and the epsilon reached.
+UPDATE_DP_FILE = "dp_update.json"
+#: The log line and MLflow tag of a run whose update-level DP budget stopped training.
+BUDGET_STOP_LOG = "[radfl] update-level DP budget reached: training stops"
+
+
+def _update_dp_summary(
+    config: ServerConfig,
+    accountant: UpdateAccountant,
+    trained_rounds: int,
+    sampled: int,
+    training_sites: int,
+) -> dict[str, float | int | bool]:
+    return {
+        "noise-multiplier": config.dp_update_noise_multiplier,
+        "clip-norm": config.dp_update_clip_norm,
+        "sites": training_sites,
+        "sampled-sites": sampled,
+        "sample-rate": accountant.sample_rate,
+        "delta": config.dp_delta,
+        "budget-epsilon": config.dp_update_epsilon,
+        "rounds": trained_rounds,
+        "epsilon": accountant.epsilon(trained_rounds),
+        "stopped-by-budget": trained_rounds < config.num_rounds,
+    }
+
+
+def _report_update_dp(
+    config: ServerConfig,
+    accountant: UpdateAccountant,
+    trained_rounds: int,
+    sampled: int,
+    training_sites: int,
+) -> None:
+    """The epsilon reached to MLflow (tag and final metric); the budget stop, if any, logged
+    with the epsilon the next round would have reached."""
+    spent = accountant.epsilon(trained_rounds)
+    mlflow.set_tag("radfl.dp-update-epsilon", f"{spent:.6g} at delta {config.dp_delta:g}")
+    tracking.log_metrics({f"{DP_EPSILON}-final": spent}, step=trained_rounds)
+    if trained_rounds < config.num_rounds:
+        after = accountant.epsilon(trained_rounds + 1)
+        log(
+            WARNING,
+            "%s after round %d of %d: round %d would take the site-level epsilon to %.4g, past "
+            "dp-update-epsilon = %g (spent %.4g at delta %g); the model so far is evaluated",
+            BUDGET_STOP_LOG,
+            trained_rounds,
+            config.num_rounds,
+            trained_rounds + 1,
+            after,
+            config.dp_update_epsilon,
+            spent,
+            config.dp_delta,
+        )
+        mlflow.set_tag(ROUNDS_TRAINED_TAG, str(trained_rounds))
+        mlflow.set_tag(
+            BUDGET_STOP_TAG,
+            f"after round {trained_rounds} of {config.num_rounds}: round {trained_rounds + 1} "
+            f"would reach epsilon {after:.4g} > {config.dp_update_epsilon:g}",
+        )
+    log(
+        INFO,
+        "[radfl] update-level DP: %s",
+        _update_dp_summary(config, accountant, trained_rounds, sampled, training_sites),
+    )
 
 
 def _left_out_nodes(config: ServerConfig, sites: dict[int, final.Site]) -> set[int]:

@@ -143,7 +143,7 @@ def describe_sites(
     return sites
 
 
-def exclude_from_training(strategy: flwr_strategy.FedAvg, node_ids: set[int]) -> None:
+def exclude_from_training(strategy: flwr_strategy.Strategy, node_ids: set[int]) -> None:
     """Make ``strategy`` send no training message to ``node_ids`` (left-out sites): they are
     still evaluated every round, as external validation."""
     if not node_ids:

@@ -6,6 +6,11 @@ MultiKrum (Blanchard et al., 2017; ``byzantine-sites`` is the number of faulty s
 tolerate), and FedBN (Li et al., 2021): FedAvg on the server while each site keeps its own
 normalisation layers (``client.app``), which matters under scanner shift.
 
+With ``dp-update-noise-multiplier > 0`` the strategy is wrapped in :class:`UpdateDP`, Flower's
+``DifferentialPrivacyClientSideFixedClipping`` (DP-FedAvg, McMahan et al., 2018): sites clip
+their updates, the reply gate takes the unweighted mean over the sampled sites, and the wrapper
+adds Gaussian noise to it.
+
 Every strategy checks training replies before aggregating and enforces the round's quorum
 (``server.validation``). The mean-based ones fold replies into a running mean as they arrive;
 the median, trimmed mean and (Multi-)Krum read updates held on disk (:class:`OnDiskAggregate`):
@@ -14,11 +19,13 @@ the server holds no model per site either way.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -30,10 +37,12 @@ from common.tasks import Task
 from server.validation import (
     FailedRoundCallback,
     RejectCallback,
+    ReplyGate,
     ReplyPolicy,
     StoredArray,
     TrafficCallback,
     UpdateStore,
+    gate_of,
     with_validation,
 )
 
@@ -218,6 +227,61 @@ MEAN_AGGREGATES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm
 SERVER_OPTIMISERS = frozenset({"fedadam", "fedyogi", "fedavgm"})
 
 
+class UpdateDP(flwr_strategy.DifferentialPrivacyClientSideFixedClipping):
+    """Update-level DP around a RadFL strategy: Flower's client-side fixed clipping wrapper.
+
+    It sends ``dp-update-clip-norm`` in every training message (each site's
+    ``fixedclipping_mod`` clips its update to it before it leaves, ``client.app``) and adds
+    Gaussian noise of ``noise_multiplier * clip / sampled_sites`` to the aggregate. The wrapped
+    strategy's reply gate (``server.validation``) checks each clipped update as before and takes
+    their unweighted mean over ``sampled_sites`` (``ReplyPolicy.fixed_denominator``), the mean
+    that noise is calibrated to; the noise is added after the gate's checks. Flower's wrapper
+    skips aggregation when any reply is an error (a crashed site): that round keeps the global
+    model and is recorded as failed here.
+
+    ``on_round(server_round)`` is called as each round's training is sent (its epsilon is
+    logged then).
+    """
+
+    def __init__(
+        self,
+        strategy: flwr_strategy.FedAvg,
+        noise_multiplier: float,
+        clipping_norm: float,
+        sampled_sites: int,
+        on_round: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, sampled_sites)
+        self.on_round = on_round
+
+    @property
+    def reply_gate(self) -> ReplyGate:
+        return gate_of(self.strategy)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if self.on_round is not None:
+            self.on_round(server_round + self.reply_gate.offset)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        failed = [r for r in replies if r.has_error()]
+        if arrays is None and failed:
+            gate = self.reply_gate
+            gate.on_failed_round(
+                server_round + gate.offset,
+                f"{len(failed)} sampled site(s) sent an error reply, and update-level DP "
+                "releases no aggregate then (Flower's DP wrapper): the global model is kept",
+            )
+        return arrays, metrics
+
+
 def list_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
@@ -234,12 +298,17 @@ def build_strategy(
     on_failed_round: FailedRoundCallback | None = None,
     on_traffic: TrafficCallback | None = None,
     on_reject_evaluation: RejectCallback | None = None,
-) -> flwr_strategy.FedAvg:
+    sampled_sites: int = 0,
+    on_dp_round: Callable[[int], None] | None = None,
+) -> flwr_strategy.FedAvg | UpdateDP:
     """The strategy ``config.strategy`` names, configured from the run config, checking
     replies by ``policy`` (default: the run config's, without declared sizes).
 
     ``buffer_keys`` names the model's non-trainable state (BatchNorm statistics), which server
-    optimisers average instead of stepping.
+    optimisers average instead of stepping. With update-level DP
+    (``dp-update-noise-multiplier > 0``) it is wrapped in :class:`UpdateDP`, calibrated to
+    ``sampled_sites`` sites a round (:func:`sampled_per_round`), which the reply gate's mean
+    then divides by; ``on_dp_round`` as in :class:`UpdateDP`.
     """
     try:
         factory = _STRATEGIES[config.strategy]
@@ -259,9 +328,14 @@ def build_strategy(
     strategy = factory(config, common)
     if isinstance(strategy, AverageBuffersMixin):
         strategy.buffer_keys = frozenset(buffer_keys)
-    return with_validation(
+    policy = policy or reply_policy(config)
+    if config.update_private:
+        if sampled_sites < 1:
+            raise ValueError("update-level DP needs the number of sites sampled per round")
+        policy = dataclasses.replace(policy, fixed_denominator=sampled_sites)
+    gated = with_validation(
         strategy,
-        policy or reply_policy(config),
+        policy,
         node_names or {},
         on_reject or (lambda server_round, site, reason: None),
         on_failed_round or (lambda server_round, reason: None),
@@ -271,6 +345,25 @@ def build_strategy(
         bound_aggregate=config.strategy not in SERVER_OPTIMISERS,
         on_disk=isinstance(strategy, OnDiskAggregate),
     )
+    if not config.update_private:
+        return gated  # type: ignore[no-any-return]
+    return UpdateDP(
+        gated,
+        config.dp_update_noise_multiplier,
+        config.dp_update_clip_norm,
+        sampled_sites,
+        on_round=on_dp_round,
+    )
+
+
+def sampled_per_round(config: ServerConfig, nodes: int, training_sites: int) -> int:
+    """Training sites Flower's FedAvg sends to each round: ``max(int(nodes * fraction-train),
+    min-sites)`` of the ``nodes`` connected, all ``training_sites`` at ``fraction-train = 1``
+    (left-out sites are sampled, then dropped; ``ServerConfig`` refuses leave-out with
+    ``fraction-train < 1`` under update-level DP)."""
+    if config.fraction_train >= 1.0:
+        return training_sites
+    return min(training_sites, max(int(nodes * config.fraction_train), config.min_sites))
 
 
 def reply_policy(

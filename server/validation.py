@@ -85,6 +85,11 @@ class ReplyPolicy:
     declared_validation: Mapping[str, int] = field(default_factory=dict)
     #: The task whose metric states evaluation replies carry (None: states not checked).
     task: Task | None = None
+    #: Update-level DP (DP-FedAvg): every accepted update weighs the same and the mean divides
+    #: by this many sampled sites, a missing or rejected one counting as no update, so that one
+    #: site moves the mean by at most clip / sampled, what the noise is calibrated to (0: off;
+    #: mean-folding strategies only).
+    fixed_denominator: int = 0
 
 
 def unknown_node(node: int) -> str:
@@ -261,6 +266,22 @@ def check_weights(
     if not math.isfinite(norm):
         return f"update norm {norm} is not finite", math.nan
     return None, norm
+
+
+def _fixed_denominator_mean(
+    mean: ArrayRecord, start: ArrayRecord, kept: int, denominator: int
+) -> ArrayRecord:
+    """``start + (mean - start) * kept / denominator``: the sum of the kept updates over the
+    fixed number of sampled sites (floating-point arrays; others as averaged)."""
+    scale = kept / denominator
+    out = ArrayRecord()
+    for key in mean:
+        value = mean[key].numpy()
+        if np.issubdtype(value.dtype, np.floating) and key in start:
+            origin = start[key].numpy().astype(np.float64)
+            value = (origin + (value.astype(np.float64) - origin) * scale).astype(value.dtype)
+        out[key] = Array(np.ascontiguousarray(value))
+    return out
 
 
 def _fp32_bytes(value: np.ndarray) -> int:
@@ -524,6 +545,8 @@ class ReplyGate:
         reason, norm, weight = _check_arrival(
             reply, self.round_start, self._expected, self.policy, self.node_names
         )
+        if self.policy.fixed_denominator:
+            weight = 1.0
         if reason is None and self.fold:
             self._running_sum().add(id(reply), keys.array_record(reply.content), weight)
         elif reason is None and self.on_disk:
@@ -612,6 +635,10 @@ class ReplyGate:
             self._sum.rebuild((id(reply), arrival.weight) for reply, arrival in kept)
         if self._sum is not None:
             mean = self._sum.mean(_expected(self.round_start))
+            if self.policy.fixed_denominator:
+                mean = _fixed_denominator_mean(
+                    mean, self.round_start, len(kept), self.policy.fixed_denominator
+                )
             for reply, _ in kept:
                 reply.content[keys.ARRAYS] = mean  # one shared record: their mean is the mean
         if self.on_disk:

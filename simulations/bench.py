@@ -16,6 +16,9 @@ MLflow run in ``--out/mlflow.db`` whose id is in the table.
 - ``privacy``: membership inference on a run's final model and gradient inversion of one
   site's update, without protection, with update-level DP and with SecAgg
   (``simulations.bench_privacy``).
+- ``privacy-utility``: test AUC and Dice without DP, with DP-SGD and with update-level DP at
+  epsilon 1, 3 and 8, and with SecAgg, with the epsilon each run reached
+  (``simulations.bench_utility``).
 
 Profiles size the runs: ``quick`` (seconds per run: CI checks that the tables are produced),
 ``cpu`` (this 2-core machine) and ``gpu`` (the default data and image size).
@@ -228,6 +231,8 @@ class Runner:
         self.tracking_uri = f"sqlite:///{self.out / 'mlflow.db'}"
         self.verbose = verbose
         self.radfl = str(Path(sys.executable).parent / "radfl")
+        #: ``privacy-utility``: the modes to run (empty: all).
+        self.modes: tuple[str, ...] = ()
 
     def run(
         self,
@@ -577,12 +582,21 @@ def privacy_summary(rows: pd.DataFrame) -> pd.DataFrame:
     return bench_privacy.summary(rows)
 
 
+def privacy_utility(profile: Profile, runner: Runner) -> pd.DataFrame:
+    """Test metric, epsilon reached and wall time of each privacy mode (no DP, DP-SGD and
+    update-level DP at epsilon 1, 3, 8, SecAgg); ``--modes`` (``runner.modes``) picks some."""
+    from simulations import bench_utility
+
+    return bench_utility.privacy_utility(profile, runner, runner.modes)
+
+
 PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {
     "quality": quality,
     "overhead": overhead,
     "scale": scale,
     "comm": comm,
     "privacy": privacy,
+    "privacy-utility": privacy_utility,
 }
 SUMMARIES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
     "quality": quality_summary,
@@ -592,11 +606,14 @@ SUMMARIES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
 
 def bench(args: argparse.Namespace) -> int:
     profile = PROFILES[args.profile]
+    if args.tasks:
+        profile = replace(profile, tasks=tuple(t.strip() for t in args.tasks.split(",")))
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise BenchError(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
     runner = Runner(Path(args.out), verbose=args.verbose)
+    runner.modes = tuple(m.strip() for m in (args.modes or "").split(",") if m.strip())
     print(f"radfl bench: profile {profile.name} ({json.dumps(asdict(profile))})", flush=True)
     begun = time.monotonic()
     for part in parts:
@@ -625,3 +642,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--out", default="bench", help="folder for tables and the MLflow store")
     parser.add_argument("--verbose", action="store_true", help="show each run's output")
+    parser.add_argument("--tasks", default="", help="tasks of the profile to run (default: all)")
+    parser.add_argument(
+        "--modes",
+        default="",
+        help="privacy-utility: modes to run, e.g. none,dp-sgd-eps8 (default: all)",
+    )

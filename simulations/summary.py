@@ -7,6 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from common.config import ServerConfig
 from common.errors import RadFLError
+from common.privacy import BUDGET_STOP_TAG, ROUNDS_TRAINED_TAG
 from common.report import build_report
 from common.tasks import get_task
 from server import tracking
@@ -108,11 +109,15 @@ def print_summary(config: ServerConfig, *, wall_time_s: float) -> int:
         f"run {run.info.run_id}  status {status}"
     )
     print(f"Browse: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
-    complete = status == "FINISHED" and len(rounds) == config.num_rounds and has_report
+    planned = config.num_rounds
+    if ROUNDS_TRAINED_TAG in run.data.tags:  # update-level DP's budget stopped training
+        planned = int(run.data.tags[ROUNDS_TRAINED_TAG])
+        print(f"Training stopped at the update-level DP budget: {run.data.tags[BUDGET_STOP_TAG]}")
+    complete = status == "FINISHED" and len(rounds) == planned and has_report
     if not complete:
         print(
             f"The run did not complete: status {status}, "
-            f"{len(rounds)} of {config.num_rounds} rounds"
+            f"{len(rounds)} of {planned} rounds"
             f"{'' if has_report else ', no evaluation report'}."
         )
     return 0 if complete else 1

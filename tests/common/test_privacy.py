@@ -1,6 +1,7 @@
 """DP-SGD's accountant against a plain computation of the sampled Gaussian mechanism, and the
 network both sides build for DP-SGD."""
 
+import copy
 import math
 
 import numpy as np
@@ -92,3 +93,29 @@ def test_the_dp_network_has_group_norm_for_batch_norm_on_both_sides():
 def test_bad_dp_settings_name_their_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         from_run_config(ClientConfig, {**default_run_config(), **overrides})
+
+
+def test_resnet18_takes_a_dp_sgd_step_and_computes_the_same_function():
+    # MONAI's ResNet blocks add the residual in place, which Opacus' per-sample hooks forbid
+    # ("Output 0 of BackwardHookFunction is a view and is being modified inplace").
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    config = from_run_config(
+        ClientConfig, {**default_run_config(), "model": "resnet18", "image-size": 32}
+    )
+    torch.manual_seed(0)
+    reference = ModuleValidator.fix(get_task(config.model_config).build_model())
+    for module in reference.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    model = private_model(copy.deepcopy(reference))
+    images = torch.randn(3, 1, 32, 32)
+    reference.eval()
+    model.eval()
+    assert torch.allclose(reference(images), model(images))
+    model.train()
+    wrapped = GradSampleModule(model)
+    wrapped(images).sum().backward()
+    grads = [p.grad_sample for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.shape[0] == 3 and torch.isfinite(g).all() for g in grads)

@@ -1,0 +1,36 @@
+"""The privacy-utility bench's modes: each one dict of run-config overrides for its epsilon."""
+
+import pytest
+
+from common.config import known_keys
+from common.privacy import UpdateAccountant
+from simulations.bench import PROFILES
+from simulations.bench_utility import SECAGG_KEY, modes
+
+
+def test_every_mode_is_run_config_overrides_and_each_dp_mode_reaches_its_epsilon():
+    profile = PROFILES["quick"]
+    found = modes(profile, "classification", profile.classification_model)
+    assert list(found) == [
+        "none",
+        "dp-sgd-eps1",
+        "dp-sgd-eps3",
+        "dp-sgd-eps8",
+        "update-dp-eps1",
+        "update-dp-eps3",
+        "update-dp-eps8",
+        "secagg",
+    ]
+    for name, settings in found.items():
+        if name != "secagg":
+            assert set(settings) <= known_keys(), name
+    assert found["secagg"] == {SECAGG_KEY: True}
+    sigmas = [found[f"dp-sgd-eps{e}"]["dp-noise-multiplier"] for e in (1, 3, 8)]
+    assert sigmas == sorted(sigmas, reverse=True)  # more noise for a smaller epsilon
+    for epsilon in (1, 3, 8):
+        settings = found[f"update-dp-eps{epsilon}"]
+        assert settings["dp-update-epsilon"] == epsilon
+        accountant = UpdateAccountant(settings["dp-update-noise-multiplier"], 1.0, 1e-5)
+        # Within the budget the run enforces, and close to it.
+        assert accountant.epsilon(profile.rounds) <= epsilon
+        assert accountant.epsilon(profile.rounds) == pytest.approx(epsilon, rel=0.01)
