@@ -48,7 +48,7 @@ def log_overlays(
         return None
     client = MlflowClient(tracking.tracking_uri())
     model = task.build_model()
-    if client_config.private:  # DP-SGD's network: GroupNorm for BatchNorm
+    if client_config.private_network:  # the sites' DP network: GroupNorm for BatchNorm
         model = private_model(model)
     model.load_state_dict(_evaluated_weights(client, run_id, server_config.final_model))
     model.eval()
