@@ -87,6 +87,12 @@ class ServerConfig:
     leave_out: str
     cross_site: bool
     dp_noise_multiplier: float
+    # Secure aggregation (SecAgg+; server/secagg.py, which checks these keys)
+    secure_aggregation: bool
+    secagg_num_shares: float
+    secagg_reconstruction_threshold: float
+    secagg_clipping_range: float
+    secagg_timeout_s: float
 
     @property
     def model_config(self) -> ModelConfig:
@@ -177,6 +183,8 @@ class ClientConfig:
     dp_max_grad_norm: float
     dp_delta: float
     dp_epsilon: float
+    # A site's own bound on its update under secure aggregation (client/secagg.py)
+    secagg_max_update_norm_ratio: float
 
     @property
     def model_config(self) -> ModelConfig:
