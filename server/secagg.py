@@ -28,8 +28,10 @@ recorder and checkpoints run unchanged. Checks that need one site's update (norm
 shape, finiteness) run at the site before masking (``client.secagg``); options that need
 individual updates are refused (:func:`check_options`).
 
-A stage that leaves a site with fewer live neighbours than the reconstruction threshold ends the
-round's protocol: the round fails with the reason, the global model is kept.
+A site lost before key sharing is complete cannot be unmasked (the workflow would ask the others
+for shares of its secrets that were never made): the protocol starts again without it. A stage
+that leaves a site with fewer live neighbours than the reconstruction threshold ends the round's
+protocol: the round fails with the reason, the global model is kept.
 """
 
 from __future__ import annotations
@@ -236,53 +238,38 @@ class SecureAggregationGrid(ArrivalGrid):
         server_round = int(keys.scalar(config, keys.SERVER_ROUND, 0))
         start = keys.array_record(messages[0].content)
         names = float_names(start)
-        stage_grid = _StageGrid(self.grid, deadline)
-        context = _legacy_context(self.grid, server_round, messages)
-        state = WorkflowState()
-        steps = (
-            self.workflow.setup_stage,
-            self.workflow.share_keys_stage,
-            self.workflow.collect_masked_vectors_stage,
-            self.workflow.unmask_stage,
-        )
-        failure = None
-        for index, step in enumerate(steps):
-            stage_grid.stage = index
-            if not step(stage_grid, context, state):
-                failure = _failure(index, state, stage_grid)
+        live, lost = messages, list[Message]()
+        while True:
+            stage_grid = _StageGrid(self.grid, deadline)
+            context = _legacy_context(self.grid, server_round, live)
+            failure, survivors = self._stages(live, stage_grid, context)
+            errors = lost + _error_replies(stage_grid)
+            if not survivors:
                 break
-            if index == 0:
-                # Stage 3 sends each site RadFL's own training message (model, round config),
-                # to which the workflow adds the site's shares.
-                # Flower's strategies share one content between a round's messages: each site
-                # gets its own, to which the workflow adds that site's shares.
-                state.nid_to_fitins = {
-                    m.metadata.dst_node_id: RecordDict(dict(m.content.items())) for m in messages
-                }
-        errors = _error_replies(stage_grid)
+            # A site lost before its secrets were shared cannot be unmasked (Flower's workflow
+            # would ask the others for shares it never made): start again without it.
+            log(INFO, "[radfl] round %d: secure aggregation restarts without %d site(s) lost "
+                "before key sharing", server_round, len(live) - len(survivors))  # fmt: skip
+            live, lost = [m for m in live if m.metadata.dst_node_id in survivors], errors
         if failure is not None:
-            log(ERROR, "[radfl] round %d: %s", server_round, failure)
-            self.on_reject(server_round, SECURE_AGGREGATION, failure)
-            return errors + _left_without_aggregate(messages, errors)
+            return self._refuse(server_round, failure, messages, errors)
         mean = context.aggregate
         if mean is None or len(mean) != len(names):
             reason = "secure aggregation produced no aggregate of the model's shape"
-            self.on_reject(server_round, SECURE_AGGREGATION, reason)
-            return errors
+            return self._refuse(server_round, reason, messages, errors)
         update = dict(zip(names, mean, strict=True))
         reference = {name: start[name].numpy() for name in names}
         for name, value in update.items():
             if value.shape != reference[name].shape:
                 reason = f"the secure aggregate of {name} has shape {value.shape}"
-                self.on_reject(server_round, SECURE_AGGREGATION, reason)
-                return errors
+                return self._refuse(server_round, reason, messages, errors)
         if self.transcript is not None:
             _write_transcript(self.transcript, server_round, stage_grid, update)
         fault = aggregate_fault(update, reference, self.bound)
         if fault is not None:
-            log(ERROR, "[radfl] round %d: %s: refused, model kept", server_round, fault)
-            self.on_reject(server_round, SECURE_AGGREGATION, fault)
-            return errors
+            return self._refuse(
+                server_round, f"{fault}: the global model is kept", messages, errors
+            )
         model = ArrayRecord()
         for name in start:
             value = start[name].numpy()
@@ -304,6 +291,43 @@ class SecureAggregationGrid(ArrivalGrid):
         log(INFO, "[radfl] round %d: secure aggregate of %d sites", server_round, len(contributors))
         done = {r.metadata.src_node_id for r in contributors}
         return contributors + [e for e in errors if e.metadata.src_node_id not in done]
+
+    def _stages(
+        self, messages: list[Message], stage_grid: _StageGrid, context: _Context
+    ) -> tuple[str | None, set[int]]:
+        """Run SecAgg+'s stages: ``(failure, survivors)``, where ``survivors`` (non-empty
+        only when every stage remains to be run again) are the sites left after key sharing
+        when some were lost before it."""
+        state = WorkflowState()
+        steps = (
+            self.workflow.setup_stage,
+            self.workflow.share_keys_stage,
+            self.workflow.collect_masked_vectors_stage,
+            self.workflow.unmask_stage,
+        )
+        for index, step in enumerate(steps):
+            stage_grid.stage = index
+            if not step(stage_grid, context, state):
+                return _failure(index, state, stage_grid), set()
+            if index == 0:
+                # Stage 3 sends each site RadFL's own training message (model, round config).
+                # Flower's strategies share one content between a round's messages: each site
+                # gets its own, to which the workflow adds that site's shares.
+                state.nid_to_fitins = {
+                    m.metadata.dst_node_id: RecordDict(dict(m.content.items())) for m in messages
+                }
+            alive = set(state.active_node_ids)
+            if index == 1 and alive != set(state.sampled_node_ids) and len(alive) >= 2:
+                return None, alive
+        return None, set()
+
+    def _refuse(
+        self, server_round: int, reason: str, messages: list[Message], errors: list[Message]
+    ) -> list[Message]:
+        """The round without an aggregate: the reason recorded, each site's error reply."""
+        log(ERROR, "[radfl] round %d: %s", server_round, reason)
+        self.on_reject(server_round, SECURE_AGGREGATION, reason)
+        return errors + _left_without_aggregate(messages, errors)
 
 
 class _StageGrid(ArrivalGrid):

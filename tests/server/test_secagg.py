@@ -89,34 +89,68 @@ def _training_message(node: int) -> Message:
     return Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
-def test_the_grid_refuses_a_nan_aggregate_by_message_and_keeps_the_model(monkeypatch):
+def _grid(rejected: list[tuple[int, str, str]]) -> secagg.SecureAggregationGrid:
     server, training = _configs()
-    rejected: list[tuple[int, str, str]] = []
-    received: list[Message] = []
-    grid = secagg.SecureAggregationGrid(
-        cast(Grid, object()),  # the stages are replaced below: nothing is sent
-        received.append,
+    return secagg.SecureAggregationGrid(
+        cast(Grid, object()),  # the stages are replaced in each test: nothing is sent
+        lambda reply: None,
         server,
         training,
         max_weight=10.0,
         on_reject=lambda *rejection: rejected.append(rejection),
     )
 
-    def stage(*args: Any) -> bool:
-        return True
+
+def _passes(*args: Any) -> bool:
+    return True
+
+
+def test_the_grid_refuses_a_nan_aggregate_by_message_and_keeps_the_model(monkeypatch):
+    rejected: list[tuple[int, str, str]] = []
+    grid = _grid(rejected)
 
     def unmask(stage_grid: Any, context: Any, state: Any) -> bool:
         context.aggregate_source.aggregate = [np.full((2, 2), np.nan)]
         return True
 
     for name in ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage"):
-        monkeypatch.setattr(grid.workflow, name, stage)
+        monkeypatch.setattr(grid.workflow, name, _passes)
     monkeypatch.setattr(grid.workflow, "unmask_stage", unmask)
-    replies = grid.send_and_receive([_training_message(5), _training_message(6)], timeout=5)
-    assert list(replies) == [] and received == []  # the strategy gets nothing: model kept
-    assert rejected == [
-        (1, "secure-aggregation", "the secure aggregate has non-finite values in w")
-    ]
+    replies = list(grid.send_and_receive([_training_message(5), _training_message(6)], timeout=5))
+    reason = "the secure aggregate has non-finite values in w: the global model is kept"
+    assert rejected == [(1, "secure-aggregation", reason)]
+    # No model reaches the strategy: each site's reply is an error that says why.
+    assert [r.metadata.src_node_id for r in replies] == [5, 6]
+    assert all(r.error.reason.startswith("the round's secure aggregation failed") for r in replies)
+
+
+def test_a_site_lost_before_key_sharing_restarts_the_protocol_without_it(monkeypatch):
+    rejected: list[tuple[int, str, str]] = []
+    grid = _grid(rejected)
+    attempts: list[list[int]] = []
+
+    def setup(stage_grid: Any, context: Any, state: Any) -> bool:
+        nodes = [proxy.node_id for proxy in context.strategy.proxies]
+        attempts.append(nodes)
+        state.sampled_node_ids = set(nodes)
+        state.active_node_ids = set(nodes)
+        return True
+
+    def share_keys(stage_grid: Any, context: Any, state: Any) -> bool:
+        state.active_node_ids = state.active_node_ids - {7}  # site 7 never shares its keys
+        return True
+
+    def unmask(stage_grid: Any, context: Any, state: Any) -> bool:
+        context.aggregate_source.aggregate = [np.zeros((2, 2))]
+        return True
+
+    monkeypatch.setattr(grid.workflow, "setup_stage", setup)
+    monkeypatch.setattr(grid.workflow, "share_keys_stage", share_keys)
+    monkeypatch.setattr(grid.workflow, "collect_masked_vectors_stage", _passes)
+    monkeypatch.setattr(grid.workflow, "unmask_stage", unmask)
+    grid.send_and_receive([_training_message(n) for n in (5, 6, 7)], timeout=5)
+    assert attempts == [[5, 6, 7], [5, 6]]
+    assert rejected == []
 
 
 class _SilentGrid:
