@@ -120,9 +120,9 @@ def check_options(config: ServerConfig, training: ClientConfig) -> None:
             f"run-config key update-compression = {training.update_compression!r} cannot be "
             "combined with secure-aggregation (SecAgg+ quantizes the update itself); set it to none"
         )
-    if config.fraction_train < 1.0 and config.min_sites < 2:
+    if config.min_sites < 2:  # a sum of one update is that update
         raise SecureAggregationError(
-            "secure-aggregation needs at least 2 sites a round (min-sites)"
+            f"run-config key min-sites must be >= 2 with secure-aggregation, got {config.min_sites}"
         )
     if not 0.0 < config.secagg_num_shares <= 1.0:
         raise SecureAggregationError(

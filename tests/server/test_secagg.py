@@ -38,7 +38,8 @@ def test_update_compression_is_refused_by_key():
 @pytest.mark.parametrize(
     ("key", "value"),
     [("secagg-num-shares", 0.0), ("secagg-reconstruction-threshold", 1.5),
-     ("secagg-clipping-range", 0.0), ("secagg-max-update-norm-ratio", -1.0)],
+     ("secagg-clipping-range", 0.0), ("secagg-max-update-norm-ratio", -1.0),
+     ("min-sites", 1)],
 )  # fmt: skip
 def test_bad_secagg_keys_are_refused_by_name(key, value):
     with pytest.raises(ConfigError, match=f"run-config key {key} must"):
