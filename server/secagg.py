@@ -90,6 +90,9 @@ from server.validation import ArrivalGrid
 INDIVIDUAL_UPDATE_STRATEGIES = frozenset({"fedmedian", "fedtrimmedavg", "krum", "multikrum"})
 #: A folder the server writes what it received under SecAgg to (tests only; unset: nothing).
 TRANSCRIPT_ENV = "RADFL_SECAGG_TEST_TRANSCRIPT"
+#: Quantization steps of the weighted update (Flower's default is 2**22): the unmasked sum of
+#: n sites stays below the modulus 2**32 up to n = 255 sites.
+QUANTIZATION_RANGE = 2**24
 STAGES = ("setup", "share keys", "collect masked vectors", "unmask")
 #: The name a rejection of the round's secure aggregate is recorded under.
 SECURE_AGGREGATION = "secure-aggregation"
@@ -211,6 +214,7 @@ class SecureAggregationGrid(ArrivalGrid):
             reconstruction_threshold=float(config.secagg_reconstruction_threshold),
             max_weight=float(max_weight),
             clipping_range=float(config.secagg_clipping_range),
+            quantization_range=QUANTIZATION_RANGE,
             timeout=config.secagg_timeout_s,
         )
         self.round_timeout_s = config.round_timeout_s
