@@ -13,7 +13,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client import audit, disclosure
+from client import audit, disclosure, secagg
 from client.failures import contain_errors
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
@@ -143,8 +143,11 @@ def build_app(mods: list[Mod] | None = None) -> ClientApp:
     """The site ClientApp with every handler; ``mods`` wrap them all (for example a mod that
     records each reply, as the privacy test does), inside ``contain_errors``: whatever fails,
     only an error's code and category leave the site. The site's audit log (``client.audit``)
-    wraps everything, so it records what actually leaves, sanitised errors included."""
-    client_app = ClientApp(mods=[audit.record_reply, contain_errors, *(mods or [])])
+    wraps everything, so it records what actually leaves, sanitised errors included. Training
+    messages of SecAgg+ (``secure-aggregation``) are served by ``client.secagg``."""
+    client_app = ClientApp(
+        mods=[audit.record_reply, contain_errors, secagg.secure_aggregation, *(mods or [])]
+    )
     client_app.train(mods=[update_clipping])(train)
     client_app.train(keys.LOCAL_TRAINING)(local_training)
     client_app.evaluate()(evaluate)

@@ -95,6 +95,12 @@ class ServerConfig:
     dp_update_noise_multiplier: float
     dp_update_clip_norm: float
     dp_update_epsilon: float
+    # Secure aggregation (SecAgg+; server/secagg.py, which checks these keys)
+    secure_aggregation: bool
+    secagg_num_shares: float
+    secagg_reconstruction_threshold: float
+    secagg_clipping_range: float
+    secagg_timeout_s: float
 
     @property
     def model_config(self) -> ModelConfig:
@@ -220,6 +226,8 @@ class ClientConfig:
     dp_epsilon: float
     dp_update_noise_multiplier: float
     dp_update_clip_norm: float
+    # A site's own bound on its update under secure aggregation (client/secagg.py)
+    secagg_max_update_norm_ratio: float
 
     @property
     def model_config(self) -> ModelConfig:

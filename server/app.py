@@ -31,7 +31,7 @@ from common.privacy import (
 from common.report import Report
 from common.report_files import fmt_ci
 from common.tasks import get_task
-from server import checkpoint, final, tracking
+from server import checkpoint, final, secagg, tracking
 from server.rounds import RoundRecorder
 from server.strategies import build_strategy, reply_policy, sampled_per_round
 from server.validation import ArrivalGrid, gate_of
@@ -61,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     resume_run_id = resumed["run-id"] if resumed else ""
     # The sites' training config: every ClientApp reads it from this run's config.
     training = from_run_config(ClientConfig, context.run_config)
+    secagg.check_options(config, training)
     with tracking.start_run(
         config, mode="federated", training=training, resume_run_id=resume_run_id
     ) as run:
@@ -167,8 +168,14 @@ def main(grid: Grid, context: Context) -> None:
                 trained_rounds,
             )
         remaining = max(0, trained_rounds - recorder.offset)
+        training_grid = ArrivalGrid(grid, gate_of(strategy).receive)
+        if config.secure_aggregation:  # SecAgg+: the server sees only the sum (server/secagg.py)
+            training_grid = secagg.SecureAggregationGrid(
+                grid, gate_of(strategy).receive, config, training,
+                max_weight=max(declared.values()), on_reject=recorder.reject_update,
+            )  # fmt: skip
         result = strategy.start(
-            grid=ArrivalGrid(grid, gate_of(strategy).receive),
+            grid=training_grid,
             initial_arrays=start_arrays,
             num_rounds=remaining,
             timeout=config.round_timeout_s,
