@@ -319,3 +319,47 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"run-config key {key} must be positive, got {value}")
+
+
+# --- run-config text, as `--set KEY=VALUE` takes it and `flwr run --run-config` wants it
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as run-config values (numbers, booleans and strings)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return overrides
+
+
+def format_run_config(values: Mapping[str, Any]) -> str:
+    """``--run-config`` syntax: space-separated TOML ``key=value`` pairs."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, str):
+            parts.append(f"{key}={_toml_string(value)}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip("'\"")

@@ -43,7 +43,13 @@ from typing import Any
 import httpx
 
 from common import pki, signing
-from common.config import ServerConfig, default_run_config, from_run_config
+from common.config import (
+    ServerConfig,
+    default_run_config,
+    format_run_config,
+    from_run_config,
+    parse_overrides,
+)
 from common.errors import RadFLError
 from server import proxy
 
@@ -550,8 +556,6 @@ def run(
     signature = sign_app(federation, app_dir)
     values[signing.SIGNATURE_KEY] = str(signature)
     print(f"[radfl] app bundle signed with key {signature.key_id}", flush=True)
-    from simulations.simulate import format_run_config
-
     command = [
         "flwr", "run", str(Path(app_dir).resolve()), federation.name, "--stream",
         "--run-config", format_run_config(values),
@@ -813,8 +817,6 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from simulations.simulate import parse_overrides
-
     overrides = parse_overrides(args.set)
     if args.rounds is not None:
         overrides["num-rounds"] = args.rounds
