@@ -34,7 +34,6 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
 
 from common import messages as keys
 from common.config import ServerConfig
@@ -44,6 +43,7 @@ from common.report_files import write_report
 from common.subgroups import parse_cell_name
 from common.tasks import Task
 from server import boundary, tracking
+from server.strategy_mixins import leave_out
 from server.validation import ArrivalGrid, check_weights
 
 POLL_INTERVAL_S = 0.5
@@ -208,20 +208,7 @@ def evaluate_everywhere(
     return out
 
 
-def exclude_from_training(strategy: flwr_strategy.FedAvg, node_ids: set[int]) -> None:
-    """Make ``strategy`` send no training message to ``node_ids`` (left-out sites): they are
-    still evaluated every round, as external validation."""
-    if not node_ids:
-        return
-    configure_train = strategy.configure_train
-
-    def without_left_out(
-        server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = configure_train(server_round, arrays, config, grid)
-        return [m for m in messages if m.metadata.dst_node_id not in node_ids]
-
-    strategy.configure_train = without_left_out  # type: ignore[method-assign]
+exclude_from_training = leave_out  # server.strategy_mixins.LeaveOutMixin
 
 
 def final_evaluation(

@@ -38,7 +38,6 @@ KNOWN_LONG = {
     "server/final.py",
     # Split on this branch in later commits.
     "server/coordinator.py",
-    "server/validation.py",
     "simulations/bench.py",
 }
 
