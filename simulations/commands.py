@@ -32,7 +32,7 @@ def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from simulations import bench as module
+    from simulations.bench import parts as module
 
     module.add_arguments(parser)
     parser.set_defaults(handler=module.bench)

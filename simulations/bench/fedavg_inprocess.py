@@ -7,7 +7,7 @@ other on the same device; the server averages their weights by training examples
 buffers keep their dtype), evaluates the pooled validation split every round, and evaluates the
 best round's model once on the pooled test split. Prints one JSON line per round and a summary.
 
-    python -m simulations.bench_fedavg_inprocess --task detection --dims 3 --image-size 32
+    python -m simulations.bench.fedavg_inprocess --task detection --dims 3 --image-size 32
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ MLflow run in ``--out/mlflow.db`` whose id is in the table.
   compression costs in test AUC.
 - ``privacy``: membership inference on a run's final model and gradient inversion of one
   site's update, without protection, with update-level DP and with SecAgg
-  (``simulations.bench_privacy``).
+  (``simulations.bench.privacy``).
 
 Profiles size the runs: ``quick`` (seconds per run: CI checks that the tables are produced),
 ``cpu`` (this 2-core machine) and ``gpu`` (the default data and image size).
@@ -411,7 +411,7 @@ def comm(profile: Profile, runner: Runner) -> pd.DataFrame:
 def overhead(profile: Profile, runner: Runner) -> pd.DataFrame:
     """Wall time of ``radfl simulate --in-memory`` against the bare loop, alternating, and the
     site trainer's throughput against a bare training epoch, in fp32 and bf16."""
-    from simulations import bare_loop
+    from simulations.bench import bare_loop
 
     settings = {**profile.run_config(), "augment": False, "precision": "fp32"}
     config = _client_config(profile, settings)
@@ -475,7 +475,7 @@ def _throughput(profile: Profile, config: Any) -> list[dict[str, Any]]:
     """Images per second of one site's local training: RadFL's trainer against a bare epoch."""
     from client.trainer import LocalTrainer
     from common.tasks import get_task
-    from simulations import bare_loop
+    from simulations.bench import bare_loop
 
     site = bare_loop.load_sites(config, profile.sites)[0]
     task = get_task(config.model_config)
@@ -566,13 +566,13 @@ def scale(profile: Profile, runner: Runner) -> pd.DataFrame:
 
 def privacy(profile: Profile, runner: Runner) -> pd.DataFrame:
     """Membership-inference AUC and gradient-inversion SSIM/PSNR, per protection."""
-    from simulations import bench_privacy
+    from simulations.bench import privacy as bench_privacy
 
     return bench_privacy.privacy(profile, runner)
 
 
 def privacy_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    from simulations import bench_privacy
+    from simulations.bench import privacy as bench_privacy
 
     return bench_privacy.summary(rows)
 
