@@ -1,4 +1,5 @@
-# The two set-up commands of the README. Each creates the virtual environment on first use.
+# The set-up commands of the README. Each creates the virtual environment on first use, and
+# re-installs the package when pyproject.toml changes (its entry points: the radfl commands).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -23,14 +23,15 @@ from logging import ERROR
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client.site import LOG_FOLDER
 from common.config import SIMULATION_DATA_ENV
 from common.errors import RadFLError, public_message
 
-if TYPE_CHECKING:  # `radfl site audit` only reads JSON: it imports neither Flower nor torch
+if TYPE_CHECKING:  # Flower's types only: `radfl site audit` reads JSON
     from flwr.app import Context, Message
     from flwr.clientapp.typing import ClientAppCallable
 
-AUDIT_FOLDER = Path(".radfl-logs") / "audit"
+AUDIT_FOLDER = Path(LOG_FOLDER) / "audit"
 AUDIT_PATH_KEY = "audit-path"
 #: Bytes per number of a MetricRecord/ConfigRecord value on the wire (int64/double).
 NUMBER_BYTES = 8

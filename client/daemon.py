@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from client import check, launcher
+from client.site import LOG_FOLDER
 from common import pki, signing
 from common.errors import RadFLError
 from common.tasks import list_tasks
 
-LOG_FOLDER = ".radfl-logs"
 #: Restart pauses after the SuperNode exits: doubling from 2 s up to 5 minutes.
 FIRST_PAUSE_S = 2.0
 LONGEST_PAUSE_S = 300.0

@@ -46,7 +46,8 @@ from common.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-#: The site's log folder inside its data folder (``radfl site start`` writes there too).
+#: The site's log folder inside its data folder: the ClientApp's log, the daemon's
+#: (``client.daemon``) and the audit log (``client.audit``).
 LOG_FOLDER = ".radfl-logs"
 CLIENTAPP_LOG = "clientapp.log"
 

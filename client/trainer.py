@@ -429,7 +429,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         return torch.float16
     # auto: fp16 mixed precision on CUDA. On a CPU with native bf16 (AVX512-BF16/AMX) bf16
-    # autocast trained ResNet-18 1.39x faster here at equal AUC (simulations/bench_precision.py);
+    # autocast trained ResNet-18 1.39x faster here at equal AUC (simulations/bench/precision.py);
     # where bf16 would be emulated it is slower, so fp32 stays.
     if device.type == "cuda":
         return torch.float16

@@ -14,32 +14,28 @@ import tomllib
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from common.errors import ConfigError
 from common.evaluation import THRESHOLD_METHODS
 from common.subgroups import SubgroupSpec
 from common.tasks import task_class
+from common.tasks.base import ModelConfig
 
 ConfigT = TypeVar("ConfigT")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """What both sides need to build the same network."""
-
-    task: str
-    model: str
-    spatial_dims: int
-    image_size: int
-    num_classes: int
-    seed: int
 
 
 #: Strategies whose sites keep their own normalisation layers (FedBN; ``client.app``).
 LOCAL_NORMALISATION_STRATEGIES = frozenset({"fedbn"})
 #: What a site may send after training (``update-compression``; ``common.compression``).
-UPDATE_COMPRESSIONS = ("none", "fp16", "int8")
+UpdateCompression = Literal["none", "fp16", "int8"]
+UPDATE_COMPRESSIONS: tuple[str, ...] = get_args(UpdateCompression)
+#: The values of the enumerated keys; a run config holding another value is refused by name.
+FinalModel = Literal["best", "last"]
+Optimizer = Literal["adamw", "sgd"]
+LRSchedule = Literal["cosine", "cyclic", "constant"]
+ClassBalancing = Literal["weighted-loss", "sampler", "none"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 #: Set by ``radfl simulate`` for its simulated sites: the folder holding ``site-0``,
 #: ``site-1``, ... (unset: each site is generated in memory).
 SIMULATION_DATA_ENV = "RADFL_SIMULATION_DATA"
@@ -87,7 +83,7 @@ class ServerConfig:
     threshold_method: str
     target_sensitivity: float
     confidence_level: float
-    final_model: str
+    final_model: FinalModel
     leave_out: str
     cross_site: bool
     dp_noise_multiplier: float
@@ -127,7 +123,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _check_choice("threshold-method", self.threshold_method, THRESHOLD_METHODS)
-        _check_choice("final-model", self.final_model, ("best", "last"))
+        _check_choice("final-model", self.final_model, get_args(FinalModel))
         if not 0.0 < self.target_sensitivity <= 1.0:
             raise ConfigError(
                 f"run-config key target-sensitivity must lie in (0, 1], "
@@ -205,21 +201,21 @@ class ClientConfig:
     seed: int
     local_epochs: int
     batch_size: int
-    optimizer: str
+    optimizer: Optimizer
     learning_rate: float
     weight_decay: float
-    lr_schedule: str
+    lr_schedule: LRSchedule
     early_stopping_patience: int
-    class_balancing: str
+    class_balancing: ClassBalancing
     augment: bool
-    precision: str
+    precision: Precision
     synthetic_samples_per_site: int
     validation_fraction: float
     test_fraction: float
     subgroups: str
     age_bands: str
     min_cell_size: int
-    update_compression: str
+    update_compression: UpdateCompression
     dp_noise_multiplier: float
     dp_max_grad_norm: float
     dp_delta: float
@@ -256,10 +252,10 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         _check_choice("update-compression", self.update_compression, UPDATE_COMPRESSIONS)
-        _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
-        _check_choice("lr-schedule", self.lr_schedule, ("cosine", "cyclic", "constant"))
-        _check_choice("class-balancing", self.class_balancing, ("weighted-loss", "sampler", "none"))
-        _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("optimizer", self.optimizer, get_args(Optimizer))
+        _check_choice("lr-schedule", self.lr_schedule, get_args(LRSchedule))
+        _check_choice("class-balancing", self.class_balancing, get_args(ClassBalancing))
+        _check_choice("precision", self.precision, get_args(Precision))
         _check_positive("local-epochs", self.local_epochs)
         if self.batch_size == 0:  # the task's own (``Task.default_batch_size``)
             object.__setattr__(self, "batch_size", task_class(self.task).default_batch_size)
@@ -371,6 +367,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"run-config key {key} must be a number, got {value!r}")
         return float(value)
+    if get_origin(annotation) is Literal:
+        if not isinstance(value, str):
+            raise ConfigError(f"run-config key {key} must be a string, got {value!r}")
+        _check_choice(key, value, get_args(annotation))
+        return value
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"run-config key {key} must be a string, got {value!r}")
@@ -392,3 +393,47 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"run-config key {key} must be positive, got {value}")
+
+
+# --- run-config text, as `--set KEY=VALUE` takes it and `flwr run --run-config` wants it
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as run-config values (numbers, booleans and strings)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = _parse_value(value.strip())
+    return overrides
+
+
+def format_run_config(values: Mapping[str, Any]) -> str:
+    """``--run-config`` syntax: space-separated TOML ``key=value`` pairs."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, str):
+            parts.append(f"{key}={_toml_string(value)}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip("'\"")

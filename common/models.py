@@ -11,7 +11,7 @@ MONAI 1.6's ``ResNet`` defaults to a 7x7 stride-1 first convolution followed by 
 pool, so ``layer1`` runs at half the input resolution and the network downsamples 16x, not 32x as
 in the original ResNet (He et al. 2016). On the 64-128 px images RadFL trains on, that makes every
 residual stage four times (2D) or eight times (3D) costlier. Measured with
-``python -m simulations.bench_stems`` (2D, batch 16, 1 channel, 2 classes, forward + backward,
+``python -m simulations.bench.stems`` (2D, batch 16, 1 channel, 2 classes, forward + backward,
 2 CPU threads on a shared 2-core VM, median of 3 after 1 warm-up, the two stems interleaved):
 
 ========  ===  =====================  =====================  ========

@@ -21,7 +21,6 @@ missing.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import pickle
 import random
@@ -35,10 +34,9 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.errors import ConfigError
+from server.strategy_mixins import checkpointable
 
 NAME = "checkpoint.pt"
-#: Strategy attributes that carry state from round to round (Flower's FedOpt and FedAvgM).
-STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 #: A run key names a folder: a plain name, never a path (``..``, ``/``) or an empty string.
 RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Markers of values stored as tensors and turned back on loading.
@@ -70,16 +68,12 @@ def checkpoint_path(checkpoint_dir: str, run_key: str) -> Path:
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
-    return {
-        name: copy.deepcopy(getattr(strategy, name))
-        for name in STRATEGY_STATE
-        if getattr(strategy, name, None) is not None
-    }
+    """The strategy's own state (``state_dict`` of ``server.strategy_mixins.CheckpointMixin``)."""
+    return checkpointable(strategy).state_dict()
 
 
 def restore_strategy(strategy: Any, state: dict[str, Any]) -> None:
-    for name, value in state.items():
-        setattr(strategy, name, value)
+    checkpointable(strategy).load_state_dict(state)
 
 
 def random_state() -> dict[str, Any]:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp import strategy as flwr_strategy
 
 from common.errors import ConfigError, RadFLError
 from server import boundary
+from server.strategy_mixins import leave_out
 
 POLL_INTERVAL_S = 0.5
 
@@ -143,20 +143,7 @@ def describe_sites(
     return sites
 
 
-def exclude_from_training(strategy: flwr_strategy.Strategy, node_ids: set[int]) -> None:
-    """Make ``strategy`` send no training message to ``node_ids`` (left-out sites): they are
-    still evaluated every round, as external validation."""
-    if not node_ids:
-        return
-    configure_train = strategy.configure_train
-
-    def without_left_out(
-        server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = configure_train(server_round, arrays, config, grid)
-        return [m for m in messages if m.metadata.dst_node_id not in node_ids]
-
-    strategy.configure_train = without_left_out  # type: ignore[method-assign]
+exclude_from_training = leave_out  # server.strategy_mixins.LeaveOutMixin
 
 
 def send(

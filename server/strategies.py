@@ -12,16 +12,17 @@ their updates, the reply gate takes the unweighted mean over the sampled sites, 
 adds Gaussian noise to it.
 
 Every strategy checks training replies before aggregating and enforces the round's quorum
-(``server.validation``). The mean-based ones fold replies into a running mean as they arrive;
-the median, trimmed mean and (Multi-)Krum read updates held on disk (:class:`OnDiskAggregate`):
-the server holds no model per site either way.
+(``server.validation``), leaves left-out sites out of training and keeps its state for
+checkpoints: mixins over Flower's classes (``server.strategy_mixins``). The mean-based ones
+fold replies into a running mean as they arrive; the median, trimmed mean and (Multi-)Krum read
+updates held on disk (:class:`OnDiskAggregate`): the server holds no model per site either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -34,19 +35,17 @@ from common.config import ServerConfig
 from common.errors import RegistryError
 from common.messages import array_record, metric_record, scalar
 from common.tasks import Task
-from server.validation import (
-    FailedRoundCallback,
-    RejectCallback,
-    ReplyGate,
-    ReplyPolicy,
-    StoredArray,
-    TrafficCallback,
-    UpdateStore,
-    gate_of,
-    with_validation,
-)
+from server.replies import FailedRoundCallback, RejectCallback, ReplyPolicy, TrafficCallback
+from server.strategy_mixins import CheckpointMixin, LeaveOutMixin, ReplyGateMixin
+from server.update_store import StoredArray, UpdateStore
+from server.validation import ReplyGate, gate_of
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
+
+
+class RadFLStrategy(CheckpointMixin, ReplyGateMixin, LeaveOutMixin):
+    """What every strategy here adds to Flower's (``server.strategy_mixins``): listed first
+    in each class's bases, so these run around Flower's steps."""
 
 
 class AverageBuffersMixin:
@@ -78,12 +77,34 @@ class AverageBuffersMixin:
         return fixed, metrics
 
 
-class FedAdam(AverageBuffersMixin, flwr_strategy.FedAdam):
+#: Flower's FedOpt: the model it steps from and its first and second moments.
+FEDOPT_STATE = ("current_arrays", "m_t", "v_t")
+
+
+class FedAvg(RadFLStrategy, flwr_strategy.FedAvg):
+    """FedAvg (McMahan et al., 2017); FedBN's server too."""
+
+
+class FedProx(RadFLStrategy, flwr_strategy.FedProx):
+    """FedProx (Li et al., 2020): FedAvg on the server; sites add the proximal term."""
+
+
+class FedAvgM(RadFLStrategy, flwr_strategy.FedAvgM):
+    """FedAvgM (Hsu et al., 2019)."""
+
+    state_attributes = ("current_arrays", "momentum_vector")
+
+
+class FedAdam(RadFLStrategy, AverageBuffersMixin, flwr_strategy.FedAdam):
     """FedAdam with BatchNorm buffers averaged."""
 
+    state_attributes = FEDOPT_STATE
 
-class FedYogi(AverageBuffersMixin, flwr_strategy.FedYogi):
+
+class FedYogi(RadFLStrategy, AverageBuffersMixin, flwr_strategy.FedYogi):
     """FedYogi with BatchNorm buffers averaged."""
+
+    state_attributes = FEDOPT_STATE
 
 
 #: Coordinates of each update read at once by the on-disk strategies: 2**16 (512 KiB a site
@@ -94,14 +115,14 @@ CHUNK = 2**16
 class OnDiskAggregate:
     """Robust aggregates that need every update at once, computed from updates held on disk.
 
-    The reply gate writes each accepted update to an :class:`~server.validation.UpdateStore`
-    as it arrives and hands it over as ``updates``; the aggregate reads ``CHUNK``
+    The reply gate writes each accepted update to an :class:`~server.update_store.UpdateStore`
+    as it arrives and hands it over as ``reply_gate.stored``; the aggregate reads ``CHUNK``
     coordinates of every update at a time, so the server holds one model (the result) and a
     slice per site, not a model per site. The results are Flower's: the same median, trimmed
     mean and (Multi-)Krum selection, computed in float64.
     """
 
-    updates: UpdateStore | None = None
+    reply_gate: ReplyGate
     weighted_by_key: str
     train_metrics_aggr_fn: MetricsAggregator
 
@@ -109,7 +130,7 @@ class OnDiskAggregate:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [r for r in replies if not r.has_error()]
-        store = self.updates
+        store: UpdateStore | None = self.reply_gate.stored
         if store is None or not replies:
             return super().aggregate_train(server_round, replies)  # type: ignore[misc]
         models = [store.load(id(reply)) for reply in replies]
@@ -146,7 +167,7 @@ def _by_chunk(
     return out
 
 
-class FedMedian(OnDiskAggregate, flwr_strategy.FedMedian):
+class FedMedian(RadFLStrategy, OnDiskAggregate, flwr_strategy.FedMedian):
     """Coordinate-wise median (Yin et al., 2018), from updates on disk."""
 
     def aggregate_stored(
@@ -155,7 +176,7 @@ class FedMedian(OnDiskAggregate, flwr_strategy.FedMedian):
         return list(range(len(models))), _by_chunk(models, lambda b: np.median(b, axis=0))
 
 
-class FedTrimmedAvg(OnDiskAggregate, flwr_strategy.FedTrimmedAvg):
+class FedTrimmedAvg(RadFLStrategy, OnDiskAggregate, flwr_strategy.FedTrimmedAvg):
     """Coordinate-wise trimmed mean (Yin et al., 2018), from updates on disk."""
 
     def aggregate_stored(
@@ -165,7 +186,7 @@ class FedTrimmedAvg(OnDiskAggregate, flwr_strategy.FedTrimmedAvg):
         return list(range(len(models))), _by_chunk(models, lambda b: trim_mean(b, beta))
 
 
-class MultiKrum(OnDiskAggregate, flwr_strategy.MultiKrum):
+class MultiKrum(RadFLStrategy, OnDiskAggregate, flwr_strategy.MultiKrum):
     """MultiKrum (Blanchard et al., 2017) from updates on disk: pairwise distances summed
     slice by slice, then the weighted mean of the ``num_nodes_to_select`` best."""
 
@@ -196,14 +217,14 @@ class Krum(MultiKrum):
         super().__init__(**kwargs, num_nodes_to_select=1)
 
 
-StrategyFactory = Callable[[ServerConfig, dict[str, Any]], flwr_strategy.FedAvg]
+StrategyFactory = Callable[[ServerConfig, dict[str, Any]], RadFLStrategy]
 
 _STRATEGIES: dict[str, StrategyFactory] = {
-    "fedavg": lambda cfg, common: flwr_strategy.FedAvg(**common),
-    "fedprox": lambda cfg, common: flwr_strategy.FedProx(**common, proximal_mu=cfg.proximal_mu),
+    "fedavg": lambda cfg, common: FedAvg(**common),
+    "fedprox": lambda cfg, common: FedProx(**common, proximal_mu=cfg.proximal_mu),
     "fedadam": lambda cfg, common: FedAdam(**common, eta=cfg.server_learning_rate),
     "fedyogi": lambda cfg, common: FedYogi(**common, eta=cfg.server_learning_rate),
-    "fedavgm": lambda cfg, common: flwr_strategy.FedAvgM(
+    "fedavgm": lambda cfg, common: FedAvgM(
         **common, server_learning_rate=1.0, server_momentum=0.9
     ),
     "fedmedian": lambda cfg, common: FedMedian(**common),
@@ -215,7 +236,7 @@ _STRATEGIES: dict[str, StrategyFactory] = {
         num_nodes_to_select=max(1, cfg.min_sites - cfg.byzantine_sites),
     ),
     # The server averages everything; sites keep their own normalisation layers.
-    "fedbn": lambda cfg, common: flwr_strategy.FedAvg(**common),
+    "fedbn": lambda cfg, common: FedAvg(**common),
 }
 
 
@@ -333,8 +354,7 @@ def build_strategy(
         if sampled_sites < 1:
             raise ValueError("update-level DP needs the number of sites sampled per round")
         policy = dataclasses.replace(policy, fixed_denominator=sampled_sites)
-    gated = with_validation(
-        strategy,
+    strategy.reply_gate = ReplyGate(
         policy,
         node_names or {},
         on_reject or (lambda server_round, site, reason: None),
@@ -345,8 +365,10 @@ def build_strategy(
         bound_aggregate=config.strategy not in SERVER_OPTIMISERS,
         on_disk=isinstance(strategy, OnDiskAggregate),
     )
+    # Every registered class subclasses Flower's FedAvg (or a strategy built on it).
+    gated = cast(flwr_strategy.FedAvg, strategy)
     if not config.update_private:
-        return gated  # type: ignore[no-any-return]
+        return gated
     return UpdateDP(
         gated,
         config.dp_update_noise_multiplier,

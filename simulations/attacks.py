@@ -1,7 +1,8 @@
 """Privacy attacks measured on RadFL's models: membership inference and gradient inversion.
 
 Plain PyTorch and NumPy (no Flower, no MLflow): each attack takes a model and data, so it is
-tested without a federation; ``simulations.bench`` (part ``privacy``) feeds it a real run.
+tested without a federation; ``simulations.bench.privacy`` (``radfl bench`` part ``privacy``)
+feeds it a real run.
 
 - **Membership inference**, loss threshold: Yeom, Giacomelli, Fredrikson and Jha, "Privacy
   Risk in Machine Learning: Analyzing the Connection to Overfitting", CSF 2018. A sample is

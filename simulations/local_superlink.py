@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+import psutil
 
 from common.errors import RadFLError
 
@@ -25,21 +26,11 @@ CONNECTION_NAME = "radfl-local"
 
 
 def descendants(root: int) -> list[int]:
-    """Every process below ``root`` by parent PID (read from /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    for entry in proc.iterdir() if proc.is_dir() else []:
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                parent = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
-    found, queue = [], [root]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
+    """Every process below ``root`` (empty once ``root`` is gone)."""
+    try:
+        return [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def free_port() -> int:

@@ -27,8 +27,10 @@ from common.config import (
     ClientConfig,
     ServerConfig,
     default_run_config,
+    format_run_config,
     from_run_config,
     load_toml_config,
+    parse_overrides,
 )
 from common.errors import RadFLError
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
@@ -130,17 +132,6 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulation only: make sites misbehave, e.g. 'site-1:crash@1,site-2:nan' (runs the "
         f"ClientApp of simulations.faults; default ${FAULTS_ENV})",
     )
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as run-config values (numbers, booleans and strings)."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RadFLError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = _parse_value(value.strip())
-    return overrides
 
 
 def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -359,36 +350,6 @@ def simulation_env(workdir: Path) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     return env
-
-
-def format_run_config(values: Mapping[str, Any]) -> str:
-    """``--run-config`` syntax: space-separated TOML ``key=value`` pairs."""
-    parts = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            parts.append(f"{key}={'true' if value else 'false'}")
-        elif isinstance(value, str):
-            parts.append(f"{key}={_toml_string(value)}")
-        else:
-            parts.append(f"{key}={value}")
-    return " ".join(parts)
-
-
-def _toml_string(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
-
-
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip("'\"")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

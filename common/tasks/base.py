@@ -12,6 +12,7 @@ A batch is a MONAI-style dictionary: ``{"image": (N, C, *spatial), "label": ...}
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -28,10 +29,22 @@ from common.models import build_model, list_models, model_task
 from common.states import MetricInfo, SummableStates
 
 if TYPE_CHECKING:  # the synthetic generator is simulation data; only its type is named here
-    from common.config import ModelConfig
     from common.synthetic import SiteData
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What both sides need to build the same network (``common.config`` reads it from a run
+    config)."""
+
+    task: str
+    model: str
+    spatial_dims: int
+    image_size: int
+    num_classes: int
+    seed: int
 
 
 #: What a task's ``new_states`` returns: summable states (``common.states``).

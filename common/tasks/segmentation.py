@@ -15,10 +15,16 @@ from torch import nn
 from common import manifest as mf
 from common.errors import ConfigError
 from common.seg_metrics import SEGMENTATION_METRICS, SegmentationStates
-from common.tasks.base import Batch, Overlay, Task, inverse_frequency_weights, register_task
+from common.tasks.base import (
+    Batch,
+    ModelConfig,
+    Overlay,
+    Task,
+    inverse_frequency_weights,
+    register_task,
+)
 
 if TYPE_CHECKING:
-    from common.config import ModelConfig
     from common.synthetic import SiteData
 
 

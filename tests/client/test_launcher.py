@@ -76,3 +76,30 @@ def test_the_clientapp_command_runs_this_python_and_module(tmp_path: Path):
         "#!/bin/sh",
         f'exec {sys.executable} -m client.launcher clientapp "$@"',
     ]
+
+
+def test_the_flower_internals_the_launcher_wraps_are_there_as_it_uses_them():
+    """``client.launcher`` replaces two functions of Flower's ClientApp runner and one entry of
+    a table its executors read: a Flower upgrade that moves or reshapes one of them must fail
+    here, not at a hospital (where the launcher would then run unchecked or not at all)."""
+    import inspect
+    import typing
+
+    from flwr.supercore import constant
+    from flwr.supercore.superexec.executor import subprocess_executor
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    # The runner calls both through its module globals, which guard() replaces.
+    loop = inspect.getsource(runtime.run_clientapp)
+    assert "pull_task_input(client)" in loop
+    assert "install_from_fab(fab.content, skip_prompt=True)" in loop
+    pull = inspect.signature(runtime.pull_task_input)
+    assert list(pull.parameters) == ["client"]
+    returned = [t.__name__ for t in typing.get_args(pull.return_annotation)]
+    assert returned == ["Message", "Context", "Run", "Fab"]  # unpacked in that order
+    install = inspect.signature(runtime.install_from_fab)
+    assert list(install.parameters)[0] == "fab_file" and "skip_prompt" in install.parameters
+    # The executor reads the same dict object the launcher writes into, on every launch.
+    table = constant.TASK_TYPE_TO_COMMAND
+    assert subprocess_executor.TASK_TYPE_TO_COMMAND is table
+    assert table[constant.TaskType.CLIENT_APP] == "flwr-clientapp"

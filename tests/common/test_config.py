@@ -71,6 +71,42 @@ def test_bad_choice_raises():
         from_run_config(ClientConfig, {**default_run_config(), "lr-schedule": "step"})
 
 
+@pytest.mark.parametrize(
+    ("cls", "key"),
+    [
+        (ServerConfig, "final-model"),
+        (ClientConfig, "optimizer"),
+        (ClientConfig, "lr-schedule"),
+        (ClientConfig, "class-balancing"),
+        (ClientConfig, "precision"),
+        (ClientConfig, "update-compression"),
+    ],
+)
+def test_enumerated_keys_are_literal_types_and_refuse_other_values_by_name(cls, key):
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    annotation = get_type_hints(cls)[key.replace("-", "_")]
+    assert get_origin(annotation) is Literal
+    assert default_run_config()[key] in get_args(annotation)
+    choices = ", ".join(get_args(annotation))
+    with pytest.raises(
+        ConfigError, match=f"run-config key {key} must be one of {choices}; got 'x'"
+    ):
+        from_run_config(cls, {**default_run_config(), key: "x"})
+    with pytest.raises(ConfigError, match=f"run-config key {key} must be a string, got 3"):
+        from_run_config(cls, {**default_run_config(), key: 3})
+
+
+def test_set_overrides_parse_to_run_config_values_and_format_back():
+    from common.config import format_run_config, parse_overrides
+
+    values = parse_overrides(["num-rounds=3", "augment=false", "model=resnet18", "x=0.5"])
+    assert values == {"num-rounds": 3, "augment": False, "model": "resnet18", "x": 0.5}
+    assert format_run_config(values) == 'num-rounds=3 augment=false model="resnet18" x=0.5'
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE, got 'rounds'"):
+        parse_overrides(["rounds"])
+
+
 def test_config_is_frozen():
     config = from_run_config(ServerConfig, default_run_config())
     with pytest.raises(AttributeError):

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flwr_strategy
 
 from common.config import ServerConfig, default_run_config, from_run_config
 from common.metrics import ClassificationStates
 from common.tasks import get_task
 from server import boundary, final, rounds
-from server.strategies import build_strategy, reply_policy
-from server.validation import capped_weights
+from server.replies import capped_weights
+from server.strategies import RadFLStrategy, build_strategy, reply_policy
 from tests.server.test_final import FakeGrid, _final_reply
 
 CONFIG = from_run_config(ServerConfig, {**default_run_config(), "model": "small-cnn"})
@@ -143,15 +144,30 @@ def test_capped_weights_by_hand():
     assert capped_weights([5.0, 5.0], 1.0) == [5.0, 5.0]
 
 
+class _FaultyFedAvg(flwr_strategy.FedAvg):
+    """Flower's FedAvg, but its aggregate is ``result`` whatever the replies."""
+
+    def __init__(self, result) -> None:
+        super().__init__()
+        self.result = result
+
+    def aggregate_train(self, server_round, replies):
+        return _arrays(self.result), None
+
+
+class _Aggregating(RadFLStrategy, _FaultyFedAvg):
+    """The reply gate around a faulty aggregate."""
+
+
 def test_a_non_finite_or_too_large_aggregate_fails_the_round_and_keeps_the_model():
     for result, reason in (
         ({"w": np.full((3, 2), np.inf, np.float32), "bn.n": np.array(1)}, "non-finite"),
         ({"w": np.full((3, 2), 50.0, np.float32), "bn.n": np.array(1)}, "moves the model"),
     ):
         strategy, seen = _gate()
-        gate = strategy.reply_gate
-        gate._aggregate = lambda server_round, replies, result=result: (_arrays(result), None)
-        assert strategy.aggregate_train(1, [_train_reply(1, 1.0)]) == (None, None)
+        broken = _Aggregating(result)
+        broken.reply_gate = strategy.reply_gate
+        assert broken.aggregate_train(1, [_train_reply(1, 1.0)]) == (None, None)
         assert reason in seen["failed"][0] and "the global model is kept" in seen["failed"][0]
 
 

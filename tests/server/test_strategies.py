@@ -106,3 +106,89 @@ def test_site_config_record_does_not_break_aggregation():
         reply.content["site"] = ConfigRecord({"site-name": f"site-{i}"})
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays["w"].numpy()[0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name", list_strategies())
+def test_strategies_compose_by_subclassing_not_by_replacing_methods(name):
+    from server.strategy_mixins import leave_out
+
+    strategy = build_strategy(_config(strategy=name))
+    leave_out(strategy, {1})
+    steps = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
+    assert not set(steps) & set(vars(strategy)), "an instance method was reassigned"
+
+
+def _configured(strategy, arrays: ArrayRecord):
+    """``strategy`` after Flower's ``configure_train`` for round 1 from ``arrays``."""
+    strategy.current_arrays = {k: v.numpy() for k, v in arrays.items()}
+    return _started(strategy, arrays)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_a_refused_aggregate_leaves_the_server_optimisers_state_as_it_was(name):
+    """A server learning rate of 1e39 steps the float32 weights to infinity: the gate refuses
+    the aggregate, and Flower's moments, already updated inside its aggregate, are put back."""
+    failures = []
+    config = _config(strategy=name, **{"max-site-share": 1.0, "server-learning-rate": 1e39})
+    strategy = build_strategy(
+        config,
+        policy=reply_policy(config, {n: 1000 for n in NAMES.values()}),
+        node_names=NAMES,
+        on_failed_round=lambda server_round, reason: failures.append(reason),
+    )
+    _configured(strategy, _arrays(0.0, 1.0, 0))
+    before = strategy.state_dict()
+    assert set(before) == {"current_arrays"}  # no moments before the first accepted round
+    assert strategy.aggregate_train(1, [_reply(1.0, 2.0, 10, 1), _reply(1.0, 4.0, 30, 2)]) == (
+        None,
+        None,
+    )
+    assert "the aggregate has non-finite values in w" in failures[0]
+    assert strategy.m_t is None and strategy.v_t is None
+    assert strategy.state_dict().keys() == before.keys()
+
+    # The same round with a sane learning rate is accepted and does move the moments.
+    accepted = _build(strategy=name, **{"server-learning-rate": 0.5})
+    _configured(accepted, _arrays(0.0, 1.0, 0))
+    arrays, _ = accepted.aggregate_train(1, [_reply(1.0, 2.0, 10, 1), _reply(1.0, 4.0, 30, 2)])
+    assert arrays is not None and accepted.m_t is not None and accepted.v_t is not None
+
+
+def test_a_strategys_state_survives_a_checkpoint_and_unknown_state_is_refused(tmp_path):
+    from server import checkpoint
+
+    strategy = _configured(
+        _build(strategy="fedadam", **{"server-learning-rate": 0.5}), _arrays(0.0, 1.0, 0)
+    )
+    strategy.aggregate_train(1, [_reply(1.0, 2.0, 10, 1), _reply(1.0, 4.0, 30, 2)])
+    path = checkpoint.checkpoint_path(str(tmp_path), "run-1")
+    checkpoint.save(path, {"strategy": checkpoint.strategy_state(strategy)})
+    fresh = _build(strategy="fedadam", **{"server-learning-rate": 0.5})
+    checkpoint.restore_strategy(fresh, checkpoint.load(path)["strategy"])
+    for name in ("m_t", "v_t", "current_arrays"):
+        for key, value in getattr(strategy, name).items():
+            np.testing.assert_array_equal(getattr(fresh, name)[key], value)
+    with pytest.raises(ValueError, match="FedAdam has no state momentum_vector"):
+        fresh.load_state_dict({"momentum_vector": [np.zeros(1)]})
+
+
+def test_left_out_sites_get_no_training_message_and_are_not_awaited():
+    from server.strategy_mixins import leave_out
+    from tests.server.test_final import FakeGrid
+
+    rejections = []
+    config = _config(**{"max-site-share": 1.0, "min-sites": 1})
+    strategy = build_strategy(
+        config,
+        policy=reply_policy(config, {n: 1000 for n in NAMES.values()}),
+        node_names=NAMES,
+        on_reject=lambda server_round, site, reason: rejections.append((site, reason)),
+    )
+    leave_out(strategy, {2})
+    messages = strategy.configure_train(
+        1, _arrays(0.0, 1.0, 0), ConfigRecord({}), FakeGrid([1, 2], lambda node, message: None)
+    )
+    assert [m.metadata.dst_node_id for m in messages] == [1]
+    arrays, _ = strategy.aggregate_train(1, [_reply(2.0, 1.0, 10, 1)])
+    assert arrays["w"].numpy()[0] == pytest.approx(2.0)
+    assert rejections == []  # site-2 was never asked, so its silence is no rejection

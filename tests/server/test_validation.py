@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 
 from common.config import ServerConfig, default_run_config, from_run_config
 from server.strategies import build_strategy, reply_policy
-from server.validation import ArrivalGrid, ReplyPolicy, check_replies
+from server.validation import ArrivalGrid, ReplyPolicy
 
 RNG = np.random.default_rng(0)
 GLOBAL = {"conv.weight": RNG.normal(size=(4, 3)).astype(np.float32), "bn.n": np.array(3)}
@@ -69,6 +69,23 @@ def _config(**overrides) -> ServerConfig:
     return from_run_config(ServerConfig, {**default_run_config(), **overrides})
 
 
+def _checked(replies, policy: ReplyPolicy) -> tuple[list[str], dict[str, str]]:
+    """``(accepted sites, {rejected site: reason})`` of one FedAvg round over ``replies``."""
+    rejected: dict[str, str] = {}
+    names = _names(replies)
+    strategy = build_strategy(
+        _config(strategy="fedavg"),
+        policy=policy,
+        node_names=names,
+        on_reject=lambda server_round, site, reason: rejected.setdefault(site, reason),
+    )
+    strategy.reply_gate.round_start = _record(GLOBAL)
+    strategy.reply_gate.sampled = set(names)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    return [name for name in names.values() if name not in rejected], rejected
+
+
 def test_each_kind_of_bad_reply_is_rejected_with_its_reason():
     benign = [_reply(f"site-{i}") for i in range(4)]
     nan = {**GLOBAL, "conv.weight": np.full((4, 3), np.nan, np.float32)}
@@ -89,11 +106,8 @@ def test_each_kind_of_bad_reply_is_rejected_with_its_reason():
     ]
     declared = {name: 50 for name in _names([*benign, *bad]).values()}
     policy = ReplyPolicy(declared_examples=declared, max_update_norm_ratio=10.0)
-    accepted, rejected = check_replies(
-        [*benign, *bad], _record(GLOBAL), policy, _names([*benign, *bad])
-    )
-    assert accepted == benign
-    reasons = dict(rejected)
+    accepted, reasons = _checked([*benign, *bad], policy)
+    assert accepted == [f"site-{i}" for i in range(4)]
     assert reasons["nan"] == "non-finite values in conv.weight"
     assert "exceeds 10x the median" in reasons["scaled"]
     assert reasons["inflated"] == (
@@ -108,8 +122,8 @@ def test_each_kind_of_bad_reply_is_rejected_with_its_reason():
 def test_a_configured_maximum_replaces_the_declared_size():
     policy = ReplyPolicy(declared_examples={"a": 5}, max_num_examples=100)
     reply = _reply("a", num_examples=50)
-    accepted, rejected = check_replies([reply], _record(GLOBAL), policy, _names([reply]))
-    assert len(accepted) == 1 and not rejected
+    accepted, rejected = _checked([reply], policy)
+    assert accepted == ["a"] and not rejected
 
 
 def test_strategy_aggregates_the_valid_replies_and_records_the_rest():

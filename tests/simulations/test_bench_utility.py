@@ -4,8 +4,8 @@ import pytest
 
 from common.config import known_keys
 from common.privacy import UpdateAccountant
-from simulations.bench import PROFILES
-from simulations.bench_utility import SECAGG_KEY, modes
+from simulations.bench.runner import PROFILES
+from simulations.bench.utility import SECAGG_KEY, modes
 
 
 def test_every_mode_is_run_config_overrides_and_each_dp_mode_reaches_its_epsilon():

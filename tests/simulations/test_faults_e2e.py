@@ -5,15 +5,19 @@ finite model."""
 
 from __future__ import annotations
 
-import io
-import subprocess
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
-from tests.simulations.test_simulate_e2e import RADFL, _client, _env, _only_run
+from tests.simulations.conftest import (
+    metric_history,
+    rejections,
+    run_radfl,
+    the_run,
+    tiny_simulate_command,
+    tracking_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,51 +42,18 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
     benign_dir, faulty_dir = tmp_path / "benign", tmp_path / "faulty"
     benign_dir.mkdir()
     faulty_dir.mkdir()
-    settings = {
-        "image-size": 32,
-        "synthetic-samples-per-site": 24,
-        "batch-size": 8,
-        "local-epochs": 1,
-        "min-cell-size": 2,
-        "min-replies": 4,
-        "max-update-norm-ratio": 5.0,
-    }
-    overrides = [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
-    command = [RADFL, "simulate", "--in-memory", "--sites", "5", "--rounds", "4"]
-    command += ["--model", "small-cnn", *overrides]
+    command = tiny_simulate_command(sites=5, rounds=4, min_replies=4, max_update_norm_ratio=5.0)
     # The same federation without faults, for comparison.
-    benign = subprocess.run(
-        command, cwd=benign_dir, env=_env(benign_dir), capture_output=True, text=True, timeout=900
-    )
-    assert benign.returncode == 0, (benign.stdout + benign.stderr)[-5000:]
-    done = subprocess.run(
-        [*command, "--faults", FAULTS],
-        cwd=faulty_dir,
-        env=_env(faulty_dir),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-5000:]
+    run_radfl(command, benign_dir, tracking_env(benign_dir))
+    output = run_radfl([*command, "--faults", FAULTS], faulty_dir, tracking_env(faulty_dir))
     tmp_path = faulty_dir
-    client = _client(tmp_path)
-    run = _only_run(client, "federated")
+    client, run = the_run(tmp_path, "federated")
     assert run.info.status == "FINISHED"
 
     def history(name: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        return metric_history(client, run.info.run_id, name)
 
-    rejections = pd.read_csv(
-        io.StringIO(
-            Path(
-                client.download_artifacts(
-                    run.info.run_id, "robustness/rejections.csv", str(tmp_path)
-                )
-            ).read_text()
-        )
-    )
-    sites = rejections.dropna(subset=["site"])
+    sites = rejections(client, run.info.run_id, tmp_path).dropna(subset=["site"])
     reasons = {(r.round, r.site): r.reason for r in sites.itertuples()}
     # A crash reaches the coordinator as its code and category only, never its text.
     assert "site app failed (E-INTERNAL): RuntimeError" in reasons[1, "site-1"]
@@ -103,8 +74,8 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
     final = _final_weights(client, run, tmp_path / "final")
     assert all(torch.isfinite(v.float()).all() for v in final.values())
     # Close to the benign run's model: the rejected replies never reached the average.
-    benign_client = _client(benign_dir)
-    reference = _final_weights(benign_client, _only_run(benign_client, "federated"), tmp_path / "b")
+    benign_client, benign_run = the_run(benign_dir, "federated")
+    reference = _final_weights(benign_client, benign_run, tmp_path / "b")
     floats = [k for k in final if final[k].is_floating_point()]
     distance = sum(float((final[k] - reference[k]).norm() ** 2) for k in floats) ** 0.5
     scale = sum(float(reference[k].norm() ** 2) for k in floats) ** 0.5

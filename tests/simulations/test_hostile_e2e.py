@@ -10,16 +10,19 @@ One simulation (5 tiny sites, 2 rounds, ``small-cnn``); each reported case is it
 
 from __future__ import annotations
 
-import io
-import subprocess
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 import torch
 
-from tests.simulations.test_simulate_e2e import RADFL, _client, _env, _only_run
+from tests.simulations.conftest import (
+    metric_history,
+    rejections,
+    run_radfl,
+    the_run,
+    tiny_simulate_command,
+    tracking_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,37 +32,22 @@ FAULTS = "site-2:ghost@1,site-2:overflow@2,site-3:inf-query,site-4:dots"
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("hostile")
-    settings = {
-        "image-size": 32,
-        "synthetic-samples-per-site": 24,
-        "batch-size": 8,
-        "local-epochs": 1,
-        "min-cell-size": 2,
-    }
-    overrides = [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
-    command = [RADFL, "simulate", "--in-memory", "--sites", "5", "--rounds", "2"]
-    command += ["--model", "small-cnn", *overrides]
-    env = {**_env(folder), "RADFL_FAULTS": FAULTS}
-    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=900)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-5000:]
-    client = _client(folder)
-    run = _only_run(client, "federated")
-    path = client.download_artifacts(run.info.run_id, "robustness/rejections.csv", str(folder))
-    rejections = pd.read_csv(io.StringIO(Path(path).read_text()))
+    command = tiny_simulate_command(sites=5, rounds=2)
+    output = run_radfl(command, folder, tracking_env(folder, RADFL_FAULTS=FAULTS))
+    client, run = the_run(folder, "federated")
+    rejected = rejections(client, run.info.run_id, folder)
     weights = client.download_artifacts(run.info.run_id, "weights/final.pt", str(folder))
     return {
         "client": client,
         "run": client.get_run(run.info.run_id),
         "output": output,
-        "rejections": {(r.round, r.site): r.reason for r in rejections.itertuples()},
+        "rejections": {(r.round, r.site): r.reason for r in rejected.itertuples()},
         "final": torch.load(weights, weights_only=True),
     }
 
 
 def _history(hostile_run: dict[str, Any], name: str) -> dict[int, float]:
-    client, run = hostile_run["client"], hostile_run["run"]
-    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+    return metric_history(hostile_run["client"], hostile_run["run"].info.run_id, name)
 
 
 def test_the_run_completes_with_the_honest_sites_model(hostile_run):

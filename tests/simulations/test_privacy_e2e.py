@@ -19,21 +19,25 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import re
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pydicom
 import pytest
-from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[2]
-RADFL = str(Path(sys.executable).parent / "radfl")
+from tests.simulations.conftest import (
+    RADFL,
+    app_with_clientapp,
+    run_radfl,
+    set_options,
+    the_run,
+    tiny_simulate_command,
+    tracking_env,
+)
+
 SITE_K = 5
 AGE_BANDS = "40,65,80"
 ATTRIBUTES = ("sex", "age", "manufacturer", "modality")
@@ -104,21 +108,11 @@ def curious_run(tmp_path_factory):
     assert done.returncode == 0, done.stderr
     secrets_by_kind = _add_notes_and_collect_identifiers(data)
 
-    app_dir = tmp / "app"
-    app_dir.mkdir()
-    pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'clientapp = "client.app:app"' in pyproject
-    (app_dir / "pyproject.toml").write_text(
-        pyproject.replace('clientapp = "client.app:app"', 'clientapp = "recording_client:app"')
-    )
-    (app_dir / "recording_client.py").write_text(RECORDING_CLIENT)
+    app_dir = app_with_clientapp(tmp / "app", "recording_client", RECORDING_CLIENT)
     record = tmp / "record"
     record.mkdir()
-    env = os.environ.copy()
-    env.update(
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
+    env = tracking_env(
+        tmp,
         RADFL_PRIVACY_RECORD=str(record),
         RADFL_PRIVACY_ATTRIBUTES=",".join(ATTRIBUTES),
         RADFL_PRIVACY_AGE_BANDS=AGE_BANDS,
@@ -135,13 +129,9 @@ def curious_run(tmp_path_factory):
     command = [RADFL, "simulate", "--app-dir", str(app_dir), "--data", str(data)]
     command += ["--sites", "2", "--rounds", "1", "--model", "small-cnn"]
     command += ["--node-config", f"min-cell-size={SITE_K}"]
-    command += [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
-    done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-5000:]
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs([client.get_experiment_by_name("radfl").experiment_id])
+    command += set_options(settings)
+    output = run_radfl(command, tmp, env)
+    client, run = the_run(tmp)
     return {
         "tmp": tmp,
         "data": data,
@@ -313,30 +303,15 @@ def _combination_attack(overall: np.ndarray, published: list, hidden: dict) -> l
 
 
 def test_a_dp_sgd_simulation_logs_each_site_epsilon_every_round(tmp_path: Path):
-    env = os.environ.copy()
-    env.update(
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
+    command = tiny_simulate_command(
+        sites=2,
+        rounds=2,
+        synthetic_samples_per_site=60,
+        dp_noise_multiplier=1.0,
+        dp_max_grad_norm=1.0,
     )
-    settings = {
-        "image-size": 32,
-        "synthetic-samples-per-site": 60,
-        "local-epochs": 1,
-        "batch-size": 8,
-        "min-cell-size": 2,
-        "dp-noise-multiplier": 1.0,
-        "dp-max-grad-norm": 1.0,
-    }
-    command = [RADFL, "simulate", "--in-memory", "--sites", "2", "--rounds", "2"]
-    command += ["--model", "small-cnn"]
-    command += [part for k, v in settings.items() for part in ("--set", f"{k}={v}")]
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    (run,) = client.search_runs([client.get_experiment_by_name("radfl").experiment_id])
+    run_radfl(command, tmp_path, tracking_env(tmp_path))
+    client, run = the_run(tmp_path)
     assert run.info.status == "FINISHED"
     for site in ("site-0", "site-1"):
         history = client.get_metric_history(run.info.run_id, f"site/{site}/dp-epsilon")

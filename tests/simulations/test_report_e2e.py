@@ -9,21 +9,21 @@ config; that the left-out site never trained; and that the report was logged and
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from common.report_files import FILES
+from tests.simulations.conftest import (
+    RADFL,
+    app_with_clientapp,
+    the_run,
+    tracking_env,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-RADFL = str(Path(sys.executable).parent / "radfl")
 K = 10
 NUM_BINS = 2000
 NUM_CLASSES = 2
@@ -72,22 +72,9 @@ app = build_app(mods=[record_replies])
 @pytest.fixture(scope="module")
 def recorded_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("report-e2e")
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'clientapp = "client.app:app"' in pyproject
-    (app_dir / "pyproject.toml").write_text(
-        pyproject.replace('clientapp = "client.app:app"', 'clientapp = "recording_client:app"')
-    )
-    (app_dir / "recording_client.py").write_text(RECORDING_CLIENT)
+    app_dir = app_with_clientapp(tmp_path / "app", "recording_client", RECORDING_CLIENT)
     replies = tmp_path / "replies.jsonl"
-    env = os.environ.copy()
-    env.update(
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        RADFL_RECORD_REPLIES=str(replies),
-    )
+    env = tracking_env(tmp_path, RADFL_RECORD_REPLIES=str(replies))
     command = [
         RADFL,
         "simulate",
@@ -116,11 +103,7 @@ def recorded_run(tmp_path_factory):
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     lines = [json.loads(line) for line in replies.read_text().splitlines()]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("radfl")
-    (run,) = client.search_runs([experiment.experiment_id])
+    client, run = the_run(tmp_path)
     return {
         "stdout": done.stdout,
         "replies": lines,

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from server.strategies import _by_chunk
-from server.validation import StoredArray, UpdateStore
+from server.update_store import StoredArray, UpdateStore
 
 
 def peak_rss_mb() -> float:

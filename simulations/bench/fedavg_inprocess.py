@@ -7,7 +7,7 @@ other on the same device; the server averages their weights by training examples
 buffers keep their dtype), evaluates the pooled validation split every round, and evaluates the
 best round's model once on the pooled test split. Prints one JSON line per round and a summary.
 
-    python -m simulations.bench_fedavg_inprocess --task detection --dims 3 --image-size 32
+    python -m simulations.bench.fedavg_inprocess --task detection --dims 3 --image-size 32
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from client.site import load_site
 from client.trainer import LocalTrainer
-from common.config import ClientConfig, default_run_config, from_run_config
+from common.config import ClientConfig, default_run_config, from_run_config, parse_overrides
 from common.tasks import get_task, task_class
 
 
@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
-    if args.set:  # simulate's parser imports MLflow, which a bare GPU machine may lack
-        from simulations.simulate import parse_overrides
-
+    if args.set:
         overrides = parse_overrides(args.set)
 
     values: dict[str, Any] = {

@@ -3,7 +3,7 @@
 Decides what ``precision = "auto"`` means on CPU: bf16 autocast only pays where the CPU has
 native bf16 matrix units (AMX/AVX512-BF16); elsewhere it is emulated and slower.
 
-Run: ``python -m simulations.bench_precision [--model resnet18] [--image-size 64]``.
+Run: ``python -m simulations.bench.precision [--model resnet18] [--image-size 64]``.
 """
 
 from __future__ import annotations

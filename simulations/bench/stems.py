@@ -1,6 +1,6 @@
 """Time ResNet stems: MONAI's default (7x7 stride 1) against RadFL's (:data:`RESNET_STEM`).
 
-Run ``python -m simulations.bench_stems``. For resnet18 and resnet50 at 64 and 128 px (2D,
+Run ``python -m simulations.bench.stems``. For resnet18 and resnet50 at 64 and 128 px (2D,
 batch 16, 1 channel, 2 classes) it prints the forward + backward time of one training batch
 (median over a few repeats after warm-up) and the throughput in images per second. The numbers
 behind the stem choice documented in :mod:`common.models` come from this script.

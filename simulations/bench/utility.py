@@ -24,10 +24,10 @@ from client.site import synthetic_site
 from common.config import ClientConfig, default_run_config, from_run_config, known_keys
 from common.privacy import UpdateAccountant
 from simulations import attacks
-from simulations.bench_privacy import _dp_sgd_noise
+from simulations.bench.privacy import _dp_sgd_noise
 
 if TYPE_CHECKING:
-    from simulations.bench import Profile, Runner
+    from simulations.bench.runner import Profile, Runner
 
 #: The test metric each task is compared by (MLflow ``test/NAME``, with ``-low``/``-high``).
 METRICS = {"classification": "auc", "segmentation": "dice_case_mean"}
@@ -101,7 +101,7 @@ def _row(
             "value": float("nan"),
             "note": f"not run: this tree has no run-config key {', '.join(settings)}",
         }
-    from simulations.bench import BenchError
+    from simulations.bench.runner import BenchError
 
     try:
         run = runner.run(

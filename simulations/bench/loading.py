@@ -4,7 +4,7 @@ Writes a 2D and a 3D synthetic site to a temporary folder (``radfl synth``), the
 pass over each site's ``SiteDataset`` three times: pass 1 decodes and preprocesses (MONAI
 readers, normalisation, resizing) and fills the persistent cache; passes 2 and 3 read it.
 
-Run: ``python -m simulations.bench_loading [--samples 200] [--image-size 64] [--volume-size 32]``.
+Run: ``python -m simulations.bench.loading [--samples 200] [--image-size 64] [--volume-size 32]``.
 """
 
 from __future__ import annotations

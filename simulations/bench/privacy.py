@@ -39,7 +39,7 @@ from common.tasks import get_task  # noqa: E402
 from simulations import attacks  # noqa: E402
 
 if TYPE_CHECKING:
-    from simulations.bench import Profile, Runner
+    from simulations.bench.runner import Profile, Runner
 
 NONE, SECAGG = "none", "secagg"
 #: The inversion's reading for an image that carries no information (its random start).

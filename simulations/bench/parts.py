@@ -15,13 +15,14 @@ MLflow run in ``--out/mlflow.db`` whose id is in the table.
   compression costs in test AUC.
 - ``privacy``: membership inference on a run's final model and gradient inversion of one
   site's update, without protection, with update-level DP and with SecAgg
-  (``simulations.bench_privacy``).
+  (``simulations.bench.privacy``).
 - ``privacy-utility``: test AUC and Dice without DP, with DP-SGD and with update-level DP at
   epsilon 1, 3 and 8, and with SecAgg, with the epsilon each run reached
-  (``simulations.bench_utility``).
+  (``simulations.bench.utility``).
 
-Profiles size the runs: ``quick`` (seconds per run: CI checks that the tables are produced),
-``cpu`` (this 2-core machine) and ``gpu`` (the default data and image size).
+Profiles size the runs (``simulations.bench.runner``, with the runner that launches each one):
+``quick`` (seconds per run: CI checks that the tables are produced), ``cpu`` (this 2-core
+machine) and ``gpu`` (the default data and image size).
 
     radfl bench --parts quality,comm --profile cpu --out bench/
 """
@@ -30,267 +31,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, replace
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import psutil
 import torch
-from mlflow.tracking import MlflowClient
 
-from common.errors import RadFLError
 from common.tasks import task_class
-from server import tracking
-
-EXPERIMENT = "radfl-bench"
-
-
-class BenchError(RadFLError):
-    """A benchmark run failed; the message names the run and ends with its output."""
-
-
-@dataclass(frozen=True)
-class Profile:
-    """How large each part's runs are."""
-
-    name: str
-    sites: int
-    samples_per_site: int
-    image_size: int
-    rounds: int
-    local_epochs: int
-    batch_size: int
-    seeds: tuple[int, ...]
-    classification_model: str
-    segmentation_model: str
-    strategies: tuple[str, ...]
-    #: Compressions compared by ``comm`` (the first is the reference), on ``comm_task``.
-    compressions: tuple[str, ...] = ("none", "fp16", "int8")
-    comm_task: str = "segmentation"
-    tasks: tuple[str, ...] = ("classification", "segmentation")
-    #: Alternating repeats of ``radfl simulate`` and the bare loop (``overhead``).
-    overhead_repeats: int = 2
-    #: Alternating epochs of RadFL's trainer and a bare epoch (``overhead``); the first pair
-    #: warms up. One epoch is about a second here and varies by 10% or more from run to run.
-    throughput_repeats: int = 7
-    #: Simulated sites of ``scale``, with ``scale_samples`` images each, ``scale_rounds`` rounds.
-    scale_sites: tuple[int, ...] = (10, 100)
-    scale_samples: int = 16
-    scale_rounds: int = 1
-    #: ``privacy``: the classification network attacked, the attacker's budget in Adam
-    #: iterations, the image size and batch sizes of gradient inversion, the sites summed under
-    #: SecAgg, and the epsilons (delta 1e-5) of the DP columns.
-    privacy_model: str = "small-cnn"
-    inversion_iterations: int = 300
-    inversion_image_size: int = 32
-    inversion_batch_sizes: tuple[int, ...] = (1, 4)
-    secagg_sites: int = 3
-    privacy_epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
-    #: Strategies ``scale`` measures: the running mean (fedavg) and two that need every
-    #: update at once and hold them on disk (fedmedian, krum; issue 18).
-    scale_strategies: tuple[str, ...] = ("fedavg", "fedmedian", "krum")
-
-    def model(self, task: str) -> str:
-        return self.classification_model if task == "classification" else self.segmentation_model
-
-    def run_config(self) -> dict[str, Any]:
-        return {
-            "image-size": self.image_size,
-            "synthetic-samples-per-site": self.samples_per_site,
-            "local-epochs": self.local_epochs,
-            "batch-size": self.batch_size,
-            "min-cell-size": 2,
-        }
-
-
-PROFILES: dict[str, Profile] = {
-    "quick": Profile(
-        name="quick",
-        sites=2,
-        samples_per_site=40,
-        image_size=32,
-        rounds=1,
-        local_epochs=1,
-        batch_size=8,
-        seeds=(0,),
-        classification_model="small-cnn",
-        segmentation_model="unet",
-        strategies=("fedavg",),
-        compressions=("none", "int8"),
-        overhead_repeats=1,
-        throughput_repeats=2,
-        scale_sites=(2, 4),
-        scale_samples=16,
-        scale_rounds=1,
-        inversion_iterations=20,
-        inversion_image_size=16,
-        inversion_batch_sizes=(1,),
-        privacy_epsilons=(8.0,),
-        scale_strategies=("fedavg",),
-    ),
-    # 64 px: at 32 px neither task learned here (pooled test AUC 0.50 after 30 epochs, Dice
-    # 0.05 after 12). Batch 8: federated training is limited by optimiser steps at this budget
-    # (segmentation, 8 epochs: FedAvg Dice 0.00 at batch 16, 0.36 at batch 4).
-    "cpu": Profile(
-        name="cpu",
-        sites=3,
-        samples_per_site=100,
-        image_size=64,
-        rounds=5,
-        local_epochs=2,
-        batch_size=8,
-        seeds=(0, 1, 2),
-        classification_model="resnet18",
-        segmentation_model="unet",
-        strategies=("fedavg", "fedprox", "fedadam", "fedbn"),
-        # fp16 (0.501x the bytes, measured with this profile on 2026-11-27) is left out for
-        # time: the profile has to finish within 45 minutes here.
-        compressions=("none", "int8"),
-        # 16 px, batch 1: one attack iteration at 32 px took 0.5 to 2 s on this shared
-        # 2-core machine (2026-11-29), 300 of them for each of five columns did not fit.
-        inversion_iterations=150,
-        inversion_image_size=16,
-        inversion_batch_sizes=(1,),
-    ),
-}
-#: The default data and image size (``pyproject.toml``), for a GPU machine.
-PROFILES["gpu"] = replace(
-    PROFILES["cpu"],
-    name="gpu",
-    samples_per_site=300,
-    rounds=20,
-    local_epochs=3,
-    batch_size=0,  # the task's own, as in pyproject.toml
-    compressions=("none", "fp16", "int8"),
-    inversion_iterations=300,
-    inversion_image_size=32,
-    inversion_batch_sizes=(1, 4),
-)
-
-
-@dataclass
-class RunResult:
-    """One finished MLflow run: its id, last value of each metric, and wall time."""
-
-    run_id: str
-    metrics: dict[str, float]
-    wall_s: float
-    client: MlflowClient = field(repr=False)
-    #: Peak memory of the run's whole process tree (sum of unique set sizes), bytes.
-    peak_memory: int = 0
-
-    def history(self, name: str) -> list[float]:
-        return [m.value for m in self.client.get_metric_history(self.run_id, name)]
-
-    def artifact_text(self, path: str) -> str | None:
-        try:
-            local = self.client.download_artifacts(self.run_id, path)
-        except Exception:  # noqa: BLE001 - an absent artifact is a normal answer here
-            return None
-        return Path(local).read_text()
-
-
-def _peak_tree_memory(process: subprocess.Popen, interval: float = 0.5) -> int:
-    """Wait for ``process``; return the peak over time of the summed unique memory (USS) of
-    it and all its descendants (the SuperLink, the simulation runtime, Ray and its workers)."""
-    root = psutil.Process(process.pid)
-    peak = 0
-    while process.poll() is None:
-        total = 0
-        try:
-            members = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            break
-        for member in members:
-            try:
-                total += member.memory_full_info().uss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        peak = max(peak, total)
-        time.sleep(interval)
-    process.wait()
-    return peak
-
-
-class Runner:
-    """Launches ``radfl simulate`` / ``radfl centralized`` into one MLflow store under ``out``."""
-
-    def __init__(self, out: Path, *, verbose: bool = False) -> None:
-        self.out = out.resolve()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.tracking_uri = f"sqlite:///{self.out / 'mlflow.db'}"
-        self.verbose = verbose
-        self.radfl = str(Path(sys.executable).parent / "radfl")
-        #: ``privacy-utility``: the modes to run (empty: all).
-        self.modes: tuple[str, ...] = ()
-
-    def run(
-        self,
-        command: str,
-        *,
-        task: str,
-        model: str,
-        sites: int,
-        rounds: int,
-        seed: int,
-        settings: Mapping[str, Any],
-        options: Iterable[str] = (),
-        measure_memory: bool = False,
-    ) -> RunResult:
-        """One run; with ``measure_memory``, also its process tree's peak memory (sampling
-        it costs CPU, so only ``scale`` asks)."""
-        run_key = uuid.uuid4().hex
-        values = {**settings, "run-key": run_key, "experiment-name": EXPERIMENT}
-        overrides = [part for k, v in values.items() for part in ("--set", f"{k}={v}")]
-        argv = [
-            self.radfl,
-            command,
-            *("--task", task, "--model", model, "--sites", str(sites)),
-            *("--rounds", str(rounds), "--seed", str(seed), "--workdir", str(self.out / ".radfl")),
-            *options,
-            *overrides,
-        ]
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
-        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-        started = time.monotonic()
-        with tempfile.TemporaryFile("w+") as log:
-            process = subprocess.Popen(
-                argv, cwd=self.out, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
-            )
-            peak = _peak_tree_memory(process) if measure_memory else 0
-            process.wait()
-            wall = time.monotonic() - started
-            log.seek(0)
-            output = log.read()
-        if self.verbose:
-            print(output[-3000:], file=sys.stderr)
-        label = " ".join(argv[1:])
-        if process.returncode != 0:
-            raise BenchError(f"`radfl {label}` exited with {process.returncode}:\n{output[-3000:]}")
-        client = MlflowClient(self.tracking_uri)
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        runs = (
-            client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'",
-            )
-            if experiment is not None
-            else []
-        )
-        if not runs:
-            raise BenchError(f"`radfl {label}` finished but logged no MLflow run")
-        run = runs[0]
-        return RunResult(run.info.run_id, dict(run.data.metrics), wall, client, peak)
+from simulations.bench.runner import PROFILES, BenchError, Profile, Runner, RunResult
 
 
 # ----------------------------------------------------------------------------- parts
@@ -416,7 +169,7 @@ def comm(profile: Profile, runner: Runner) -> pd.DataFrame:
 def overhead(profile: Profile, runner: Runner) -> pd.DataFrame:
     """Wall time of ``radfl simulate --in-memory`` against the bare loop, alternating, and the
     site trainer's throughput against a bare training epoch, in fp32 and bf16."""
-    from simulations import bare_loop
+    from simulations.bench import bare_loop
 
     settings = {**profile.run_config(), "augment": False, "precision": "fp32"}
     config = _client_config(profile, settings)
@@ -480,7 +233,7 @@ def _throughput(profile: Profile, config: Any) -> list[dict[str, Any]]:
     """Images per second of one site's local training: RadFL's trainer against a bare epoch."""
     from client.trainer import LocalTrainer
     from common.tasks import get_task
-    from simulations import bare_loop
+    from simulations.bench import bare_loop
 
     site = bare_loop.load_sites(config, profile.sites)[0]
     task = get_task(config.model_config)
@@ -571,13 +324,13 @@ def scale(profile: Profile, runner: Runner) -> pd.DataFrame:
 
 def privacy(profile: Profile, runner: Runner) -> pd.DataFrame:
     """Membership-inference AUC and gradient-inversion SSIM/PSNR, per protection."""
-    from simulations import bench_privacy
+    from simulations.bench import privacy as bench_privacy
 
     return bench_privacy.privacy(profile, runner)
 
 
 def privacy_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    from simulations import bench_privacy
+    from simulations.bench import privacy as bench_privacy
 
     return bench_privacy.summary(rows)
 
@@ -585,9 +338,9 @@ def privacy_summary(rows: pd.DataFrame) -> pd.DataFrame:
 def privacy_utility(profile: Profile, runner: Runner) -> pd.DataFrame:
     """Test metric, epsilon reached and wall time of each privacy mode (no DP, DP-SGD and
     update-level DP at epsilon 1, 3, 8, SecAgg); ``--modes`` (``runner.modes``) picks some."""
-    from simulations import bench_utility
+    from simulations.bench import utility
 
-    return bench_utility.privacy_utility(profile, runner, runner.modes)
+    return utility.privacy_utility(profile, runner, runner.modes)
 
 
 PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {

@@ -1,0 +1,56 @@
+"""The commands that run on synthetic hospitals (``radfl simulate``, ``centralized``, ``synth``,
+``bench``), registered in ``pyproject.toml``."""
+
+from __future__ import annotations
+
+import argparse
+
+from common.cli import Command
+
+
+def _add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    from simulations import simulate as module
+
+    module.add_arguments(parser)
+    module.add_evaluation_arguments(parser)
+    parser.set_defaults(handler=module.simulate)
+
+
+def _add_centralized_arguments(parser: argparse.ArgumentParser) -> None:
+    from simulations import centralized as module
+    from simulations import simulate as options
+
+    options.add_arguments(parser)
+    parser.set_defaults(handler=module.centralized)
+
+
+def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
+    from simulations import synth as module
+
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.synth)
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from simulations.bench import parts as module
+
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.bench)
+
+
+simulate = Command(
+    help="run a federation of synthetic hospitals on this machine",
+    add_arguments=_add_simulate_arguments,
+)
+centralized = Command(
+    help="train the same model on the pooled data of the synthetic hospitals",
+    add_arguments=_add_centralized_arguments,
+)
+synth = Command(
+    help="write synthetic hospitals to disk (DICOM, NIfTI, PNG) with manifests",
+    add_arguments=_add_synth_arguments,
+)
+bench = Command(
+    help="benchmarks: federated against pooled and local training, overhead, traffic",
+    add_arguments=_add_bench_arguments,
+)
