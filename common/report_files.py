@@ -145,7 +145,6 @@ def metrics_markdown(table: pd.DataFrame) -> str:
 def subgroup_markdown(report: Report) -> str:
     """One table per attribute: groups as rows, metrics with intervals as columns."""
     table = report.subgroups
-    k = report.states.settings.get("min_cell_size", "k")
     gap_column = f"{report.primary} gap to rest (CI)"
     parts = []
     for attribute, rows in table.groupby("attribute", sort=False):
@@ -159,7 +158,7 @@ def subgroup_markdown(report: Report) -> str:
                 },
             )
             if row.status == SUPPRESSED:
-                entry["status"] = f"suppressed (< {k} patients at every site)"
+                entry["status"] = "withheld at every site (small, or complementary)"
                 continue
             if row.metric in report.headline:
                 entry[row.metric] = fmt_ci(row.value, row.low, row.high)
@@ -187,8 +186,10 @@ def subgroup_page(report: Report) -> str:
             f"Operating threshold: {report.threshold_note}.",
             f"Intervals: {100 * (1 - report.alpha):.0f}% (AUC: DeLong; proportions: Wilson; "
             "gaps between disjoint groups: DeLong normal approximation or Newcombe).",
-            f"A group with fewer than {k} patients at a site is suppressed at that site and never "
-            "sent; it shows as suppressed, never as a number.",
+            f"A group with fewer than {k} patients at a site is withheld by that site and never "
+            "sent, and so is any cell that would let it be derived by subtraction (complementary "
+            "suppression; such a cell may be larger than k). A withheld group shows as "
+            "withheld, never as a number.",
             "",
             "## Fairness summary",
             "",
