@@ -17,7 +17,6 @@ from logging import WARNING
 import torch
 from flwr.app import (
     ArrayRecord,
-    ConfigRecord,
     MessageType,
     MetricRecord,
     RecordDict,
@@ -53,7 +52,6 @@ __all__ = [
     "QuorumError",
     "Site",
     "add_checked_reply",
-    "add_final_reply",
     "cross_site_validation",
     "describe_sites",
     "drop_small_cells",
@@ -79,15 +77,13 @@ def final_evaluation(
     state: Mapping[str, torch.Tensor],
     num_classes: int,
     timeout: float,
-    task: Task | type[Task] | str = "classification",
+    task: Task,
     *,
     min_cell_size: int,
-    checker: Task | None = None,
 ) -> tuple[dict[str, SplitStates], dict[str, str]]:
     """Validation and test states of the final model from every site, and the sites that
-    failed (name to reason); the split states are ``task``'s (the run's Task; a registered
-    name is looked up). With ``checker`` (the run's task), every field of a reply is
-    checked first (``server.boundary.check_final``). Cells holding fewer than
+    failed (name to reason); the split states are the run's ``task``'s, and every field of a
+    reply is checked against it first (``server.boundary.check_final``). Cells holding fewer than
     ``min_cell_size`` patients are dropped on arrival whatever the site sent
     (:func:`drop_small_cells`)."""
     record = ArrayRecord(dict(state))  # one copy shared by every message, not one per site
@@ -101,45 +97,17 @@ def final_evaluation(
             failed[name] = reply
             continue
         try:
-            if checker is not None:
-                add_checked_reply(
-                    splits,
-                    name,
-                    boundary.check_final(reply.content, checker, sites[node].counts),
-                    min_cell_size=min_cell_size,
-                )
-            else:
-                add_final_reply(splits, name, reply.content, min_cell_size=min_cell_size)
+            add_checked_reply(
+                splits,
+                name,
+                boundary.check_final(reply.content, task, sites[node].counts),
+                min_cell_size=min_cell_size,
+            )
         except (ValueError, KeyError, TypeError, OverflowError) as exc:
             failed[name] = f"malformed final evaluation reply: {boundary.clean_text(exc)}"
     for name, reason in failed.items():
         log(WARNING, "[radfl] site %s left out of the final evaluation: %s", name, reason)
     return splits, failed
-
-
-def add_final_reply(
-    splits: Mapping[str, SplitStates], site: str, content: RecordDict, *, min_cell_size: int
-) -> None:
-    """Add one site's ``evaluate.final`` reply, read without the boundary checks, to the split
-    states (cells below ``min_cell_size`` dropped: :func:`drop_small_cells`)."""
-    suppressed = keys.config_record(content, keys.SUPPRESSED) or ConfigRecord()
-    refused = keys.config_record(content, keys.REFUSED) or ConfigRecord()
-    log_refused(site, {str(k): str(v) for k, v in refused.items()})
-    for split, states in splits.items():
-        if split not in content:
-            continue
-        cells: dict[str, MetricRecord] = {}
-        patients: dict[str, int] = {}
-        for key in content:
-            prefix, sep, cell = key.partition("/")
-            if prefix == split and sep:
-                record = keys.metric_record(content, key)
-                cells[cell] = record
-                patients[cell] = int(keys.scalar(record, keys.PATIENTS))
-        hidden = [str(c) for c in suppressed.get(split, [])]  # type: ignore[union-attr]
-        dropped = drop_small_cells(site, split, cells, patients, min_cell_size)
-        overall = keys.metric_record(content, split)
-        states.add_site(site, overall, cells, patients, sorted(set(hidden) | set(dropped)))
 
 
 def add_checked_reply(

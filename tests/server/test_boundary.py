@@ -306,7 +306,7 @@ def test_a_final_evaluation_with_inf_or_1e300_leaves_that_site_out_and_the_run_g
         2,
         5,
         min_cell_size=1,
-        checker=TASK,
+        task=TASK,
     )
     assert sorted(failed) == ["site-2", "site-3"]
     assert "test num-examples must be a whole number, got inf" in failed["site-2"]
@@ -323,7 +323,7 @@ def test_a_final_evaluation_larger_than_the_declared_split_is_refused():
         2,
         5,
         min_cell_size=1,
-        checker=TASK,
+        task=TASK,
     )
     assert "test num-examples = 60 is outside [0, 59]" in failed["site-1"]
 
@@ -368,7 +368,7 @@ def test_the_checked_final_evaluation_drops_cells_below_k_with_their_attribute_a
 
     sites = {1: final.Site(1, "site-1", {"validation-images": 60, "test-images": 60})}
     splits, failed = final.final_evaluation(
-        FakeGrid([1], handler), sites, {"w": torch.zeros(1)}, 2, 5, min_cell_size=30, checker=TASK
+        FakeGrid([1], handler), sites, {"w": torch.zeros(1)}, 2, 5, min_cell_size=30, task=TASK
     )
     assert failed == {}
     # sex=F has 25 patients, below k = 30: dropped and counted as suppressed, whatever was sent

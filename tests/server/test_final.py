@@ -7,9 +7,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from common.config import ServerConfig, default_run_config, from_run_config
 from common.metrics import ClassificationStates
 from common.report import EvaluationStates, build_report
+from common.tasks import get_task
 from server import final
+
+TASK = get_task(from_run_config(ServerConfig, default_run_config()).model_config)
 
 
 def _states(n: int, seed: int) -> ClassificationStates:
@@ -70,7 +74,8 @@ class FakeGrid(Grid):
 
 
 def _sites(*names):
-    return {i + 1: final.Site(i + 1, name, {}) for i, name in enumerate(names)}
+    counts = {"validation-images": 60, "test-images": 60}
+    return {i + 1: final.Site(i + 1, name, counts) for i, name in enumerate(names)}
 
 
 def test_final_evaluation_collects_splits_cells_and_suppression_and_names_failed_sites():
@@ -84,7 +89,7 @@ def test_final_evaluation_collects_splits_cells_and_suppression_and_names_failed
     grid = FakeGrid([1, 2, 3], handler)
     state = {"w": torch.zeros(2)}
     splits, failed = final.final_evaluation(
-        grid, _sites("a", "b", "c"), state, 2, timeout=5, min_cell_size=10
+        grid, _sites("a", "b", "c"), state, 2, timeout=5, min_cell_size=10, task=TASK
     )
     # One copy of the model, shared by every site's message: memory does not grow per site.
     assert len({id(message.content["arrays"]) for message in grid.sent}) == 1
@@ -109,6 +114,7 @@ def test_a_malformed_final_reply_drops_that_site_with_the_reason():
         2,
         timeout=5,
         min_cell_size=10,
+        task=TASK,
     )
     assert list(failed) == ["b"] and "malformed" in failed["b"]
     assert "b" not in splits["test"].sites
@@ -204,6 +210,7 @@ def test_report_metrics_are_valid_mlflow_keys():
         2,
         timeout=5,
         min_cell_size=10,
+        task=TASK,
     )
     splits["test"].cells["age=>=65"] = splits["test"].cells["sex=F"]
     splits["test"].patients["age=>=65"] = splits["test"].patients["sex=F"]
@@ -224,7 +231,7 @@ def test_the_server_drops_cells_below_k_with_every_cell_of_their_attribute(caplo
         reply = _final_reply(f"s{node}", node)
         if node == 2:  # a site sending a cell of 4 patients next to the others
             reply["test/sex=O"] = MetricRecord({"patients": 4, **_states(5, 9).to_record()})
-            reply["test/sex=M"] = MetricRecord({"patients": 30, **_states(25, 8).to_record()})
+            reply["test/sex=M"] = MetricRecord({"patients": 25, **_states(25, 8).to_record()})
         return reply
 
     splits, failed = final.final_evaluation(
@@ -234,6 +241,7 @@ def test_the_server_drops_cells_below_k_with_every_cell_of_their_attribute(caplo
         2,
         timeout=5,
         min_cell_size=10,
+        task=TASK,
     )
     assert failed == {}
     test = splits["test"]
@@ -252,6 +260,12 @@ def test_refused_subgroup_attributes_are_logged_with_the_site_reason(caplog):
         return reply
 
     final.final_evaluation(
-        FakeGrid([1], handler), _sites("a"), {"w": torch.zeros(1)}, 2, timeout=5, min_cell_size=10
+        FakeGrid([1], handler),
+        _sites("a"),
+        {"w": torch.zeros(1)},
+        2,
+        timeout=5,
+        min_cell_size=10,
+        task=TASK,
     )
     assert "site a refused subgroup attribute patient_id: an identifier" in caplog.text

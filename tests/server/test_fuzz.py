@@ -431,7 +431,7 @@ def test_a_mutated_final_evaluation_never_raises_and_leaves_the_honest_sites_who
         2,
         5,
         min_cell_size=1,
-        checker=TASK,
+        task=TASK,
     )
     assert set(failed) <= {NAMES[HOSTILE]}
     for split in ("validation", "test"):
