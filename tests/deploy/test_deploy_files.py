@@ -146,7 +146,7 @@ def test_dockerfiles_pin_the_cpu_torch_and_copy_every_package():
         assert "torch==2.13.0" in text
         assert re.search(r"^FROM python:\d+\.\d+\.\d+-slim-\w+$", text, re.M), name
         assert re.search(r"^USER 10001:10001$", text, re.M), name  # never root
-        for package in packages:
+        for package in {p.split(".")[0] for p in packages}:  # a COPY of simulations holds .bench
             assert f"COPY {package} {package}" in text, (name, package)
     assert not re.search(r"^EXPOSE", (DEPLOY / "docker/Dockerfile.site").read_text(), re.M)
     assert "nginx-light" in (DEPLOY / "docker/Dockerfile.coordinator").read_text()
