@@ -45,12 +45,13 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from rich.console import Console
+from rich.progress import Progress as ProgressBar
 
 from client import data
 from client.check_formats import sniff_format
@@ -370,21 +371,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def site_check(args: argparse.Namespace) -> int:
     """Run the check, print the report, write the JSON; 0 when clean, 1 when problems."""
     root = Path(args.dir)
-    report = check_site(
-        root,
-        task=args.task,
-        spatial_dims=args.dims,
-        num_classes=args.num_classes,
-        progress=_print_progress,
-    )
+    # rich (a dependency, Flower's too) draws the progress on stderr.
+    with ProgressBar(console=Console(stderr=True), transient=True) as bar:
+        images = bar.add_task("checking images", total=None)
+        report = check_site(
+            root,
+            task=args.task,
+            spatial_dims=args.dims,
+            num_classes=args.num_classes,
+            progress=lambda done, total: bar.update(images, completed=done, total=total),
+        )
     print(report.format_text())
     path = Path(args.report) if args.report is not None else root / REPORT_NAME
     report.write_json(path)
     print(f"report written to {path}")
     return 0 if report.ok else 1
-
-
-def _print_progress(done: int, total: int) -> None:
-    step = max(1, total // 10)
-    if total >= 20 and (done % step == 0 or done == total):
-        print(f"checked {done}/{total} images", file=sys.stderr, flush=True)

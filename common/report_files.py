@@ -120,12 +120,10 @@ def _finite(value: Any) -> bool:
 
 
 def _markdown(table: pd.DataFrame) -> str:
+    """``table`` as a Markdown table (pandas' ``to_markdown``, through tabulate)."""
     if table.empty:
         return "_(none)_\n"
-    header = "| " + " | ".join(str(c) for c in table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body]) + "\n"
+    return table.to_markdown(index=False, tablefmt="pipe", disable_numparse=True) + "\n"
 
 
 def metrics_markdown(table: pd.DataFrame) -> str:

@@ -70,7 +70,15 @@ class Profile:
     scale_strategies: tuple[str, ...] = ("fedavg", "fedmedian", "krum")
 
     def model(self, task: str) -> str:
-        return self.classification_model if task == "classification" else self.segmentation_model
+        """The network this profile benchmarks ``task`` with: a profile names one per task it
+        runs (a task it names none for is refused, not given another task's network)."""
+        models = {
+            "classification": self.classification_model,
+            "segmentation": self.segmentation_model,
+        }
+        if task not in models:
+            raise BenchError(f"profile {self.name} names no model for task {task!r}")
+        return models[task]
 
     def run_config(self) -> dict[str, Any]:
         return {

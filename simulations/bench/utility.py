@@ -23,14 +23,13 @@ import pandas as pd
 from client.site import synthetic_site
 from common.config import ClientConfig, default_run_config, from_run_config, known_keys
 from common.privacy import UpdateAccountant
+from common.tasks import task_class
 from simulations import attacks
 from simulations.bench.privacy import _dp_sgd_noise
 
 if TYPE_CHECKING:
     from simulations.bench.runner import Profile, Runner
 
-#: The test metric each task is compared by (MLflow ``test/NAME``, with ``-low``/``-high``).
-METRICS = {"classification": "auc", "segmentation": "dice_case_mean"}
 #: The secure-aggregation switch of the SecAgg+ branch (issue 17 item 3).
 SECAGG_KEY = "secure-aggregation"
 EPSILONS = (1.0, 3.0, 8.0)
@@ -83,7 +82,8 @@ def _row(
     name: str,
     settings: dict[str, Any],
 ) -> dict[str, Any]:
-    metric = METRICS[task]
+    # The test metric each task is compared by (MLflow ``test/NAME``, ``-low``/``-high``).
+    metric = task_class(task).primary_metric
     row: dict[str, Any] = {
         "task": task,
         "mode": name,
