@@ -19,7 +19,7 @@ from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
 from common import compression
 from common import messages as keys
-from common.config import LOCAL_NORMALISATION_STRATEGIES, ClientConfig, from_run_config
+from common.config import ClientConfig, from_run_config
 from common.privacy import private_model
 from common.splits import TEST, VALIDATION
 from common.tasks import Task, get_task
@@ -30,13 +30,14 @@ def train(msg: Message, context: Context) -> Message:
     ledger, refusal = disclosure.privacy_budget(msg, context)
     if refusal is not None:
         return refusal
-    task, trainer, model, site = _prepare(msg, context)
-    config: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
+    config = _config(context)
+    task, trainer, model, site = _prepare(msg, context, config)
+    settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     result = trainer.fit(
         model,
-        server_round=int(keys.scalar(config, keys.SERVER_ROUND, 1)),
-        num_rounds=int(keys.scalar(config, keys.NUM_ROUNDS, 1)),
-        proximal_mu=keys.scalar(config, keys.PROXIMAL_MU, 0.0),
+        server_round=int(keys.scalar(settings, keys.SERVER_ROUND, 1)),
+        num_rounds=int(keys.scalar(settings, keys.NUM_ROUNDS, 1)),
+        proximal_mu=keys.scalar(settings, keys.PROXIMAL_MU, 0.0),
         ledger=ledger,
     )
     metrics = MetricRecord(
@@ -50,9 +51,9 @@ def train(msg: Message, context: Context) -> Message:
             **disclosure.privacy_spent(ledger, context, site.train),
         }
     )
-    _keep_local_normalisation(model, context)
+    _keep_local_normalisation(model, context, config)
     reply = _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
-    return _compress(reply, msg, context, _config(context).update_compression)
+    return _compress(reply, msg, context, config.update_compression)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -61,7 +62,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     refusal = policy.admit_evaluation(msg, context)
     if refusal is not None:
         return refusal
-    task, trainer, model, _ = _prepare(msg, context)
+    task, trainer, model, _ = _prepare(msg, context, _config(context))
     states = trainer.evaluate(model)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(trainer.validation_set), **states.to_record()})
     return _reply(msg, context, metrics)
@@ -79,8 +80,8 @@ def final_evaluation(msg: Message, context: Context) -> Message:
     refusal = policy.admit_evaluation(msg, context)
     if refusal is not None:
         return refusal
-    task, trainer, model, site = _prepare(msg, context)
-    config = from_run_config(ClientConfig, context.run_config)
+    config = _config(context)
+    task, trainer, model, site = _prepare(msg, context, config)
     spec, refused = policy.apply(config.subgroup_spec)
     content = RecordDict()
     suppressed: dict[str, list[str]] = {}
@@ -108,14 +109,14 @@ def final_evaluation(msg: Message, context: Context) -> Message:
 def local_training(msg: Message, context: Context) -> Message:
     """Train only on this site's data for ``local-rounds`` rounds' worth of epochs (the
     local-only model of cross-site validation), starting from the received weights."""
-    config = from_run_config(ClientConfig, context.run_config)
+    config = _config(context)
     settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
     rounds = int(keys.scalar(settings, keys.LOCAL_ROUNDS, 1))
     local = replace(config, local_epochs=config.local_epochs * rounds)
     ledger, refusal = disclosure.privacy_budget(msg, context, local_epochs=local.local_epochs)
     if refusal is not None:
         return refusal
-    task, _, model, site = _prepare(msg, context)
+    task, _, model, site = _prepare(msg, context, config)
     result = LocalTrainer.for_site(task, local, site).fit(model, ledger=ledger)
     disclosure.privacy_spent(ledger, context, site.train)
     metrics = MetricRecord(
@@ -126,7 +127,7 @@ def local_training(msg: Message, context: Context) -> Message:
 
 def describe(msg: Message, context: Context) -> Message:
     """The site's name and the size of each split, so the server can plan and report."""
-    config = from_run_config(ClientConfig, context.run_config)
+    config = _config(context)
     site = load_site(context.node_config, config)
     metrics = MetricRecord(
         {
@@ -157,16 +158,15 @@ def build_app(mods: list[Mod] | None = None) -> ClientApp:
 
 
 def _prepare(
-    msg: Message, context: Context
+    msg: Message, context: Context, config: ClientConfig
 ) -> tuple[Task, LocalTrainer, torch.nn.Module, SiteSplits]:
-    config = from_run_config(ClientConfig, context.run_config)
     task = get_task(config.model_config)
     site: SiteSplits = load_site(context.node_config, config)
     model = task.build_model()
     if config.private_network:
         model = private_model(model)
     model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
-    _restore_local_normalisation(model, context)
+    _restore_local_normalisation(model, context, config)
     trainer = LocalTrainer.for_site(task, config, site)
     return task, trainer, model, site
 
@@ -212,22 +212,22 @@ def normalisation_keys(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def _keeps_local_normalisation(context: Context) -> bool:
-    return str(context.run_config.get("strategy", "")) in LOCAL_NORMALISATION_STRATEGIES
-
-
-def _keep_local_normalisation(model: torch.nn.Module, context: Context) -> None:
+def _keep_local_normalisation(
+    model: torch.nn.Module, context: Context, config: ClientConfig
+) -> None:
     """After local training: remember this site's normalisation layers for the next rounds."""
-    if _keeps_local_normalisation(context):
+    if config.keeps_local_normalisation:
         state = model.state_dict()
         kept = {k: state[k].detach().cpu() for k in normalisation_keys(model)}
         context.state[LOCAL_NORMALISATION] = ArrayRecord(kept)
 
 
-def _restore_local_normalisation(model: torch.nn.Module, context: Context) -> None:
+def _restore_local_normalisation(
+    model: torch.nn.Module, context: Context, config: ClientConfig
+) -> None:
     """Replace the received normalisation layers by this site's own (FedBN), once it has
     trained: every model this site trains or evaluates uses its own statistics."""
-    if _keeps_local_normalisation(context) and LOCAL_NORMALISATION in context.state:
+    if config.keeps_local_normalisation and LOCAL_NORMALISATION in context.state:
         record = context.state[LOCAL_NORMALISATION]
         assert isinstance(record, ArrayRecord)
         model.load_state_dict(record.to_torch_state_dict(), strict=False)

@@ -224,6 +224,13 @@ class ClientConfig:
     dp_update_clip_norm: float
     # A site's own bound on its update under secure aggregation (client/secagg.py)
     secagg_max_update_norm_ratio: float
+    # The aggregation strategy: FedBN's sites keep their own normalisation layers (client.app)
+    strategy: str
+
+    @property
+    def keeps_local_normalisation(self) -> bool:
+        """Whether this site keeps its own normalisation layers (FedBN)."""
+        return self.strategy in LOCAL_NORMALISATION_STRATEGIES
 
     @property
     def model_config(self) -> ModelConfig:

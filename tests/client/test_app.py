@@ -59,7 +59,7 @@ def test_fedbn_sites_keep_their_own_normalisation_layers(strategy):
     for key in norm_keys:
         if arriving[key].is_floating_point():
             arriving[key] += 5.0
-    _, _, prepared, _ = app._prepare(_train_message(arriving, 2), context)
+    _, _, prepared, _ = app._prepare(_train_message(arriving, 2), context, app._config(context))
     state = prepared.state_dict()
     for key in norm_keys:
         if strategy == "fedbn":

@@ -52,7 +52,7 @@ import os
 
 from flwr.common.serde import recorddict_to_proto
 
-from client.app import _prepare, build_app
+from client.app import _config, _prepare, build_app
 from common.subgroups import SubgroupSpec, cell_name
 
 OUT = os.environ["RADFL_PRIVACY_RECORD"]
@@ -73,7 +73,7 @@ def record(msg, context, call_next):
             if name not in ("site",)
         }
         # Test instrumentation: the true states of every cell, never sent.
-        _, trainer, model, data = _prepare(msg, context)
+        _, trainer, model, data = _prepare(msg, context, _config(context))
         spec = SubgroupSpec(
             tuple(os.environ["RADFL_PRIVACY_ATTRIBUTES"].split(",")),
             tuple(int(a) for a in os.environ["RADFL_PRIVACY_AGE_BANDS"].split(",")),
