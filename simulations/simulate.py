@@ -100,6 +100,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     """Options only a federated simulation has."""
     parser.add_argument(
+        "--gpus-per-site",
+        type=float,
+        default=0.0,
+        help="GPUs each simulated site may use; a fraction shares one GPU, e.g. 0.25 runs four "
+        "sites on each GPU (default 0: CPU only)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="run the simulated sites on this running Ray cluster (its head's address, as "
+        "`ray start --head` prints it) instead of a private Ray instance on this machine; "
+        "--cpus-per-site/--gpus-per-site size each site on the cluster's nodes",
+    )
+    parser.add_argument(
         "--leave-out",
         action="append",
         default=[],
@@ -188,7 +203,7 @@ def simulate(args: argparse.Namespace) -> int:
     if len(set(config.left_out_sites)) >= args.sites:
         raise RadFLError("--leave-out would leave no site to train on")
     workdir = args.workdir.resolve()
-    env = simulation_env(workdir)
+    env = ray_env(simulation_env(workdir), getattr(args, "ray_address", None))
     data_root = federation_data(args, overrides)
     if data_root is not None:
         env[SIMULATION_DATA_ENV] = str(data_root)
@@ -200,6 +215,7 @@ def simulate(args: argparse.Namespace) -> int:
     print(
         f"RadFL simulation: {args.sites} sites, {config.num_rounds} rounds, {config.model}, "
         f"{config.strategy}, seed {config.seed}; data {data_root or 'in memory'}; "
+        f"{'Ray cluster ' + env['RAY_ADDRESS'] if 'RAY_ADDRESS' in env else 'private Ray'}; "
         f"tracking to {env['MLFLOW_TRACKING_URI']}; run key {config.run_key} (--resume "
         f"{config.run_key} continues it from its last checkpoint)",
         flush=True,
@@ -262,7 +278,7 @@ def _run_on_local_superlink(
             "--run-config",
             format_run_config(overrides),
             "--federation-config",
-            f"num-supernodes={args.sites} client-resources-num-cpus={args.cpus_per_site}",
+            federation_config(args),
         ]
         # Once the ServerApp says its MLflow run has ended, the SuperLink is stopped with the
         # simulation runtime and Ray below it, instead of waiting seconds for their shutdown.
@@ -336,6 +352,32 @@ def simulation_node_config(text: str) -> dict[str, Any]:
     values = parse_node_config(text) if text.strip() else {}
     DisclosurePolicy.from_node_config(values)  # a bad policy fails here, naming its key
     return values
+
+
+def federation_config(args: argparse.Namespace) -> str:
+    """``flwr run --federation-config``: the number of simulated sites and each one's share of
+    the Ray cluster (Flower's ``client-resources-*``)."""
+    gpus = getattr(args, "gpus_per_site", 0.0)
+    if args.cpus_per_site < 1:
+        raise RadFLError(f"--cpus-per-site {args.cpus_per_site}: a site needs at least one CPU")
+    if gpus < 0:
+        raise RadFLError(f"--gpus-per-site {gpus}: must be 0 or more")
+    return (
+        f"num-supernodes={args.sites} client-resources-num-cpus={args.cpus_per_site} "
+        f"client-resources-num-gpus={gpus}"
+    )
+
+
+def ray_env(env: dict[str, str], address: str | None) -> dict[str, str]:
+    """``env`` with ``RAY_ADDRESS`` set to ``address``: Flower's Ray backend calls
+    ``ray.init()`` without an address, which attaches to the cluster ``RAY_ADDRESS`` names
+    instead of starting a Ray instance of its own."""
+    if not address:
+        return env
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RadFLError(f"--ray-address {address!r}: expected HOST:PORT of the Ray head")
+    return {**env, "RAY_ADDRESS": address}
 
 
 def simulation_env(workdir: Path) -> dict[str, str]:
