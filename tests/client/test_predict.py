@@ -1,0 +1,223 @@
+"""``radfl predict``: the logged model's metadata, its refusals, and (slow) predictions of a
+tiny federation's registered model on synthetic DICOM, NIfTI and PNG sites and on pydicom's
+own test files, equal to the final evaluation's probabilities on the same images."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+from torch.utils.data import DataLoader
+
+from client import data, predict
+from common.errors import ConfigError
+from common.tasks.base import ModelConfig, get_task
+
+METADATA: dict[str, Any] = {
+    "version": 1,
+    "task": "classification",
+    "model": "small-cnn",
+    "spatial_dims": 2,
+    "image_size": 32,
+    "num_classes": 2,
+    "class_names": ["0", "1"],
+    "ct_window_hu": [40.0, 400.0],
+    "spacing_mm": None,
+    "threshold": 0.3,
+    "temperature": 1.0,
+}
+
+
+def test_model_uri_takes_run_ids_registry_uris_and_folders(tmp_path: Path) -> None:
+    run_id = "342d8bfbe30848b0936b80b76b7a9c37"
+    assert predict.model_uri(run_id) == f"runs:/{run_id}/final-model"
+    assert predict.model_uri("models:/radfl-x/3") == "models:/radfl-x/3"
+    assert predict.model_uri(str(tmp_path)) == str(tmp_path.resolve())
+    with pytest.raises(ConfigError, match="'no-such-thing' is neither a folder, a run id"):
+        predict.model_uri("no-such-thing")
+
+
+def test_a_model_logged_without_radfl_metadata_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="model old carries no 'radfl' metadata"):
+        predict.read_metadata("old", {"other": 1})
+    with pytest.raises(ConfigError, match="metadata version 7 is not the 1"):
+        predict.read_metadata("new", {"radfl": {**METADATA, "version": 7}})
+    with pytest.raises(ConfigError, match="metadata lacks image_size"):
+        predict.read_metadata(
+            "cut", {"radfl": {k: v for k, v in METADATA.items() if k != "image_size"}}
+        )
+    with pytest.raises(ConfigError, match="task 'detection'"):
+        predict.read_metadata("det", {"radfl": {**METADATA, "task": "detection"}})
+
+
+def test_classification_row_applies_the_models_threshold_and_temperature() -> None:
+    model = predict.LoadedModel(None, METADATA, "m")
+    row = predict.classification_row(model, np.array([0.65, 0.35]))
+    assert row["label"] == "1"  # 0.35 >= the threshold 0.3, although class 0 is likelier
+    assert row["uncertainty"] == pytest.approx(-(0.65 * np.log(0.65) + 0.35 * np.log(0.35)))
+    logits = torch.tensor([[2.0, 0.0]])
+    hot = predict.calibrated_probabilities(logits, 2.0)
+    assert hot[0, 0].item() == pytest.approx(torch.softmax(logits / 2, dim=1)[0, 0].item())
+    assert hot[0, 0] < predict.calibrated_probabilities(logits, 1.0)[0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny federation's registered model on synthetic sites (slow: one run for the module)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from simulations.synth import FederationSpec, write_federation
+    from tests.simulations.conftest import (
+        run_radfl,
+        the_run,
+        tiny_simulate_command,
+        tracking_env,
+    )
+
+    folder = tmp_path_factory.mktemp("predict-run")
+    env = tracking_env(folder)
+    run_radfl(tiny_simulate_command(sites=2, rounds=1), folder, env)
+    client, run = the_run(folder)
+    sites = write_federation(
+        folder / "synth",
+        FederationSpec(
+            sites=3,
+            task="classification",
+            dims=2,
+            seed=3,
+            samples_per_site=8,
+            image_size=32,
+            num_classes=2,
+        ),
+    )
+    return {"folder": folder, "client": client, "run": run, "env": env, "sites": sites}
+
+
+def _evaluation_probabilities(
+    run: dict[str, Any], metadata: Mapping[str, Any], site: Path
+) -> dict[str, np.ndarray]:
+    """The final evaluation's path on a site's rows: ``SiteDataset`` (cached preprocessing),
+    batches, ``task.predict``, with the run's logged final weights in a fresh network (fp32)."""
+    task = get_task(
+        ModelConfig(
+            task=metadata["task"],
+            model=metadata["model"],
+            spatial_dims=metadata["spatial_dims"],
+            image_size=metadata["image_size"],
+            num_classes=metadata["num_classes"],
+            seed=0,
+        )
+    )
+    network = task.build_model()
+    weights = run["client"].download_artifacts(
+        run["run"].info.run_id, "weights/final.pt", str(run["folder"])
+    )
+    network.load_state_dict(torch.load(weights))
+    network.eval()
+    rows = data.fill_subgroups_from_dicom(data.read_manifest(site, "classification"), site)
+    dataset = data.SiteDataset(
+        rows,
+        site,
+        task="classification",
+        spatial_dims=2,
+        image_size=metadata["image_size"],
+        cache_dir=run["folder"] / "cache",
+    )
+    found: list[np.ndarray] = []
+    with torch.no_grad():
+        for batch in DataLoader(dataset, batch_size=16, collate_fn=task.collate):
+            found += list(task.predict(network, batch)[0].numpy())
+    return dict(zip(dataset.files, found, strict=True))
+
+
+@pytest.mark.slow
+def test_predict_matches_the_final_evaluation_and_skips_a_corrupt_file_by_name(
+    tiny_run: dict[str, Any], tmp_path: Path
+) -> None:
+    run_id = tiny_run["run"].info.run_id
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    array = tmp_path / "study.npy"
+    np.save(array, np.random.default_rng(0).random((40, 40), dtype=np.float32))
+    ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
+    sites = tiny_run["sites"]
+    out = tmp_path / "out"
+    inputs = [str(sites[0]), str(sites[1] / "manifest.csv"), str(sites[2]), str(corrupt)]
+    argv = [run_id, *inputs, str(array), str(ct), str(mr), "--out", str(out), "--quiet"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tiny_run["env"]["MLFLOW_TRACKING_URI"])
+        model = predict.load_model(run_id)
+        code = predict.main(argv)
+    assert code == 1  # one input failed
+    failed = pd.read_csv(out / "failed.csv")
+    assert list(failed["input"]) == [str(corrupt)]
+    table = pd.read_csv(out / "predictions.csv", dtype={"label": str})
+    assert {str(array), str(ct), str(mr)} <= set(table["input"])
+    assert table.set_index("input").loc[str(ct), "modality"] == "CT"
+    assert table.set_index("input").loc[str(mr), "modality"] == "MR"
+    assert set(table["label"]) <= {"0", "1"}
+    assert np.allclose(table[["p_0", "p_1"]].sum(axis=1), 1.0, atol=1e-5)
+    # The threshold the model carries is the one the report chose on pooled validation.
+    assert model.metadata["threshold"] == pytest.approx(
+        tiny_run["run"].data.metrics["test/threshold"]
+    )
+    expected_label = (table["p_1"] >= model.metadata["threshold"]).astype(int).astype(str)
+    assert list(table["label"]) == list(expected_label)
+    by_name = table.set_index("input")
+    compared = 0
+    for site in sites:  # DICOM CT, NIfTI MR, PNG DX
+        for name, probabilities in _evaluation_probabilities(
+            tiny_run, model.metadata, site
+        ).items():
+            got = by_name.loc[name, ["p_0", "p_1"]].to_numpy(dtype=np.float64)
+            assert np.abs(got - probabilities).max() <= 1e-4, (site, name, got, probabilities)
+            compared += 1
+    assert compared == len(table) - 3
+
+
+@pytest.mark.slow
+def test_the_radfl_command_predicts_from_the_registry(
+    tiny_run: dict[str, Any], tmp_path: Path
+) -> None:
+    from tests.simulations.conftest import RADFL
+
+    name = "radfl-classification-small-cnn-2d"
+    out = tmp_path / "out"
+    ct = get_testdata_file("CT_small.dcm")
+    done = subprocess.run(
+        [RADFL, "predict", f"models:/{name}/1", str(ct), "--out", str(out)],
+        env=tiny_run["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if "invalid choice: 'predict'" in done.stderr:
+        # The installed entry points predate this command: `python -m client.predict` then.
+        done = subprocess.run(
+            [
+                str(Path(RADFL).parent / "python"),
+                "-m",
+                "client.predict",
+                f"models:/{name}/1",
+                str(ct),
+                "--out",
+                str(out),
+            ],
+            env=tiny_run["env"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table["input"]) == [str(ct)]
+    assert "1 predicted, 0 failed" in done.stdout
