@@ -11,7 +11,9 @@ by name and skipped; the exit code is 1 when any failed.
 
 Outputs in ``--out``: ``predictions.csv`` (classification: one probability column per class,
 the thresholded label and the predictive entropy of the calibrated probabilities),
-``masks/<name>.nii.gz`` (segmentation, on the network's grid) and ``failed.csv``.
+``masks/<name>.nii.gz`` (segmentation: the label map on the input's own grid and affine),
+``seg/<name>.dcm`` (segmentation of a single-frame DICOM file: DICOM SEG, one segment per
+non-background class) and ``failed.csv``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client import data
+from client import data, predict_outputs
 from client.preprocessing import image_transforms
 from common import manifest as mf
 from common.errors import ConfigError, SiteDataError
@@ -225,17 +227,20 @@ def predict_study(model: LoadedModel, study: Study, out: Path) -> dict[str, Any]
         probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
         return classification_row(model, probabilities)
     mask = torch.argmax(output.float(), dim=1)[0].numpy().astype(np.uint8)
-    path = out / "masks" / f"{_safe_stem(study.name)}.nii.gz"
-    write_nifti(mask, path)
-    return {"mask": str(path), "foreground_voxels": int((mask > 0).sum())}
-
-
-def write_nifti(mask: np.ndarray, path: Path) -> None:
-    """A label map as NIfTI (identity affine: the network's grid)."""
-    import nibabel as nib
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(path))
+    native, affine = predict_outputs.native_mask(mask, study.path)
+    stem = _safe_stem(study.name)
+    nifti = out / "masks" / f"{stem}.nii.gz"
+    predict_outputs.write_nifti(native, affine, nifti)
+    row: dict[str, Any] = {"mask": str(nifti), "foreground_voxels": int((native > 0).sum())}
+    if study.is_dicom and study.path.is_file():
+        seg = out / "seg" / f"{stem}.dcm"
+        names = [
+            str(n)
+            for n in model.metadata.get("class_names") or range(int(model.metadata["num_classes"]))
+        ]
+        predict_outputs.write_dicom_seg(native, study.path, seg, names)
+        row["dicom_seg"] = str(seg)
+    return row
 
 
 def _safe_stem(name: str) -> str:

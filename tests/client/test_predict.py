@@ -221,3 +221,124 @@ def test_the_radfl_command_predicts_from_the_registry(
     table = pd.read_csv(out / "predictions.csv")
     assert list(table["input"]) == [str(ct)]
     assert "1 predicted, 0 failed" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation: a model folder saved here (no federation needed), masks as NIfTI and DICOM SEG
+# ---------------------------------------------------------------------------------------------
+
+
+def _segmentation_model(folder: Path, spatial_dims: int, image_size: int) -> Path:
+    import mlflow
+
+    config = ModelConfig(
+        task="segmentation",
+        model="unet",
+        spatial_dims=spatial_dims,
+        image_size=image_size,
+        num_classes=2,
+        seed=0,
+    )
+    network = get_task(config).build_model().eval()
+    path = folder / f"seg-{spatial_dims}d"
+    metadata = {
+        **METADATA,
+        "task": "segmentation",
+        "model": "unet",
+        "spatial_dims": spatial_dims,
+        "image_size": image_size,
+        "threshold": None,
+    }
+    mlflow.pytorch.save_model(
+        network,
+        str(path),
+        serialization_format="pickle",
+        metadata={"radfl": metadata},
+        pip_requirements=["torch"],
+    )
+    return path
+
+
+def _rectangular_dicom(path: Path) -> Path:
+    """pydicom's CT_small.dcm cut to 128 rows x 90 columns (a SEG frame must not transpose)."""
+    import pydicom
+
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    pixels = dataset.pixel_array[:, :90].copy()
+    dataset.PixelData = pixels.tobytes()
+    dataset.Columns = 90
+    dataset.save_as(path)
+    return path
+
+
+def test_segmentation_masks_follow_each_input_and_dicom_seg_frames_match_them(
+    tmp_path: Path,
+) -> None:
+    import highdicom as hd
+    import nibabel as nib
+    import pydicom
+
+    model = _segmentation_model(tmp_path, spatial_dims=2, image_size=32)
+    rect = _rectangular_dicom(tmp_path / "rect.dcm")
+    png = tmp_path / "xray.png"
+    from PIL import Image
+
+    Image.fromarray((np.random.default_rng(1).random((50, 70)) * 255).astype(np.uint8)).save(png)
+    ct, mr = get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")
+    out = tmp_path / "out"
+    assert predict.main([str(model), str(rect), ct, mr, str(png), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "predictions.csv").set_index("input")
+    shapes = {str(png): (70, 50)}  # PIL reads (width, height) into MONAI's first two axes
+    for source in (rect, Path(ct), Path(mr)):
+        dataset = pydicom.dcmread(source)
+        shapes[str(source)] = (dataset.Columns, dataset.Rows)
+    for name, shape in shapes.items():
+        mask = np.asarray(nib.load(table.loc[name, "mask"]).dataobj)
+        assert mask.shape == shape, name
+        assert table.loc[name, "foreground_voxels"] == int((mask > 0).sum())
+        if name == str(png):
+            assert pd.isna(table.loc[name, "dicom_seg"])
+            continue
+        seg = hd.seg.segread(table.loc[name, "dicom_seg"])
+        source = pydicom.dcmread(name)
+        assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+        frame = np.asarray(seg.pixel_array)  # one frame, one segment: (rows, columns)
+        assert frame.shape == (source.Rows, source.Columns), name
+        assert np.array_equal(frame > 0, mask.T > 0), name
+    assert 0 < int(table["foreground_voxels"].sum()) < sum(a * b for a, b in shapes.values())
+
+
+def test_a_3d_mask_returns_to_the_volumes_own_axes_and_affine(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    model = _segmentation_model(tmp_path, spatial_dims=3, image_size=32)
+    affine = np.diag([-0.8, -0.8, 2.5, 1.0])  # LPS-like axes, anisotropic voxels
+    volume = tmp_path / "ct.nii.gz"
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(2).random((20, 24, 12)).astype(np.float32), affine),
+        str(volume),
+    )
+    out = tmp_path / "out"
+    assert predict.main([str(model), str(volume), "--out", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out / "predictions.csv")
+    written = nib.load(table.loc[0, "mask"])
+    assert written.shape == (20, 24, 12)
+    assert np.allclose(written.affine, affine)
+    assert "dicom_seg" not in table.columns
+
+
+def test_a_mask_corner_on_the_ras_grid_lands_in_the_matching_native_corner(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from client.predict_outputs import native_mask
+
+    volume = tmp_path / "lps.nii.gz"
+    image = np.zeros((20, 24, 12), dtype=np.float32)
+    nib.save(nib.Nifti1Image(image, np.diag([-0.8, -0.8, 2.5, 1.0])), str(volume))
+    mask = np.zeros((32, 32, 32), dtype=np.uint8)
+    mask[:8, :8, :8] = 1  # RAS grid: index 0 is the left, posterior, inferior corner
+    native, _ = native_mask(mask, volume)
+    # LPS axes: the first two run toward left and posterior, so that corner is at their ends.
+    assert native[-1, -1, 0] == 1 and native[0, 0, 0] == 0
+    assert native[-5:, -6:, :3].all() and not native[:10].any()
