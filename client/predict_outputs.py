@@ -27,10 +27,14 @@ def native_mask(mask: np.ndarray, source: Path) -> tuple[np.ndarray, np.ndarray]
     import nibabel as nib
 
     image = decode_image(source)
+    if not isinstance(image, MetaTensor):
+        raise SiteDataError(f"{source}: the reader gave no affine")
     affine = np.asarray(image.affine, dtype=np.float64)
     labels = torch.as_tensor(mask.astype(np.int64))[None]
     if mask.ndim == 3:
         oriented = mt.Orientation(axcodes="RAS", labels=None)(image)
+        if not isinstance(oriented, MetaTensor):
+            raise SiteDataError(f"{source}: reorientation lost the affine")
         resized = mt.Resize(oriented.shape[1:], mode="nearest")(labels)
         back = mt.Orientation(axcodes="".join(nib.aff2axcodes(affine)), labels=None)(
             MetaTensor(torch.from_numpy(np.asarray(resized)), affine=oriented.affine)
