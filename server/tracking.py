@@ -24,7 +24,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
@@ -152,8 +152,10 @@ def log_models(
             )
         }
     )
-    mlflow.pytorch.log_model(
-        model,
+    Model.log(
+        flavor=ServedPyTorch,
+        pytorch_model=model,
+        artifact_path=None,
         name="final-model",
         serialization_format="pt2" if single_tensor else "pickle",
         **described,
@@ -161,8 +163,30 @@ def log_models(
         registered_model_name=register_as,
         # Given explicitly: inferring requirements would import the model in a subprocess.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"],
-        code_paths=[str(common_package)],
+        # client/ too: the pyfunc loader (client/serving.py) preprocesses as the sites do.
+        code_paths=[str(common_package), str(common_package.parent / "client")],
     )
+
+
+#: The pyfunc loader of the registered model: it takes image paths, uploaded files or arrays.
+SERVING_LOADER = "client.serving"
+
+
+class ServedPyTorch:
+    """``mlflow.pytorch`` as a flavour whose ``python_function`` loader is RadFL's serving
+    module (named, never imported: the coordinator does not import site code), so the model
+    loads both as PyTorch and as a pyfunc that preprocesses images as the sites do."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Model, **kwargs: Any) -> None:
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        if "python_function" in mlflow_model.flavors:
+            mlflow_model.flavors["python_function"]["loader_module"] = SERVING_LOADER
+            # The tensor example served pt2's export; the pyfunc takes tables of paths or
+            # uploads, which a tensor signature would refuse.
+            mlflow_model.signature = None
+            mlflow_model.saved_input_example_info = None  # type: ignore[assignment]
+        mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
 def model_metadata(config: ServerConfig, threshold: float | None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ own test files, equal to the final evaluation's probabilities on the same images
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -184,52 +185,15 @@ def test_predict_matches_the_final_evaluation_and_skips_a_corrupt_file_by_name(
     assert compared == len(table) - 3
 
 
-@pytest.mark.slow
-def test_the_radfl_command_predicts_from_the_registry(
-    tiny_run: dict[str, Any], tmp_path: Path
-) -> None:
-    from tests.simulations.conftest import RADFL
-
-    name = "radfl-classification-small-cnn-2d"
-    out = tmp_path / "out"
-    ct = get_testdata_file("CT_small.dcm")
-    done = subprocess.run(
-        [RADFL, "predict", f"models:/{name}/1", str(ct), "--out", str(out)],
-        env=tiny_run["env"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if "invalid choice: 'predict'" in done.stderr:
-        # The installed entry points predate this command: `python -m client.predict` then.
-        done = subprocess.run(
-            [
-                str(Path(RADFL).parent / "python"),
-                "-m",
-                "client.predict",
-                f"models:/{name}/1",
-                str(ct),
-                "--out",
-                str(out),
-            ],
-            env=tiny_run["env"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert done.returncode == 0, done.stderr[-3000:]
-    table = pd.read_csv(out / "predictions.csv")
-    assert list(table["input"]) == [str(ct)]
-    assert "1 predicted, 0 failed" in done.stdout
-
-
 # ---------------------------------------------------------------------------------------------
 # Segmentation: a model folder saved here (no federation needed), masks as NIfTI and DICOM SEG
 # ---------------------------------------------------------------------------------------------
 
 
 def _segmentation_model(folder: Path, spatial_dims: int, image_size: int) -> Path:
-    import mlflow
+    from mlflow.models import Model
+
+    from server.tracking import ServedPyTorch
 
     config = ModelConfig(
         task="segmentation",
@@ -249,9 +213,11 @@ def _segmentation_model(folder: Path, spatial_dims: int, image_size: int) -> Pat
         "image_size": image_size,
         "threshold": None,
     }
-    mlflow.pytorch.save_model(
-        network,
-        str(path),
+    # As the coordinator logs it: the pyfunc loader is client/serving.py.
+    ServedPyTorch.save_model(
+        path=str(path),
+        mlflow_model=Model(),
+        pytorch_model=network,
         serialization_format="pickle",
         metadata={"radfl": metadata},
         pip_requirements=["torch"],
@@ -342,3 +308,110 @@ def test_a_mask_corner_on_the_ras_grid_lands_in_the_matching_native_corner(tmp_p
     # LPS axes: the first two run toward left and posterior, so that corner is at their ends.
     assert native[-1, -1, 0] == 1 and native[0, 0, 0] == 0
     assert native[-5:, -6:, :3].all() and not native[:10].any()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_posted_dicom_with_the_predict_fields(
+    tiny_run: dict[str, Any], tmp_path: Path
+) -> None:
+    import base64
+    import json
+    import os
+    import signal
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from simulations.local_superlink import free_port
+
+    port = free_port()
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    model = "models:/radfl-classification-small-cnn-2d/1"
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [
+            mlflow_cli,
+            "models",
+            "serve",
+            "-m",
+            model,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=tiny_run["env"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    body = {
+        "dataframe_records": [
+            {"content": base64.b64encode(ct.read_bytes()).decode(), "name": "CT_small.dcm"},
+            {"content": base64.b64encode(b"not a dicom").decode(), "name": "broken.dcm"},
+        ]
+    }
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tiny_run["env"]["MLFLOW_TRACKING_URI"])
+        direct = predict.predict(
+            predict.load_model(model),
+            [predict.Study(ct, "CT_small.dcm", "CT")],
+            tmp_path,
+            progress=False,
+        )[0]
+    good, bad = answer
+    assert good["input"] == "CT_small.dcm" and good["error"] == "" and good["modality"] == "CT"
+    assert good["p_1"] == pytest.approx(direct.loc[0, "p_1"], abs=1e-6)
+    assert good["label"] == direct.loc[0, "label"]
+    assert good["uncertainty"] == pytest.approx(direct.loc[0, "uncertainty"], abs=1e-6)
+    assert bad["input"] == "broken.dcm" and "InvalidDicomError" in bad["error"]
+
+
+def test_the_pyfunc_takes_paths_uploads_and_arrays_and_names_a_bad_row(tmp_path: Path) -> None:
+    import base64
+
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(str(_segmentation_model(tmp_path, 2, 32)))
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    upload = base64.b64encode(ct.read_bytes()).decode()
+    table = pd.DataFrame(
+        {
+            "path": [str(ct), None, None],
+            "content": [None, upload, None],
+            "name": [None, "a.dcm", None],
+        }
+    )
+    answer = model.predict(table)
+    assert list(answer["input"]) == [str(ct), "a.dcm", "row 2"]
+    assert list(answer["error"])[:2] == ["", ""]
+    assert "neither 'path' nor 'content'" in answer.loc[2, "error"]
+    assert np.array_equal(np.asarray(answer.loc[0, "mask"]), np.asarray(answer.loc[1, "mask"]))
+    assert np.asarray(answer.loc[0, "mask"]).shape == (128, 128)
+    from_array = model.predict(np.random.default_rng(3).random((50, 70), dtype=np.float32))
+    assert np.asarray(from_array.loc[0, "mask"]).shape == (50, 70)
+    assert from_array.loc[0, "input"] == "array-0"
