@@ -42,6 +42,9 @@ class ServedModel:
             work = Path(folder)
             studies, failed = _studies(model_input, work, self.model.task)
             table, failed_now = predict.predict(self.model, studies, work / "out", progress=False)
+            # An upload's reason names it as sent, not by the temporary file it was saved to.
+            uploads = {str(study.path): study.name for study in studies}
+            failed_now = [(name, _renamed(reason, uploads)) for name, reason in failed_now]
             if "mask" in table.columns:
                 table["mask"] = [_mask_lists(Path(p)) for p in table["mask"]]
                 table = table.drop(columns=["dicom_seg"], errors="ignore")
@@ -99,6 +102,12 @@ def _studies(
         studies += found
         failed += bad
     return studies, failed
+
+
+def _renamed(reason: str, names: dict[str, str]) -> str:
+    for path, name in names.items():
+        reason = reason.replace(path, name)
+    return reason
 
 
 def _given(value: Any) -> str:
