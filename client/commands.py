@@ -37,3 +37,16 @@ def _add_site_arguments(parser: argparse.ArgumentParser) -> None:
 site = Command(
     help="commands a hospital site runs next to its data", add_arguments=_add_site_arguments
 )
+
+
+def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    from client import predict as predict_module
+
+    predict_module.add_arguments(parser)
+
+
+predict = Command(
+    help="run a logged model on studies (DICOM, NIfTI, PNG/JPEG, NumPy, a site manifest): "
+    "probabilities, labels, masks",
+    add_arguments=_add_predict_arguments,
+)

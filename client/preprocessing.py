@@ -36,12 +36,9 @@ from monai import transforms as mt
 from monai.apps.detection.transforms import dictionary as mdt
 
 from common.errors import SiteDataError
+from common.imaging import DEFAULT_CT_WINDOW_HU, PERCENTILES
 
-DEFAULT_CT_WINDOW_HU = (40.0, 400.0)
-"""CT window (level, width) in Hounsfield units: soft tissue."""
-
-PERCENTILES = (0.5, 99.5)
-"""Intensity percentiles mapped to 0 and 1 for every modality except CT."""
+__all__ = ["DEFAULT_CT_WINDOW_HU", "PERCENTILES", "image_transforms", "preprocessing_key"]
 
 # Bump when the preprocessing changes in a way the settings below do not capture: it renames the
 # cache folder, so stale tensors are never read.

@@ -232,6 +232,7 @@ def main(grid: Grid, context: Context) -> None:
             site_summary={s.name: s.counts for s in sites.values()},
             cross_site=cross_site,
         )
+        threshold = None
         if splits["test"].sites:
             extra_files = {
                 "sites_by_round.csv": pd.DataFrame(recorder.site_rows).to_csv(index=False)
@@ -242,6 +243,7 @@ def main(grid: Grid, context: Context) -> None:
                     indent=2,
                 )
             report = final.publish_report(states, extra_files=extra_files)
+            threshold = report.threshold
             log(INFO, "[radfl] test %s", _headline(report))
         else:
             log(WARNING, "[radfl] no site returned test states; no report was written")
@@ -254,6 +256,7 @@ def main(grid: Grid, context: Context) -> None:
             config=config,
             register_as=tracking.registered_model_name(config),
             registered_state=selected,
+            threshold=threshold,
         )
     log(INFO, "%s %s", RUN_FINISHED_LOG, run.info.run_id)  # after the MLflow run has ended
 

@@ -24,16 +24,21 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from common.config import ClientConfig, ServerConfig
+from common.imaging import DEFAULT_CT_WINDOW_HU, PERCENTILES
 from server.checkpoint import validate_run_key
 
 RUN_KEY_TAG = "radfl.run-key"
 MODE_TAG = "radfl.mode"
 BEST_ROUND_TAG = "radfl.best-round"
+#: The key of the logged model's metadata (``MLmodel``) that ``radfl predict`` reads.
+MODEL_METADATA_KEY = "radfl"
+#: Bumped when the metadata's fields change meaning; ``radfl predict`` refuses unknown versions.
+MODEL_METADATA_VERSION = 1
 
 
 def tracking_uri() -> str:
@@ -102,9 +107,14 @@ def log_models(
     config: ServerConfig,
     register_as: str | None,
     registered_state: Mapping[str, torch.Tensor] | None = None,
+    threshold: float | None = None,
 ) -> None:
     """Log best and final weights as artifacts, and the model the run delivers (registered if
-    asked): ``registered_state`` (the evaluated model, best or last), else the final one."""
+    asked): ``registered_state`` (the evaluated model, best or last), else the final one.
+
+    The delivered model carries in its ``MLmodel`` metadata (``model_metadata``) everything
+    ``radfl predict`` needs to preprocess as in training and to threshold, without the run's
+    config: ``threshold`` is the report's operating threshold (chosen on pooled validation)."""
     with tempfile.TemporaryDirectory() as folder:
         for name, state in (("final", final_state), ("best", best_state)):
             if state is None:
@@ -142,16 +152,62 @@ def log_models(
             )
         }
     )
-    mlflow.pytorch.log_model(
-        model,
+    Model.log(
+        flavor=ServedPyTorch,
+        pytorch_model=model,
+        artifact_path=None,
         name="final-model",
         serialization_format="pt2" if single_tensor else "pickle",
         **described,
+        metadata={MODEL_METADATA_KEY: model_metadata(config, threshold)},
         registered_model_name=register_as,
         # Given explicitly: inferring requirements would import the model in a subprocess.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"],
-        code_paths=[str(common_package)],
+        # client/ too: the pyfunc loader (client/serving.py) preprocesses as the sites do.
+        code_paths=[str(common_package), str(common_package.parent / "client")],
     )
+
+
+#: The pyfunc loader of the registered model: it takes image paths, uploaded files or arrays.
+SERVING_LOADER = "client.serving"
+
+
+class ServedPyTorch:
+    """``mlflow.pytorch`` as a flavour whose ``python_function`` loader is RadFL's serving
+    module (named, never imported: the coordinator does not import site code), so the model
+    loads both as PyTorch and as a pyfunc that preprocesses images as the sites do."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: Model, **kwargs: Any) -> None:
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        if "python_function" in mlflow_model.flavors:
+            mlflow_model.flavors["python_function"]["loader_module"] = SERVING_LOADER
+            # The tensor example served pt2's export; the pyfunc takes tables of paths or
+            # uploads, which a tensor signature would refuse.
+            mlflow_model.signature = None
+            mlflow_model.saved_input_example_info = None  # type: ignore[assignment]
+        mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def model_metadata(config: ServerConfig, threshold: float | None) -> dict[str, Any]:
+    """What a logged model carries to be used without its run: the task and network, the
+    preprocessing of ``client/preprocessing.py`` (its defaults: the run config sets none of
+    them), class names, the operating threshold (``None`` where the task has none or no
+    report was written) and the calibration temperature (1.0 until one is fitted)."""
+    return {
+        "version": MODEL_METADATA_VERSION,
+        "task": config.task,
+        "model": config.model,
+        "spatial_dims": config.spatial_dims,
+        "image_size": config.image_size,
+        "num_classes": config.num_classes,
+        "class_names": [str(k) for k in range(config.num_classes)],
+        "ct_window_hu": list(DEFAULT_CT_WINDOW_HU),
+        "percentiles": list(PERCENTILES),
+        "spacing_mm": None,
+        "threshold": threshold if threshold is not None and math.isfinite(threshold) else None,
+        "temperature": 1.0,
+    }
 
 
 def find_run(run_key: str, experiment_name: str) -> Any | None:

@@ -97,8 +97,9 @@ def centralized(args: argparse.Namespace) -> int:
                     cells.patients,
                     cells.suppressed,
                 )
+        threshold = None
         if splits[TEST].sites:
-            final.publish_report(
+            report = final.publish_report(
                 final.evaluation_states(
                     server_config,
                     splits,
@@ -115,6 +116,7 @@ def centralized(args: argparse.Namespace) -> int:
                     },
                 )
             )
+            threshold = report.threshold
         wall_time_s = time.monotonic() - started
         tracking.log_metrics({"wall-time-s": wall_time_s}, step=server_config.num_rounds)
         tracking.log_models(
@@ -124,6 +126,7 @@ def centralized(args: argparse.Namespace) -> int:
             best_round=best_round,
             config=server_config,
             register_as=None,
+            threshold=threshold,
         )
         log(INFO, "[radfl] centralized run %s finished", run.info.run_id)
     return print_summary(server_config, wall_time_s=wall_time_s)
