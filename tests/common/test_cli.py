@@ -11,14 +11,24 @@ import pytest
 
 from common.cli import Command, build_parser, main, registered
 
-COMMANDS = {"simulate", "centralized", "site", "coordinator", "synth", "bench", "report", "models"}
+COMMANDS = {
+    "simulate",
+    "centralized",
+    "site",
+    "predict",
+    "coordinator",
+    "synth",
+    "bench",
+    "report",
+    "models",
+}
 
 
 def test_every_command_is_registered_as_an_entry_point_of_its_package() -> None:
     points = registered()
     assert set(points) == COMMANDS
     owners = {name: point.value.split(".")[0] for name, point in points.items()}
-    assert owners["site"] == "client" and owners["coordinator"] == "server"
+    assert owners["site"] == owners["predict"] == "client" and owners["coordinator"] == "server"
     assert owners["simulate"] == "simulations"
     assert all(isinstance(point.load(), Command) for point in points.values())
 
