@@ -37,9 +37,12 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
+    Key,
+    Stage,
 )
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
+from client.disclosure import refusal
 from client.site import site_name
 from common import messages as keys
 from common.config import ClientConfig, from_run_config
@@ -94,6 +97,12 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
     ):
         return call_next(msg, context)
 
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(Key.STAGE) == Stage.SETUP:
+        unsafe = unsafe_setup(configs)
+        if unsafe is not None:
+            return refusal(msg, unsafe)
+
     def masked_update(message: Message, ctxt: Context) -> Message:
         return _masked_update(message, ctxt, call_next)
 
@@ -101,6 +110,28 @@ def secure_aggregation(msg: Message, context: Context, call_next: ClientAppCalla
         return secaggplus_mod(msg, context, masked_update)
     except _ErrorReplyError as refused:  # the train handler's own refusal (a spent DP budget)
         return refused.reply
+
+
+def unsafe_setup(configs: ConfigRecord) -> str | None:
+    """Why the site refuses the coordinator's SecAgg+ setup, or None.
+
+    The coordinator chooses how many neighbours hold shares of each site's secrets
+    (``share_num``) and how many shares unmask (``threshold``); Flower's mod accepts any. A
+    server that can unmask with half the shares or fewer can tell some neighbours a site dropped
+    out (to get its key's shares) and others that it did not (to get its self-mask's), and so
+    unmask that site's update alone. The site takes part only with a strict majority threshold
+    of at least 2 shares.
+    """
+    shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
+    if not isinstance(shares, int) or not isinstance(threshold, int):
+        return "site refuses secure aggregation: the setup names no share_num or threshold"
+    if threshold < 2 or 2 * threshold <= shares or threshold > shares:
+        return (
+            f"site refuses secure aggregation: threshold {threshold} of share_num {shares} "
+            "shares would let the server unmask one site's update (the site needs a strict "
+            "majority of the shares, and at least 2)"
+        )
+    return None
 
 
 def check_update(

@@ -137,9 +137,10 @@ def check_options(config: ServerConfig, training: ClientConfig) -> None:
         raise SecureAggregationError(
             f"run-config key secagg-num-shares must lie in (0, 1], got {config.secagg_num_shares}"
         )
-    if not 0.0 < config.secagg_reconstruction_threshold <= 1.0:
+    if not 0.5 < config.secagg_reconstruction_threshold <= 1.0:  # sites refuse the rest
         raise SecureAggregationError(
-            "run-config key secagg-reconstruction-threshold must lie in (0, 1], got "
+            "run-config key secagg-reconstruction-threshold must lie in (0.5, 1] (a strict "
+            "majority of the shares, else the server could unmask one site's update), got "
             f"{config.secagg_reconstruction_threshold}"
         )
     for key, value in (

@@ -56,3 +56,30 @@ def test_a_training_message_without_secagg_configuration_passes_untouched():
 
     assert secagg.secure_aggregation(msg, context, handler) is msg
     assert seen == [msg]
+
+
+@pytest.mark.parametrize(("shares", "threshold"), [(4, 2), (5, 1), (3, 4), (1, 1)])
+def test_a_setup_a_curious_server_could_unmask_one_site_with_is_refused(shares, threshold):
+    """The curious coordinator: a setup whose threshold is not a strict majority of the shares
+    (or is below 2) is refused by message before the site makes any key."""
+    configs = ConfigRecord(
+        {"stage": "setup", "sample_num": 5, "share_num": shares, "threshold": threshold,
+         "clipping_range": 100.0, "target_range": 2**24, "mod_range": 2**32, "max_weight": 100.0}
+    )  # fmt: skip
+    msg = Message(
+        content=RecordDict({"secaggplus_configs": configs}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = secagg.secure_aggregation(msg, context, lambda m, c: pytest.fail("reached training"))
+    assert reply.has_error()
+    assert f"threshold {threshold} of share_num {shares} shares would let the server unmask" in (
+        reply.error.reason
+    )
+    assert "secaggplus_state" not in context.state  # no key was made
+
+
+def test_a_majority_setup_passes_the_site_check():
+    configs = ConfigRecord({"share_num": 3, "threshold": 2})
+    assert secagg.unsafe_setup(configs) is None

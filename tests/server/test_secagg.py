@@ -43,6 +43,7 @@ def test_update_compression_is_refused_by_key():
 @pytest.mark.parametrize(
     ("key", "value"),
     [("secagg-num-shares", 0.0), ("secagg-reconstruction-threshold", 1.5),
+     ("secagg-reconstruction-threshold", 0.5),
      ("secagg-clipping-range", 0.0), ("secagg-max-update-norm-ratio", -1.0),
      ("min-sites", 1)],
 )  # fmt: skip
