@@ -132,6 +132,7 @@ def test_the_curious_server_receives_no_site_update(secure_run):
         assert all(record["arrays"] == 0 for record in entry["records"].values()), entry
     masked = np.load(secure_run["transcript"] / "round-1-masked.npz")
     updates = _true_updates(secure_run["transcript"], 1)
+    correlated = 0
     for site, update in updates.items():
         for index, name in enumerate(update.files[:-1]):  # the last is __num_examples
             vector = masked[f"{site}/{index + 1}"].astype(np.float64)  # 0: the weight
@@ -141,8 +142,13 @@ def test_the_curious_server_receives_no_site_update(secure_run):
             # Unmasked, the quantized update lies in [0, 2**22); masked, it is uniform over
             # [0, 2**32) and says nothing of the update.
             assert (vector >= QUANTIZATION_STEPS).mean() > 0.9, (site, name)
+            if vector.size < 2000:  # chance alone gives |r| >= 0.2 in 5% of 100-value arrays
+                continue
+            # At 2000 values chance correlation has standard deviation 0.022: 0.2 is 9 of them.
             correlation = np.corrcoef(vector.ravel(), update[name].ravel())[0, 1]
             assert abs(correlation) < 0.2, (site, name, correlation)
+            correlated += 1
+    assert correlated >= 3, "no array large enough to test the masks' correlation"
 
 
 def test_one_site_dropping_after_key_sharing_still_completes_the_round(secure_run):
