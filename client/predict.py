@@ -23,7 +23,6 @@ import contextlib
 import math
 import re
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
+from rich.progress import track
 
 from client import data, predict_outputs
 from client.preprocessing import image_transforms
@@ -254,8 +255,9 @@ def predict(
     """Predict every study; the table of results and ``(name, reason)`` of each failure."""
     rows: list[dict[str, Any]] = []
     failed: list[tuple[str, str]] = []
-    started = time.monotonic()
-    for index, study in enumerate(studies, 1):
+    # rich draws the progress on stderr, as radfl site check does.
+    console = Console(stderr=True)
+    for study in track(studies, "predicting", console=console, disable=not progress):
         try:
             row = predict_study(model, study, out)
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the others
@@ -263,12 +265,9 @@ def predict(
             # The first line: MONAI appends every reader's traceback to its message.
             reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
             failed.append((study.name, reason))
-            print(f"radfl predict: skipped {study.name}: {reason}", file=sys.stderr)
+            console.print(f"radfl predict: skipped {study.name}: {reason}", markup=False)
         else:
             rows.append({"input": study.name, "modality": study.modality, **row})
-        if progress and (index % 10 == 0 or index == len(studies)):
-            elapsed = time.monotonic() - started
-            print(f"radfl predict: {index}/{len(studies)} ({elapsed:.1f} s)", file=sys.stderr)
     return pd.DataFrame(rows), failed
 
 
