@@ -13,7 +13,9 @@ Outputs in ``--out``: ``predictions.csv`` (classification: one probability colum
 the thresholded label and the predictive entropy of the calibrated probabilities),
 ``masks/<name>.nii.gz`` (segmentation: the label map on the input's own grid and affine),
 ``seg/<name>.dcm`` (segmentation of a single-frame DICOM file: DICOM SEG, one segment per
-non-background class) and ``failed.csv``.
+non-background class), ``boxes/<name>.json`` (detection and instance segmentation: each box's
+class, score, corners in the input's voxels and in world millimetres, ``client.predict_boxes``;
+instance segmentation also writes its instance map to ``masks/``) and ``failed.csv``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from client import data, predict_outputs
+from client import data, predict_boxes, predict_outputs
 from client.preprocessing import image_transforms
 from common import manifest as mf
 from common.errors import ConfigError, SiteDataError
@@ -43,7 +45,7 @@ from common.errors import ConfigError, SiteDataError
 METADATA_KEY = "radfl"
 METADATA_VERSION = 1
 #: Tasks ``radfl predict`` writes outputs for.
-SUPPORTED_TASKS = ("classification", "segmentation")
+SUPPORTED_TASKS = ("classification", "segmentation", "detection", "instance")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _IMAGE_SUFFIXES = mf.IMAGE_SUFFIXES
 
@@ -63,6 +65,11 @@ class LoadedModel:
     @property
     def temperature(self) -> float:
         return float(self.metadata.get("temperature") or 1.0)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.metadata.get("class_names") or range(int(self.metadata["num_classes"]))
+        return [str(n) for n in names]
 
 
 @dataclass(frozen=True)
@@ -220,13 +227,25 @@ def classification_row(model: LoadedModel, probabilities: np.ndarray) -> dict[st
 
 
 def predict_study(model: LoadedModel, study: Study, out: Path) -> dict[str, Any]:
-    """Predict one study; its CSV row (its mask is written under ``out/masks``)."""
+    """Predict one study; its CSV row (masks, boxes and SEG files are written under ``out``)."""
     image = preprocess(study, model.metadata)
+    return _WRITERS[model.task](model, study, image, out)
+
+
+def _classification(
+    model: LoadedModel, study: Study, image: torch.Tensor, out: Path
+) -> dict[str, Any]:
     with torch.no_grad():
         output = model.network(image)
-    if model.task == "classification":
-        probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
-        return classification_row(model, probabilities)
+    probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
+    return classification_row(model, probabilities)
+
+
+def _segmentation(
+    model: LoadedModel, study: Study, image: torch.Tensor, out: Path
+) -> dict[str, Any]:
+    with torch.no_grad():
+        output = model.network(image)
     mask = torch.argmax(output.float(), dim=1)[0].numpy().astype(np.uint8)
     native, affine = predict_outputs.native_mask(mask, study.path)
     stem = _safe_stem(study.name)
@@ -235,13 +254,58 @@ def predict_study(model: LoadedModel, study: Study, out: Path) -> dict[str, Any]
     row: dict[str, Any] = {"mask": str(nifti), "foreground_voxels": int((native > 0).sum())}
     if study.is_dicom and study.path.is_file():
         seg = out / "seg" / f"{stem}.dcm"
-        names = [
-            str(n)
-            for n in model.metadata.get("class_names") or range(int(model.metadata["num_classes"]))
-        ]
-        predict_outputs.write_dicom_seg(native, study.path, seg, names)
+        predict_outputs.write_dicom_seg(native, study.path, seg, model.class_names)
         row["dicom_seg"] = str(seg)
     return row
+
+
+def _boxes(model: LoadedModel, study: Study, image: torch.Tensor, out: Path) -> dict[str, Any]:
+    """Detection and instance segmentation: boxes as JSON, instance maps as NIfTI."""
+    task = predict_boxes.task_of(model.metadata)
+    with torch.no_grad():
+        prediction = predict_boxes.detect(task, model.network, image)
+    order = predict_boxes.ranked(prediction)
+    grid = predict_boxes.input_grid(study.path, int(model.metadata["spatial_dims"]))
+    boxes = predict_boxes.native_boxes(
+        prediction["boxes"].detach().cpu().numpy(), grid, int(model.metadata["image_size"])
+    )
+    stem = _safe_stem(study.name)
+    row: dict[str, Any] = {}
+    voxels = None
+    if "masks" in prediction:
+        instances = predict_boxes.instance_map(prediction, order)
+        native, affine = predict_outputs.native_mask(instances, study.path)
+        nifti = out / "masks" / f"{stem}.nii.gz"
+        predict_outputs.write_nifti(native, affine, nifti)
+        voxels = np.bincount(native.ravel(), minlength=len(order) + 1)
+        row["mask"] = str(nifti)
+    document = predict_boxes.boxes_document(
+        study.name,
+        prediction,
+        order,
+        boxes,
+        grid,
+        class_names=model.class_names,
+        threshold=predict_boxes.score_threshold(task, model.network),
+        instance_voxels=voxels,
+    )
+    path = out / "boxes" / f"{stem}.json"
+    predict_boxes.write_json(document, path)
+    scores = [box["score"] for box in document["boxes"]]
+    return {
+        "boxes": str(path),
+        "num_boxes": len(scores),
+        "max_score": max(scores, default=0.0),
+        **row,
+    }
+
+
+_WRITERS = {
+    "classification": _classification,
+    "segmentation": _segmentation,
+    "detection": _boxes,
+    "instance": _boxes,
+}
 
 
 def _safe_stem(name: str) -> str:
