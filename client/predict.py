@@ -9,13 +9,17 @@ the operating threshold chosen on pooled validation and a calibration temperatur
 numbers match the final evaluation's. An input that cannot be read or predicted is reported
 by name and skipped; the exit code is 1 when any failed.
 
-Outputs in ``--out``: ``predictions.csv`` (classification: one probability column per class,
-the thresholded label and the predictive entropy of the calibrated probabilities),
-``masks/<name>.nii.gz`` (segmentation: the label map on the input's own grid and affine),
-``seg/<name>.dcm`` (segmentation of a single-frame DICOM file: DICOM SEG, one segment per
-non-background class), ``boxes/<name>.json`` (detection and instance segmentation: each box's
-class, score, corners in the input's voxels and in world millimetres, ``client.predict_boxes``;
-instance segmentation also writes its instance map to ``masks/``) and ``failed.csv``.
+Outputs in ``--out``:
+
+- ``predictions.csv``: one row per input; classification: one probability column per class,
+  the thresholded label and the predictive entropy of the calibrated probabilities;
+- ``masks/<name>.nii.gz``: segmentation (the label map) and instance segmentation (the
+  instance map), on the input's own grid and affine;
+- ``seg/<name>.dcm``: segmentation of a DICOM file, multi-frame file or series folder as DICOM
+  SEG, one segment per non-background class, one frame per source frame or slice;
+- ``boxes/<name>.json``: detection and instance segmentation: each box's class, score and
+  corners in the input's voxels and in world millimetres (``client.predict_boxes``);
+- ``failed.csv``: each input that failed, with the reason.
 """
 
 from __future__ import annotations
@@ -252,7 +256,7 @@ def _segmentation(
     nifti = out / "masks" / f"{stem}.nii.gz"
     predict_outputs.write_nifti(native, affine, nifti)
     row: dict[str, Any] = {"mask": str(nifti), "foreground_voxels": int((native > 0).sum())}
-    if study.is_dicom and study.path.is_file():
+    if study.is_dicom:
         seg = out / "seg" / f"{stem}.dcm"
         predict_outputs.write_dicom_seg(native, study.path, seg, model.class_names)
         row["dicom_seg"] = str(seg)

@@ -100,9 +100,10 @@ def _has_patient_geometry(source: Path) -> bool:
         return True
     if not data.is_dicom_path(source):
         return False  # PNG/JPEG and NumPy arrays: identity affine, no patient space
+    # MONAI's reader takes the geometry from these (an enhanced multi-frame file keeps it per
+    # frame, which the reader does not read: its affine is the identity).
     header = data.read_dicom_header(source)
-    single_frame = "ImagePositionPatient" in header and "ImageOrientationPatient" in header
-    return single_frame or "PerFrameFunctionalGroupsSequence" in header
+    return "ImagePositionPatient" in header and "ImageOrientationPatient" in header
 
 
 def _voxels_to_voxels(points: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
