@@ -19,6 +19,8 @@ Outputs in ``--out``:
   SEG, one segment per non-background class, one frame per source frame or slice;
 - ``boxes/<name>.json``: detection and instance segmentation: each box's class, score and
   corners in the input's voxels and in world millimetres (``client.predict_boxes``);
+- ``overlays/<name>.png`` (``--overlays``): the prediction drawn on the input
+  (``client.predict_overlays``);
 - ``failed.csv``: each input that failed, with the reason.
 """
 
@@ -40,7 +42,7 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from client import data, predict_boxes, predict_outputs
+from client import data, predict_boxes, predict_outputs, predict_overlays
 from client.preprocessing import image_transforms
 from common import manifest as mf
 from common.errors import ConfigError, SiteDataError
@@ -230,23 +232,43 @@ def classification_row(model: LoadedModel, probabilities: np.ndarray) -> dict[st
     return row
 
 
-def predict_study(model: LoadedModel, study: Study, out: Path) -> dict[str, Any]:
-    """Predict one study; its CSV row (masks, boxes and SEG files are written under ``out``)."""
+def predict_study(
+    model: LoadedModel, study: Study, out: Path, *, overlays: bool = False
+) -> dict[str, Any]:
+    """Predict one study; its CSV row (masks, boxes, SEG and overlay files are written under
+    ``out``; the overlay only with ``overlays``)."""
     image = preprocess(study, model.metadata)
-    return _WRITERS[model.task](model, study, image, out)
+    overlay = out / "overlays" / f"{_safe_stem(study.name)}.png" if overlays else None
+    row = _WRITERS[model.task](model, study, image, out, overlay)
+    if overlay is not None:
+        row["overlay"] = str(overlay)
+    return row
+
+
+def _picture(model: LoadedModel, study: Study) -> Any:
+    return predict_overlays.windowed_image(study.path, study.modality, model.metadata)
 
 
 def _classification(
-    model: LoadedModel, study: Study, image: torch.Tensor, out: Path
+    model: LoadedModel, study: Study, image: torch.Tensor, out: Path, overlay: Path | None
 ) -> dict[str, Any]:
     with torch.no_grad():
         output = model.network(image)
     probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
-    return classification_row(model, probabilities)
+    row = classification_row(model, probabilities)
+    if overlay is not None:
+        likeliest = model.class_names[int(np.argmax(probabilities))]
+        caption = f"label {row['label']}: p({likeliest}) = {probabilities.max():.3f}"
+        if len(probabilities) == 2:
+            caption = f"label {row['label']}: p({model.class_names[1]}) = {probabilities[1]:.3f}"
+            if model.metadata.get("threshold") is not None:
+                caption += f" (threshold {float(model.metadata['threshold']):.3f})"
+        predict_overlays.write_overlay(overlay, _picture(model, study), caption=caption)
+    return row
 
 
 def _segmentation(
-    model: LoadedModel, study: Study, image: torch.Tensor, out: Path
+    model: LoadedModel, study: Study, image: torch.Tensor, out: Path, overlay: Path | None
 ) -> dict[str, Any]:
     with torch.no_grad():
         output = model.network(image)
@@ -260,10 +282,17 @@ def _segmentation(
         seg = out / "seg" / f"{stem}.dcm"
         predict_outputs.write_dicom_seg(native, study.path, seg, model.class_names)
         row["dicom_seg"] = str(seg)
+    if overlay is not None:
+        caption = f"{row['foreground_voxels']} voxels segmented"
+        predict_overlays.write_overlay(
+            overlay, _picture(model, study), labels=native, caption=caption
+        )
     return row
 
 
-def _boxes(model: LoadedModel, study: Study, image: torch.Tensor, out: Path) -> dict[str, Any]:
+def _boxes(
+    model: LoadedModel, study: Study, image: torch.Tensor, out: Path, overlay: Path | None
+) -> dict[str, Any]:
     """Detection and instance segmentation: boxes as JSON, instance maps as NIfTI."""
     task = predict_boxes.task_of(model.metadata)
     with torch.no_grad():
@@ -296,6 +325,18 @@ def _boxes(model: LoadedModel, study: Study, image: torch.Tensor, out: Path) -> 
     path = out / "boxes" / f"{stem}.json"
     predict_boxes.write_json(document, path)
     scores = [box["score"] for box in document["boxes"]]
+    if overlay is not None:
+        drawn = [box for box in document["boxes"] if box["score"] >= predict_overlays.DRAWN_SCORE]
+        predict_overlays.write_overlay(
+            overlay,
+            _picture(model, study),
+            # Instances are numbered by score: the drawn ones are the first.
+            labels=None if "mask" not in row else np.where(native <= len(drawn), native, 0),
+            boxes=np.asarray([box["box_voxel"] for box in drawn]).reshape(len(drawn), -1),
+            box_texts=[f"{box['class']} {box['score']:.2f}" for box in drawn],
+            caption=f"{len(drawn)} of {len(scores)} boxes drawn (score >= "
+            f"{predict_overlays.DRAWN_SCORE})",
+        )
     return {
         "boxes": str(path),
         "num_boxes": len(scores),
@@ -318,7 +359,12 @@ def _safe_stem(name: str) -> str:
 
 
 def predict(
-    model: LoadedModel, studies: Sequence[Study], out: Path, *, progress: bool = True
+    model: LoadedModel,
+    studies: Sequence[Study],
+    out: Path,
+    *,
+    progress: bool = True,
+    overlays: bool = False,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Predict every study; the table of results and ``(name, reason)`` of each failure."""
     rows: list[dict[str, Any]] = []
@@ -327,7 +373,7 @@ def predict(
     console = Console(stderr=True)
     for study in track(studies, "predicting", console=console, disable=not progress):
         try:
-            row = predict_study(model, study, out)
+            row = predict_study(model, study, out, overlays=overlays)
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the others
             cause = data.transform_error_cause(exc)
             # The first line: MONAI appends every reader's traceback to its message.
@@ -349,6 +395,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--overlays",
+        action="store_true",
+        help="also draw each prediction on its input as overlays/<input>.png",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -359,7 +410,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"radfl predict: skipped {name}: {reason}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table, failed_now = predict(model, studies, out, progress=not args.quiet)
+    table, failed_now = predict(
+        model, studies, out, progress=not args.quiet, overlays=bool(args.overlays)
+    )
     failed += failed_now
     table.to_csv(out / "predictions.csv", index=False)
     pd.DataFrame(failed, columns=["input", "reason"]).to_csv(out / "failed.csv", index=False)

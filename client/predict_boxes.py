@@ -106,13 +106,9 @@ def _has_patient_geometry(source: Path) -> bool:
     return "ImagePositionPatient" in header and "ImageOrientationPatient" in header
 
 
-def _voxels_to_voxels(points: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Continuous voxel coordinates ``(n, d)`` on the grid of affine ``source`` to the grid of
-    affine ``target`` (voxel centres at ``i + 0.5``, affines indexing centres at ``i``)."""
-    return _from_world(_to_world(points, source), target)
-
-
 def _to_world(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Continuous voxel coordinates ``(n, d)`` (voxel ``i`` spans ``[i, i + 1)``; affines
+    index voxel centres) to world millimetres."""
     dims, spatial = points.shape[1], affine.shape[0] - 1
     index = np.zeros((len(points), spatial + 1))
     index[:, :dims] = points - 0.5
@@ -134,8 +130,17 @@ def native_boxes(boxes: np.ndarray, grid: InputGrid, image_size: int) -> np.ndar
         return np.zeros((0, 2 * dims))
     scale = np.asarray(grid.model_shape, dtype=np.float64) / image_size
     on_model = np.asarray(boxes, dtype=np.float64) * np.tile(scale, 2)
-    corners = on_model.reshape(-1, dims)  # lo and hi of each box, alternating
-    mapped = _from_world(_to_world(corners, grid.model_affine), grid.affine, dims)
+    return map_boxes(on_model, grid.model_affine, grid.affine)
+
+
+def map_boxes(boxes: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Half-open boxes ``(k, 2 * dims)`` on the grid of affine ``source`` as half-open boxes
+    on the grid of affine ``target`` (the same space: a reorientation's flips and swaps)."""
+    dims = boxes.shape[1] // 2
+    if len(boxes) == 0:
+        return np.zeros((0, 2 * dims))
+    corners = np.asarray(boxes, dtype=np.float64).reshape(-1, dims)  # lo, hi alternating
+    mapped = _from_world(_to_world(corners, source), target, dims)
     lo, hi = mapped[0::2], mapped[1::2]
     return np.concatenate([np.minimum(lo, hi), np.maximum(lo, hi)], axis=1)
 

@@ -13,10 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from pydicom.data import get_testdata_file
 from torch.utils.data import DataLoader
 
@@ -84,7 +86,8 @@ def box_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _predict(box_models: dict[str, Any], task: str, inputs: list[str], out: Path) -> int:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", box_models["uri"])
-        return predict.main([box_models["runs"][task], *inputs, "--out", str(out), "--quiet"])
+        argv = [box_models["runs"][task], *inputs, "--out", str(out), "--quiet", "--overlays"]
+        return predict.main(argv)
 
 
 def _evaluation_boxes(box_models: dict[str, Any], task: str, site: Path) -> dict[str, Any]:
@@ -141,10 +144,13 @@ def test_boxes_and_scores_equal_the_final_evaluations_on_dicom_nifti_and_png_sit
             assert (document["world_frame"] == "RAS") is has_world, name
             assert (document["boxes"][0]["box_world_mm"] is not None) is has_world, name
             if task == "instance":
-                mask = np.asarray(__import__("nibabel").load(table.loc[name, "mask"]).dataobj)
+                mask = np.asarray(nib.load(table.loc[name, "mask"]).dataobj)
                 assert mask.shape == tuple(document["shape"]), name
                 counts = np.bincount(mask.ravel(), minlength=len(got) + 1)
                 assert [box["voxels"] for box in document["boxes"]] == list(counts[1:]), name
+            # The overlay draws the boxes scoring >= 0.3 in colour on the grey image.
+            picture = np.asarray(Image.open(table.loc[name, "overlay"]))
+            assert (picture[15:, :, 0] != picture[15:, :, 1]).any(), name
             compared += 1
     assert compared == len(table) == 3
 
