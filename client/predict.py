@@ -298,7 +298,8 @@ def _boxes(
     with torch.no_grad():
         prediction = predict_boxes.detect(task, model.network, image)
     order = predict_boxes.ranked(prediction)
-    grid = predict_boxes.input_grid(study.path, int(model.metadata["spatial_dims"]))
+    dims = int(model.metadata["spatial_dims"])
+    grid = predict_boxes.input_grid(study.path, dims)
     boxes = predict_boxes.native_boxes(
         prediction["boxes"].detach().cpu().numpy(), grid, int(model.metadata["image_size"])
     )
@@ -332,7 +333,7 @@ def _boxes(
             _picture(model, study),
             # Instances are numbered by score: the drawn ones are the first.
             labels=None if "mask" not in row else np.where(native <= len(drawn), native, 0),
-            boxes=np.asarray([box["box_voxel"] for box in drawn]).reshape(len(drawn), -1),
+            boxes=np.asarray([box["box_voxel"] for box in drawn]).reshape(len(drawn), 2 * dims),
             box_texts=[f"{box['class']} {box['score']:.2f}" for box in drawn],
             caption=f"{len(drawn)} of {len(scores)} boxes drawn (score >= "
             f"{predict_overlays.DRAWN_SCORE})",

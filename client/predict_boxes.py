@@ -147,9 +147,9 @@ def map_boxes(boxes: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.n
 
 def world_corners(boxes: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The two opposite corners ``(k, 2, 3)`` of each native box in world millimetres."""
-    dims = boxes.shape[1] // 2
+    dims, spatial = boxes.shape[1] // 2, affine.shape[0] - 1
     corners = boxes.reshape(-1, dims)
-    return _to_world(corners, affine).reshape(len(boxes), 2, -1)
+    return _to_world(corners, affine).reshape(len(boxes), 2, spatial)
 
 
 def ranked(prediction: Mapping[str, torch.Tensor]) -> list[int]:

@@ -186,7 +186,10 @@ def test_a_volumes_box_returns_from_ras_to_its_own_axes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_pyfunc_answers_boxes_and_instance_masks(box_models: dict[str, Any]) -> None:
+    import io
+
     import mlflow
+    from mlflow.pyfunc.scoring_server import predictions_to_json
 
     ct = get_testdata_file("CT_small.dcm")
     with pytest.MonkeyPatch.context() as patch:
@@ -200,3 +203,37 @@ def test_the_pyfunc_answers_boxes_and_instance_masks(box_models: dict[str, Any])
     mask = np.asarray(answer.loc[0, "mask"])
     assert mask.shape == (128, 128)
     assert int((mask == 1).sum()) == boxes[0]["voxels"]
+    # What `mlflow models serve` sends back over HTTP: the same boxes, as JSON.
+    sent = io.StringIO()
+    predictions_to_json(answer, sent)
+    assert json.loads(sent.getvalue())["predictions"][0]["boxes"] == boxes
+
+
+def test_a_model_that_finds_no_box_writes_an_empty_list_and_a_plain_overlay(
+    tmp_path: Path,
+) -> None:
+    from mlflow.models import Model
+
+    from common.tasks.base import ModelConfig, get_task
+    from server.tracking import ServedPyTorch
+    from tests.client.test_predict import METADATA
+
+    # Untrained, every anchor scores about 0.01: below the detector's 0.02.
+    network = get_task(ModelConfig("detection", "retinanet", 2, IMAGE_SIZE, 2, 0)).build_model()
+    model = tmp_path / "model"
+    ServedPyTorch.save_model(
+        path=str(model),
+        mlflow_model=Model(),
+        pytorch_model=network.eval(),
+        serialization_format="pickle",
+        metadata={"radfl": {**METADATA, "task": "detection", "model": "retinanet"}},
+        pip_requirements=["torch"],
+    )
+    ct = str(get_testdata_file("CT_small.dcm"))
+    out = tmp_path / "out"
+    assert predict.main([str(model), ct, "--out", str(out), "--quiet", "--overlays"]) == 0
+    row = pd.read_csv(out / "predictions.csv").iloc[0]
+    assert row["num_boxes"] == 0 and row["max_score"] == 0.0
+    assert json.loads(Path(row["boxes"]).read_text())["boxes"] == []
+    picture = np.asarray(Image.open(row["overlay"]).convert("RGB")).astype(int)
+    assert (picture[15:, :, 0] == picture[15:, :, 1]).all()  # nothing drawn on the image
