@@ -59,6 +59,19 @@ def write_nifti(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(path))
 
 
+#: The patient and study attributes highdicom's ``Segmentation`` reads from its source.
+_TYPE2_COPIED = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+
 def source_frames(mask: np.ndarray, source: Path) -> tuple[list[Any], np.ndarray]:
     """The DICOM datasets of ``source`` (a file or a series folder) and ``mask`` (a label map
     in MONAI's array layout) as their frames ``(frames, rows, columns)``, in their order.
@@ -106,6 +119,12 @@ def write_dicom_seg(mask: np.ndarray, source: Path, path: Path, class_names: Seq
     from pydicom.sr.codedict import codes
 
     datasets, frames = source_frames(mask, source)
+    for dataset in datasets:
+        # Type 2 (present, possibly empty) attributes the SEG copies from its source; files
+        # without them (the synthetic sites' lack a birth date) get them empty, i.e. unknown.
+        for keyword in _TYPE2_COPIED:
+            if keyword not in dataset:
+                setattr(dataset, keyword, "")
     algorithm = hd.AlgorithmIdentificationSequence(
         name="RadFL federated model", version="1", family=codes.DCM.ArtificialIntelligence
     )

@@ -25,9 +25,12 @@ INSTANCE_NUMBERS = (2, 4, 1, 3)
 
 
 def _series(folder: Path) -> list[pydicom.Dataset]:
-    """pydicom's CT_small.dcm as four slices of one series, each rolled sideways by its own
-    amount and with a mark (a raw value 1000 + 100 * file index in its first 4 x 4 pixels)."""
+    """pydicom's CT_small.dcm without its birth date as four slices of one series, each rolled
+    sideways by its own amount and with a mark (a raw value 1000 + 100 * file index in its
+    first 4 x 4 pixels)."""
     base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
+    # As the synthetic sites write them: no birth date, which highdicom reads from the source.
+    del base.PatientBirthDate
     folder.mkdir()
     series_uid = generate_uid()
     datasets = []
@@ -83,6 +86,7 @@ def test_dicom_seg_frames_of_a_series_and_a_multiframe_file_match_the_nifti_mask
     seg = hd.seg.segread(table.loc[str(series), "dicom_seg"])
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
     assert int(seg.NumberOfFrames) == 4
+    assert seg.PatientBirthDate == "" and seg.PatientID == datasets[0].PatientID
     for index, dataset in enumerate(datasets):
         # The reader's slice of this file, by its mark (HU: raw - 1024).
         (where,) = np.flatnonzero(decoded[0, 0, :] == 1000 + 100 * index - 1024)
