@@ -9,11 +9,19 @@ the operating threshold chosen on pooled validation and a calibration temperatur
 numbers match the final evaluation's. An input that cannot be read or predicted is reported
 by name and skipped; the exit code is 1 when any failed.
 
-Outputs in ``--out``: ``predictions.csv`` (classification: one probability column per class,
-the thresholded label and the predictive entropy of the calibrated probabilities),
-``masks/<name>.nii.gz`` (segmentation: the label map on the input's own grid and affine),
-``seg/<name>.dcm`` (segmentation of a single-frame DICOM file: DICOM SEG, one segment per
-non-background class) and ``failed.csv``.
+Outputs in ``--out``:
+
+- ``predictions.csv``: one row per input; classification: one probability column per class,
+  the thresholded label and the predictive entropy of the calibrated probabilities;
+- ``masks/<name>.nii.gz``: segmentation (the label map) and instance segmentation (the
+  instance map), on the input's own grid and affine;
+- ``seg/<name>.dcm``: segmentation of a DICOM file, multi-frame file or series folder as DICOM
+  SEG, one segment per non-background class, one frame per source frame or slice;
+- ``boxes/<name>.json``: detection and instance segmentation: each box's class, score and
+  corners in the input's voxels and in world millimetres (``client.predict_boxes``);
+- ``overlays/<name>.png`` (``--overlays``): the prediction drawn on the input
+  (``client.predict_overlays``);
+- ``failed.csv``: each input that failed, with the reason.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from client import data, predict_outputs
+from client import data, predict_boxes, predict_outputs, predict_overlays
 from client.preprocessing import image_transforms
 from common import manifest as mf
 from common.errors import ConfigError, SiteDataError
@@ -43,7 +51,7 @@ from common.errors import ConfigError, SiteDataError
 METADATA_KEY = "radfl"
 METADATA_VERSION = 1
 #: Tasks ``radfl predict`` writes outputs for.
-SUPPORTED_TASKS = ("classification", "segmentation")
+SUPPORTED_TASKS = ("classification", "segmentation", "detection", "instance")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _IMAGE_SUFFIXES = mf.IMAGE_SUFFIXES
 
@@ -63,6 +71,11 @@ class LoadedModel:
     @property
     def temperature(self) -> float:
         return float(self.metadata.get("temperature") or 1.0)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.metadata.get("class_names") or range(int(self.metadata["num_classes"]))
+        return [str(n) for n in names]
 
 
 @dataclass(frozen=True)
@@ -219,29 +232,126 @@ def classification_row(model: LoadedModel, probabilities: np.ndarray) -> dict[st
     return row
 
 
-def predict_study(model: LoadedModel, study: Study, out: Path) -> dict[str, Any]:
-    """Predict one study; its CSV row (its mask is written under ``out/masks``)."""
+def predict_study(
+    model: LoadedModel, study: Study, out: Path, *, overlays: bool = False
+) -> dict[str, Any]:
+    """Predict one study; its CSV row (masks, boxes, SEG and overlay files are written under
+    ``out``; the overlay only with ``overlays``)."""
     image = preprocess(study, model.metadata)
+    overlay = out / "overlays" / f"{_safe_stem(study.name)}.png" if overlays else None
+    row = _WRITERS[model.task](model, study, image, out, overlay)
+    if overlay is not None:
+        row["overlay"] = str(overlay)
+    return row
+
+
+def _picture(model: LoadedModel, study: Study) -> Any:
+    return predict_overlays.windowed_image(study.path, study.modality, model.metadata)
+
+
+def _classification(
+    model: LoadedModel, study: Study, image: torch.Tensor, out: Path, overlay: Path | None
+) -> dict[str, Any]:
     with torch.no_grad():
         output = model.network(image)
-    if model.task == "classification":
-        probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
-        return classification_row(model, probabilities)
+    probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
+    row = classification_row(model, probabilities)
+    if overlay is not None:
+        likeliest = model.class_names[int(np.argmax(probabilities))]
+        caption = f"label {row['label']}: p({likeliest}) = {probabilities.max():.3f}"
+        if len(probabilities) == 2:
+            caption = f"label {row['label']}: p({model.class_names[1]}) = {probabilities[1]:.3f}"
+            if model.metadata.get("threshold") is not None:
+                caption += f" (threshold {float(model.metadata['threshold']):.3f})"
+        predict_overlays.write_overlay(overlay, _picture(model, study), caption=caption)
+    return row
+
+
+def _segmentation(
+    model: LoadedModel, study: Study, image: torch.Tensor, out: Path, overlay: Path | None
+) -> dict[str, Any]:
+    with torch.no_grad():
+        output = model.network(image)
     mask = torch.argmax(output.float(), dim=1)[0].numpy().astype(np.uint8)
     native, affine = predict_outputs.native_mask(mask, study.path)
     stem = _safe_stem(study.name)
     nifti = out / "masks" / f"{stem}.nii.gz"
     predict_outputs.write_nifti(native, affine, nifti)
     row: dict[str, Any] = {"mask": str(nifti), "foreground_voxels": int((native > 0).sum())}
-    if study.is_dicom and study.path.is_file():
+    if study.is_dicom:
         seg = out / "seg" / f"{stem}.dcm"
-        names = [
-            str(n)
-            for n in model.metadata.get("class_names") or range(int(model.metadata["num_classes"]))
-        ]
-        predict_outputs.write_dicom_seg(native, study.path, seg, names)
+        predict_outputs.write_dicom_seg(native, study.path, seg, model.class_names)
         row["dicom_seg"] = str(seg)
+    if overlay is not None:
+        caption = f"{row['foreground_voxels']} voxels segmented"
+        predict_overlays.write_overlay(
+            overlay, _picture(model, study), labels=native, caption=caption
+        )
     return row
+
+
+def _boxes(
+    model: LoadedModel, study: Study, image: torch.Tensor, out: Path, overlay: Path | None
+) -> dict[str, Any]:
+    """Detection and instance segmentation: boxes as JSON, instance maps as NIfTI."""
+    task = predict_boxes.task_of(model.metadata)
+    with torch.no_grad():
+        prediction = predict_boxes.detect(task, model.network, image)
+    order = predict_boxes.ranked(prediction)
+    dims = int(model.metadata["spatial_dims"])
+    grid = predict_boxes.input_grid(study.path, dims)
+    boxes = predict_boxes.native_boxes(
+        prediction["boxes"].detach().cpu().numpy(), grid, int(model.metadata["image_size"])
+    )
+    stem = _safe_stem(study.name)
+    row: dict[str, Any] = {}
+    voxels = None
+    if "masks" in prediction:
+        instances = predict_boxes.instance_map(prediction, order)
+        native, affine = predict_outputs.native_mask(instances, study.path)
+        nifti = out / "masks" / f"{stem}.nii.gz"
+        predict_outputs.write_nifti(native, affine, nifti)
+        voxels = np.bincount(native.ravel(), minlength=len(order) + 1)
+        row["mask"] = str(nifti)
+    document = predict_boxes.boxes_document(
+        study.name,
+        prediction,
+        order,
+        boxes,
+        grid,
+        class_names=model.class_names,
+        threshold=predict_boxes.score_threshold(task, model.network),
+        instance_voxels=voxels,
+    )
+    path = out / "boxes" / f"{stem}.json"
+    predict_boxes.write_json(document, path)
+    scores = [box["score"] for box in document["boxes"]]
+    if overlay is not None:
+        drawn = [box for box in document["boxes"] if box["score"] >= predict_overlays.DRAWN_SCORE]
+        predict_overlays.write_overlay(
+            overlay,
+            _picture(model, study),
+            # Instances are numbered by score: the drawn ones are the first.
+            labels=None if "mask" not in row else np.where(native <= len(drawn), native, 0),
+            boxes=np.asarray([box["box_voxel"] for box in drawn]).reshape(len(drawn), 2 * dims),
+            box_texts=[f"{box['class']} {box['score']:.2f}" for box in drawn],
+            caption=f"{len(drawn)} of {len(scores)} boxes drawn (score >= "
+            f"{predict_overlays.DRAWN_SCORE})",
+        )
+    return {
+        "boxes": str(path),
+        "num_boxes": len(scores),
+        "max_score": max(scores, default=0.0),
+        **row,
+    }
+
+
+_WRITERS = {
+    "classification": _classification,
+    "segmentation": _segmentation,
+    "detection": _boxes,
+    "instance": _boxes,
+}
 
 
 def _safe_stem(name: str) -> str:
@@ -250,7 +360,12 @@ def _safe_stem(name: str) -> str:
 
 
 def predict(
-    model: LoadedModel, studies: Sequence[Study], out: Path, *, progress: bool = True
+    model: LoadedModel,
+    studies: Sequence[Study],
+    out: Path,
+    *,
+    progress: bool = True,
+    overlays: bool = False,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Predict every study; the table of results and ``(name, reason)`` of each failure."""
     rows: list[dict[str, Any]] = []
@@ -259,7 +374,7 @@ def predict(
     console = Console(stderr=True)
     for study in track(studies, "predicting", console=console, disable=not progress):
         try:
-            row = predict_study(model, study, out)
+            row = predict_study(model, study, out, overlays=overlays)
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the others
             cause = data.transform_error_cause(exc)
             # The first line: MONAI appends every reader's traceback to its message.
@@ -281,6 +396,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--overlays",
+        action="store_true",
+        help="also draw each prediction on its input as overlays/<input>.png",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -291,7 +411,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"radfl predict: skipped {name}: {reason}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table, failed_now = predict(model, studies, out, progress=not args.quiet)
+    table, failed_now = predict(
+        model, studies, out, progress=not args.quiet, overlays=bool(args.overlays)
+    )
     failed += failed_now
     table.to_csv(out / "predictions.csv", index=False)
     pd.DataFrame(failed, columns=["input", "reason"]).to_csv(out / "failed.csv", index=False)

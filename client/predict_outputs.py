@@ -1,22 +1,26 @@
 """What ``radfl predict`` writes for a segmentation: the mask on the input's own grid, as NIfTI
-(with the input's affine), and as DICOM SEG (highdicom) when the input was a DICOM file.
+(with the input's affine), and as DICOM SEG (highdicom) when the input was DICOM: a single-frame
+or multi-frame file or a series folder.
 
 The network predicts on its training grid (``image_size`` per axis, 3D volumes reoriented to
 RAS). The label map is taken back to the input's grid: resized by nearest neighbour to the
 (oriented) decoded shape and, for volumes, reoriented to the input's own axes. MONAI's DICOM
-reader returns a 2D image as ``(columns, rows)``; the SEG frame is its transpose.
+reader returns a 2D image as ``(columns, rows)``; the SEG frames undo its layout
+(:func:`source_frames`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
+from client import data
 from client.preprocessing import decode_image
 from common.errors import SiteDataError
 
@@ -55,21 +59,72 @@ def write_nifti(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(path))
 
 
-def write_dicom_seg(mask: np.ndarray, source: Path, path: Path, class_names: Sequence[str]) -> None:
-    """The label map of the single-frame DICOM ``source`` (MONAI's ``(columns, rows)``
-    orientation) as a binary DICOM SEG, one segment per non-background class."""
-    import highdicom as hd
+#: The patient and study attributes highdicom's ``Segmentation`` reads from its source.
+_TYPE2_COPIED = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+
+def source_frames(mask: np.ndarray, source: Path) -> tuple[list[Any], np.ndarray]:
+    """The DICOM datasets of ``source`` (a file or a series folder) and ``mask`` (a label map
+    in MONAI's array layout) as their frames ``(frames, rows, columns)``, in their order.
+
+    The inverse of MONAI's ``PydicomReader`` layout, which swaps the first two axes of what
+    it stacks: a single frame ``(rows, columns)`` is read as ``(columns, rows)``; a multi-frame
+    file's ``(frames, rows, columns)`` as ``(rows, frames, columns)``; a series' slices, sorted
+    by InstanceNumber (slices without one are skipped), are stacked last, ``(columns, rows,
+    slices)``.
+    """
     import pydicom
+
+    if source.is_dir():
+        datasets = [pydicom.dcmread(f) for f in data.series_files(source)]
+        datasets = sorted(
+            (d for d in datasets if "InstanceNumber" in d), key=lambda d: int(d.InstanceNumber)
+        )
+        if mask.ndim != 3 or mask.shape[2] != len(datasets):
+            raise SiteDataError(
+                f"{source}: mask {mask.shape} does not stack the series' {len(datasets)} slices"
+            )
+        frames = np.moveaxis(np.swapaxes(mask, 0, 1), 2, 0)
+    else:
+        datasets = [pydicom.dcmread(source)]
+        count = int(getattr(datasets[0], "NumberOfFrames", 1) or 1)
+        if mask.ndim == 2 and count == 1:
+            frames = mask.T[None]
+        elif mask.ndim == 3 and count > 1:
+            frames = np.swapaxes(mask, 0, 1)
+        else:
+            raise SiteDataError(f"{source}: a {mask.ndim}D mask for a file of {count} frame(s)")
+        if len(frames) != count:
+            raise SiteDataError(f"{source}: mask {mask.shape} does not hold its {count} frames")
+    rows, columns = int(datasets[0].Rows), int(datasets[0].Columns)
+    if frames.shape[1:] != (rows, columns):
+        raise SiteDataError(f"{source}: mask frames {frames.shape[1:]} are not {rows}x{columns}")
+    return datasets, frames
+
+
+def write_dicom_seg(mask: np.ndarray, source: Path, path: Path, class_names: Sequence[str]) -> None:
+    """The label map of the DICOM ``source`` (a single-frame or multi-frame file or a series
+    folder; ``mask`` in MONAI's array layout, see :func:`source_frames`) as a binary DICOM
+    SEG, one segment per non-background class, one frame per source frame or slice."""
+    import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    dataset = pydicom.dcmread(source)
-    if mask.ndim != 2 or int(getattr(dataset, "NumberOfFrames", 1) or 1) != 1:
-        raise SiteDataError(f"{source}: DICOM SEG is written for single-frame 2D images only")
-    frame = mask.T
-    if frame.shape != (dataset.Rows, dataset.Columns):
-        raise SiteDataError(
-            f"{source}: mask {frame.shape} does not match {dataset.Rows}x{dataset.Columns}"
-        )
+    datasets, frames = source_frames(mask, source)
+    for dataset in datasets:
+        # Type 2 (present, possibly empty) attributes the SEG copies from its source; files
+        # without them (the synthetic sites' lack a birth date) get them empty, i.e. unknown.
+        for keyword in _TYPE2_COPIED:
+            if keyword not in dataset:
+                setattr(dataset, keyword, "")
     algorithm = hd.AlgorithmIdentificationSequence(
         name="RadFL federated model", version="1", family=codes.DCM.ArtificialIntelligence
     )
@@ -85,8 +140,9 @@ def write_dicom_seg(mask: np.ndarray, source: Path, path: Path, class_names: Seq
         for number, name in enumerate(class_names[1:], 1)
     ]
     seg = hd.seg.Segmentation(
-        source_images=[dataset],
-        pixel_array=frame.astype(np.uint8),
+        source_images=datasets,
+        # One frame: the 2D form, which highdicom reads as a single-frame image's mask.
+        pixel_array=(frames[0] if len(frames) == 1 else frames).astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
         series_instance_uid=hd.UID(),

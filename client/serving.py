@@ -13,13 +13,16 @@ request holds, per study, one of:
 
 The answer has one row per study: ``input``, ``modality``, the task's fields (classification:
 ``p_<class>``, ``label``, ``uncertainty``; segmentation: ``foreground_voxels`` and ``mask`` as
-nested lists on the input's grid) and ``error`` (empty, or why that study failed).
+nested lists on the input's grid; detection and instance segmentation: ``num_boxes``,
+``max_score`` and ``boxes``, the list ``radfl predict`` writes as JSON, with the instance map
+as ``mask`` for instances) and ``error`` (empty, or why that study failed).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -47,7 +50,10 @@ class ServedModel:
             failed_now = [(name, _renamed(reason, uploads)) for name, reason in failed_now]
             if "mask" in table.columns:
                 table["mask"] = [_mask_lists(Path(p)) for p in table["mask"]]
-                table = table.drop(columns=["dicom_seg"], errors="ignore")
+            if "boxes" in table.columns:
+                table["boxes"] = [json.loads(Path(p).read_text())["boxes"] for p in table["boxes"]]
+            # Files in the temporary folder mean nothing to the caller.
+            table = table.drop(columns=["dicom_seg", "overlay"], errors="ignore")
         errors = pd.DataFrame(
             [{"input": name, "error": reason} for name, reason in failed + failed_now]
         )

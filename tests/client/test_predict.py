@@ -54,8 +54,8 @@ def test_a_model_logged_without_radfl_metadata_is_refused_by_name() -> None:
         predict.read_metadata(
             "cut", {"radfl": {k: v for k, v in METADATA.items() if k != "image_size"}}
         )
-    with pytest.raises(ConfigError, match="task 'detection'"):
-        predict.read_metadata("det", {"radfl": {**METADATA, "task": "detection"}})
+    with pytest.raises(ConfigError, match="task 'regression'; radfl predict writes outputs for"):
+        predict.read_metadata("reg", {"radfl": {**METADATA, "task": "regression"}})
 
 
 def test_classification_row_applies_the_models_threshold_and_temperature() -> None:
