@@ -3,8 +3,9 @@
 It runs without a federation (and is tested that way); ``client/app.py`` only adapts Flower
 messages to it. It handles epochs, AdamW with weight decay, a learning-rate schedule across the
 federated run, early stopping on the site's validation split, class-weighted loss or balanced
-sampling, MONAI augmentation, the FedProx proximal term, and mixed precision (CUDA fp16 or bf16,
-CPU bf16 when asked).
+sampling, MONAI augmentation, the FedProx proximal term, the freezing schedule of transfer
+learning (``common.transfer.Freezing``), and mixed precision (CUDA fp16 or bf16, CPU bf16 when
+asked).
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 A run: wait for ``min-sites`` sites and ask each for its split sizes (its name is the one
 registered for its node, ``site-registry``, or in simulation the one it gives now); train for
-``num-rounds`` rounds, evaluating the global model on every site's validation split after each;
-then evaluate the final model once on every site's validation and test splits (the only use of
-the test splits), optionally run cross-site validation, and log the report to MLflow.
+``num-rounds`` rounds from random weights or the checked ``initial-weights``
+(``server/transfer.py``), evaluating the global model on every site's validation split after
+each; then evaluate the final model once on every site's validation and test splits (the only use of
+the test splits), optionally run cross-site validation, and log the report to MLflow (and the
+best rounds' models with ``snapshot-models``, ``server/snapshots.py``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from client.site import site_folder, synthetic_site
+from client.site import SiteSplits, site_folder, synthetic_site
 from client.trainer import LocalTrainer
 from common import ensemble
 from common.config import ClientConfig, ServerConfig, default_run_config, from_run_config
@@ -120,7 +120,7 @@ def check_runs(runs: list[str], config: ServerConfig) -> None:
 
 
 def evaluate(
-    task: Task, trainer: LocalTrainer, sites: list, models: Mapping[str, nn.Module]
+    task: Task, trainer: LocalTrainer, sites: list[SiteSplits], models: Mapping[str, nn.Module]
 ) -> list[Evaluated]:
     """Each model's states summed over the sites' validation and test splits."""
     results = []

@@ -113,12 +113,18 @@ def test_the_run_starts_from_the_file_with_a_new_head_and_frozen_features(federa
     assert moved > 1e-4  # unfrozen in round 2
 
 
-def test_a_previous_run_is_taken_by_id_and_a_tampered_artifact_refused(federation):
+def test_a_previous_run_is_taken_by_id_or_version_and_a_tampered_artifact_refused(federation):
     run_id = federation["run"].info.run_id
     config = dataclasses.replace(_config(ServerConfig), initial_weights=run_id)
     model = get_task(config.model_config).build_model()
     loaded = load_initial_weights(config, model)
     assert loaded.replaced_head == ()
+    # The version the run registered names the same weights.
+    registered = dataclasses.replace(
+        config, initial_weights="models:/radfl-classification-small-cnn-2d/1"
+    )
+    by_name = load_initial_weights(registered, get_task(config.model_config).build_model())
+    assert all(torch.equal(by_name.state[k], v) for k, v in loaded.state.items())
     stored = next((federation["folder"] / "mlartifacts").rglob("weights/best.pt"))
     state = torch.load(stored, weights_only=True)
     torch.save({k: v * 0 for k, v in state.items()}, stored)
