@@ -44,6 +44,7 @@ from rich.progress import track
 
 from client import data, predict_boxes, predict_outputs, predict_overlays
 from client.preprocessing import image_transforms
+from common import ensemble
 from common import manifest as mf
 from common.errors import ConfigError, SiteDataError
 
@@ -149,6 +150,21 @@ def load_model(source: str) -> LoadedModel:
     with contextlib.suppress(NotImplementedError):
         network.eval()
     return LoadedModel(network, checked, source)
+
+
+def load_ensemble(source: str) -> LoadedModel:
+    """An ensemble folder (``radfl ensemble --out``) or comma-separated models (each as
+    :func:`load_model` takes it) as one model: the mean of its members' probabilities
+    (``common.ensemble``), predicted at its own threshold (none for a list: the arg-max)."""
+    if ensemble.is_folder(source):
+        network, metadata = ensemble.read_folder(Path(source))
+        return LoadedModel(network, read_metadata(source, {METADATA_KEY: metadata}), source)
+    members = [load_model(part.strip()) for part in source.split(",") if part.strip()]
+    metadata = ensemble.shared_metadata([m.source for m in members], [m.metadata for m in members])
+    network = ensemble.MeanProbabilities(
+        [m.network for m in members], [m.temperature for m in members]
+    )
+    return LoadedModel(network, metadata, source)
 
 
 def collect_studies(paths: Sequence[Path], task: str) -> tuple[list[Study], list[tuple[str, str]]]:
@@ -387,7 +403,11 @@ def predict(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="run id, models:/NAME/VERSION, runs:/... or model folder")
+    parser.add_argument(
+        "model",
+        help="run id, models:/NAME/VERSION, runs:/... or model folder; several, comma-separated, "
+        "or an ensemble folder (radfl ensemble --out) predict as their ensemble",
+    )
     parser.add_argument(
         "inputs",
         nargs="+",
@@ -405,7 +425,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_model(str(args.model))
+    source = str(args.model)
+    model = (
+        load_ensemble(source) if "," in source or ensemble.is_folder(source) else load_model(source)
+    )
     studies, failed = collect_studies(list(args.inputs), model.task)
     for name, reason in failed:
         print(f"radfl predict: skipped {name}: {reason}", file=sys.stderr)

@@ -3,8 +3,9 @@
 It runs without a federation (and is tested that way); ``client/app.py`` only adapts Flower
 messages to it. It handles epochs, AdamW with weight decay, a learning-rate schedule across the
 federated run, early stopping on the site's validation split, class-weighted loss or balanced
-sampling, MONAI augmentation, the FedProx proximal term, and mixed precision (CUDA fp16 or bf16,
-CPU bf16 when asked).
+sampling, MONAI augmentation, the FedProx proximal term, the freezing schedule of transfer
+learning (``common.transfer.Freezing``), and mixed precision (CUDA fp16 or bf16, CPU bf16 when
+asked).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from common.errors import ConfigError
 from common.privacy import PrivacyLedger
 from common.subgroups import SubgroupSpec, cell_name, withheld_cells
 from common.tasks import MetricStates, Task
+from common.transfer import LR_SCALE, Freezing
 
 __all__ = [
     "Augmented",
@@ -170,7 +172,10 @@ class LocalTrainer:
         loss_function = self.task.loss_function(
             self.train_labels, balance=cfg.class_balancing == "weighted-loss"
         ).to(self.device)
-        optimizer = _optimizer(cfg, model)
+        freezing = Freezing.for_round(
+            model, cfg.freeze_layers, cfg.freeze_rounds, cfg.unfreeze_lr_factor, server_round
+        )
+        optimizer = _optimizer(cfg, model, freezing)
         loader = self._train_loader(server_round)
         steps_per_epoch = len(loader)
         private, train_model = None, model
@@ -190,6 +195,7 @@ class LocalTrainer:
         validation_loss = math.nan
         for _epoch in range(cfg.local_epochs):
             train_model.train()
+            freezing.hold_statistics(model)
             if private is not None:
                 loader = private.epoch_loader(self.train_set, self.task.collate, server_round)
             for batch in loader:
@@ -201,7 +207,7 @@ class LocalTrainer:
                     step / max(total_steps, 1),
                 )
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get(LR_SCALE, 1.0)
                 batch = _to_device(batch, self.device)
                 with self._autocast() if private is None else nullcontext():
                     loss = self.task.train_step(train_model, batch, loss_function)
@@ -235,6 +241,7 @@ class LocalTrainer:
                     break
         if private is not None:
             private.close()
+        freezing.release(model)
         if step and skipped_steps == step:
             raise FloatingPointError(
                 f"all {step} training steps gave non-finite losses or gradients at precision "
@@ -404,19 +411,18 @@ def _as_dataset(dataset: LabelledDataset) -> Dataset[dict[str, Any]]:
     return cast(Dataset[dict[str, Any]], dataset)
 
 
-def _optimizer(config: ClientConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _optimizer(config: ClientConfig, model: nn.Module, freezing: Freezing) -> torch.optim.Optimizer:
     """A fresh optimizer each round: optimizer state is local and never sent."""
+    groups = freezing.parameter_groups(model)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(),
+            groups,
             lr=config.learning_rate,
             momentum=0.9,
             nesterov=True,
             weight_decay=config.weight_decay,
         )
-    return torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

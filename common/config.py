@@ -97,6 +97,10 @@ class ServerConfig:
     secagg_reconstruction_threshold: float
     secagg_clipping_range: float
     secagg_timeout_s: float
+    # Transfer learning and snapshot ensembles (issue 20; server/transfer.py, server/snapshots.py)
+    initial_weights: str
+    initial_weights_sha256: str
+    snapshot_models: int
 
     @property
     def model_config(self) -> ModelConfig:
@@ -152,6 +156,14 @@ class ServerConfig:
                 f"got {self.max_aggregate_norm_ratio}"
             )
         self._check_update_dp()
+        if self.snapshot_models < 0:
+            raise ConfigError(
+                f"run-config key snapshot-models must be >= 0 (0: off), got {self.snapshot_models}"
+            )
+        if self.initial_weights_sha256 and not self.initial_weights:
+            raise ConfigError(
+                "run-config key initial-weights-sha256 is set without initial-weights"
+            )
 
     def _check_update_dp(self) -> None:
         """Refuse, by key, what would break update-level DP's guarantee (README, "Update-level
@@ -226,6 +238,10 @@ class ClientConfig:
     secagg_max_update_norm_ratio: float
     # The aggregation strategy: FedBN's sites keep their own normalisation layers (client.app)
     strategy: str
+    # Freezing schedule of transfer learning (issue 20; client/trainer.py)
+    freeze_layers: str
+    freeze_rounds: int
+    unfreeze_lr_factor: float
 
     @property
     def keeps_local_normalisation(self) -> bool:
@@ -291,11 +307,21 @@ class ClientConfig:
                 "after it is clipped (int8's error feedback carries what it dropped into later "
                 "rounds), so the update sent is not bounded by dp-update-clip-norm"
             )
+        self._check_freezing()
         if self.private and self.class_balancing == "sampler":
             raise ConfigError(
                 "dp-noise-multiplier > 0 samples each batch by Poisson sampling: it cannot be "
                 'combined with class-balancing = "sampler"; use "weighted-loss"'
             )
+
+    def _check_freezing(self) -> None:
+        if self.freeze_rounds < 0:
+            raise ConfigError(
+                f"run-config key freeze-rounds must be >= 0, got {self.freeze_rounds}"
+            )
+        if self.freeze_rounds > 0 and not self.freeze_layers.strip():
+            raise ConfigError("run-config key freeze-rounds > 0 needs freeze-layers (patterns)")
+        _check_positive("unfreeze-lr-factor", self.unfreeze_lr_factor)
 
 
 APP_CONFIGS: tuple[type, ...] = (ServerConfig, ClientConfig)

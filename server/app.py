@@ -2,15 +2,18 @@
 
 A run: wait for ``min-sites`` sites and ask each for its split sizes (its name is the one
 registered for its node, ``site-registry``, or in simulation the one it gives now); train for
-``num-rounds`` rounds, evaluating the global model on every site's validation split after each;
-then evaluate the final model once on every site's validation and test splits (the only use of
-the test splits), optionally run cross-site validation, and log the report to MLflow.
+``num-rounds`` rounds from random weights or the checked ``initial-weights``
+(``server/transfer.py``), evaluating the global model on every site's validation split after
+each; then evaluate the final model once on every site's validation and test splits (the only use of
+the test splits), optionally run cross-site validation, and log the report to MLflow (and the
+best rounds' models with ``snapshot-models``, ``server/snapshots.py``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 
 import mlflow
@@ -33,7 +36,9 @@ from common.report_files import fmt_ci
 from common.tasks import get_task
 from server import checkpoint, final, secagg, tracking
 from server.rounds import RoundRecorder
+from server.snapshots import SnapshotKeeper
 from server.strategies import build_strategy, reply_policy, sampled_per_round
+from server.transfer import load_initial_weights
 from server.validation import ArrivalGrid, gate_of
 
 app = ServerApp()
@@ -47,6 +52,10 @@ def main(grid: Grid, context: Context) -> None:
     model = task.build_model()
     if config.private_network:  # the sites' DP network: GroupNorm for BatchNorm
         model = private_model(model)
+    # Transfer learning: checked weights as the first global model (and every baseline).
+    transferred = load_initial_weights(config, model) if config.initial_weights else None
+    if transferred is not None:
+        model.load_state_dict(transferred.state)
     initial_state = {k: v.clone() for k, v in model.state_dict().items()}
     buffer_keys = {name for name, _ in model.named_buffers()}
     started = time.monotonic()
@@ -66,6 +75,8 @@ def main(grid: Grid, context: Context) -> None:
         config, mode="federated", training=training, resume_run_id=resume_run_id
     ) as run:
         log(INFO, "[radfl] MLflow run %s at %s", run.info.run_id, tracking.tracking_uri())
+        if transferred is not None:
+            _log_transfer(config.initial_weights, transferred.replaced_head)
         recorder = RoundRecorder(
             task, num_rounds=config.num_rounds, external_sites=config.left_out_sites
         )
@@ -136,6 +147,7 @@ def main(grid: Grid, context: Context) -> None:
             mlflow.set_tag("radfl.resumed-after-round", str(done))
             if not tracking.has_step(run.info.run_id, "round/failed", done):
                 recorder.log_round(done, resumed["metrics"])  # it crashed before logging them
+        snapshots = SnapshotKeeper(task, config.snapshot_models) if config.snapshot_models else None
         if saved is not None:
             recorder.after_round = lambda server_round, arrays, metrics: checkpoint.save(
                 saved,
@@ -149,6 +161,8 @@ def main(grid: Grid, context: Context) -> None:
                     "random": checkpoint.random_state(),
                 },
             )
+        if snapshots is not None:
+            recorder.after_round = _also(recorder.after_round, snapshots.offer)
         trained_rounds = config.num_rounds
         if accountant is not None:
             trained_rounds = accountant.affordable_rounds(
@@ -258,6 +272,8 @@ def main(grid: Grid, context: Context) -> None:
             registered_state=selected,
             threshold=threshold,
         )
+        if snapshots is not None:
+            snapshots.log()
     log(INFO, "%s %s", RUN_FINISHED_LOG, run.info.run_id)  # after the MLflow run has ended
 
 
@@ -328,6 +344,33 @@ def _report_update_dp(
         "[radfl] update-level DP: %s",
         _update_dp_summary(config, accountant, trained_rounds, sampled, training_sites),
     )
+
+
+def _log_transfer(source: str, replaced_head: tuple[str, ...]) -> None:
+    mlflow.set_tag("radfl.initial-weights", source)
+    if replaced_head:
+        mlflow.set_tag("radfl.initial-weights-new-head", ",".join(replaced_head))
+    log(
+        INFO,
+        "[radfl] initial global model from %s (checksum verified)%s",
+        source,
+        f"; new head for the class count: {', '.join(replaced_head)}" if replaced_head else "",
+    )
+
+
+#: A recorder's ``after_round`` hook: round, global model, the round's metrics.
+AfterRound = Callable[[int, ArrayRecord, dict[str, float]], None]
+
+
+def _also(first: AfterRound | None, then: AfterRound) -> AfterRound:
+    """A recorder hook calling ``first`` (if any), then ``then``."""
+
+    def both(server_round: int, arrays: ArrayRecord, metrics: dict[str, float]) -> None:
+        if first is not None:
+            first(server_round, arrays, metrics)
+        then(server_round, arrays, metrics)
+
+    return both
 
 
 def _left_out_nodes(config: ServerConfig, sites: dict[int, final.Site]) -> set[int]:

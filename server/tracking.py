@@ -30,11 +30,15 @@ from mlflow.types import Schema, TensorSpec
 
 from common.config import ClientConfig, ServerConfig
 from common.imaging import DEFAULT_CT_WINDOW_HU, PERCENTILES
+from common.transfer import sha256_of
 from server.checkpoint import validate_run_key
 
 RUN_KEY_TAG = "radfl.run-key"
 MODE_TAG = "radfl.mode"
 BEST_ROUND_TAG = "radfl.best-round"
+#: Prefix of the tag holding a logged weights file's SHA-256 (``radfl.sha256.weights/best.pt``):
+#: what ``initial-weights`` checks a previous run's weights against (server/transfer.py).
+SHA256_TAG_PREFIX = "radfl.sha256."
 #: The key of the logged model's metadata (``MLmodel``) that ``radfl predict`` reads.
 MODEL_METADATA_KEY = "radfl"
 #: Bumped when the metadata's fields change meaning; ``radfl predict`` refuses unknown versions.
@@ -120,8 +124,7 @@ def log_models(
             if state is None:
                 continue
             path = Path(folder) / f"{name}.pt"
-            torch.save(dict(state), path)
-            mlflow.log_artifact(str(path), artifact_path="weights")
+            log_weights(state, path)
         info = {
             "task": config.task,
             "model": config.model,
@@ -187,6 +190,13 @@ class ServedPyTorch:
             mlflow_model.signature = None
             mlflow_model.saved_input_example_info = None  # type: ignore[assignment]
         mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def log_weights(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Save ``state`` to ``path`` and log it under ``weights/`` with its SHA-256 as a tag."""
+    torch.save(dict(state), path)
+    mlflow.log_artifact(str(path), artifact_path="weights")
+    mlflow.set_tag(f"{SHA256_TAG_PREFIX}weights/{path.name}", sha256_of(path))
 
 
 def model_metadata(config: ServerConfig, threshold: float | None) -> dict[str, Any]:

@@ -31,6 +31,12 @@ def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=module.synth)
 
 
+def _add_ensemble_arguments(parser: argparse.ArgumentParser) -> None:
+    from simulations import ensemble as module
+
+    module.add_arguments(parser)
+
+
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from simulations.bench import parts as module
 
@@ -53,4 +59,9 @@ synth = Command(
 bench = Command(
     help="benchmarks: federated against pooled and local training, overhead, traffic",
     add_arguments=_add_bench_arguments,
+)
+ensemble = Command(
+    help="evaluate several runs' models, or one run's best rounds, as an ensemble (mean of "
+    "probabilities) against its best member",
+    add_arguments=_add_ensemble_arguments,
 )
