@@ -21,6 +21,7 @@ COMMANDS = {
     "bench",
     "report",
     "models",
+    "ensemble",
 }
 
 
