@@ -289,6 +289,7 @@ class Study:
         """Run the simulation (its output to ``log_path`` unless ``--verbose``) while
         ``watcher`` reads its rounds; ``radfl simulate``'s exit code."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        interrupts.pruning = False
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         with log_path.open("w") as log, _redirected(log, keep=self.args.verbose):
             interrupts.in_flight = True
@@ -298,7 +299,7 @@ class Study:
                 interrupts.in_flight = False
             except KeyboardInterrupt:
                 interrupts.in_flight = False
-                if watcher.pruned_at is None:
+                if not interrupts.pruning:
                     raise
                 # The pruner's interrupt reached the end of the run, past simulate's own handler.
                 code = INTERRUPTED
@@ -407,6 +408,9 @@ class Interrupts:
 
     def __init__(self) -> None:
         self.in_flight = False
+        #: The pruner interrupted the simulation in flight (reset for each trial).
+        self.pruning = False
+        #: Its interrupt has not reached the main thread yet.
         self.pending = False
         self._lock = threading.Lock()
 
@@ -415,7 +419,7 @@ class Interrupts:
         with self._lock:
             if not self.in_flight:
                 return False
-            self.pending = True
+            self.pruning = self.pending = True
             signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
             return True
 

@@ -150,7 +150,7 @@ def searched(
             left[parameter.key] = "fixed by --config/--set"
         elif parameter.strategies and strategy not in parameter.strategies:
             readers = " and ".join(parameter.strategies)
-            left[parameter.key] = f"only {readers} read it, not {strategy}"
+            left[parameter.key] = f"not used by {strategy}; used by {readers}"
         else:
             drawn.append(parameter)
     return tuple(drawn), left
