@@ -385,6 +385,9 @@ class RoundWatcher:
         for metric in sorted(history, key=lambda m: m.step):
             if metric.step < 1 or metric.step in self.reported or not math.isfinite(metric.value):
                 continue
+            if self.pruned_at is not None:
+                # Rounds the run finished while it was being stopped: not part of the trial.
+                return
             self.reported[metric.step] = metric.value
             self.trial.report(metric.value, metric.step)
             self.study.say(

@@ -181,6 +181,8 @@ def test_a_pruned_trial_is_interrupted_and_recorded_as_pruned(tmp_path: Path, mo
     first, second = optuna_study.trials
     assert first.state == optuna.trial.TrialState.PRUNED
     assert first.user_attrs["pruned_at_round"] < 4  # interrupted before its last round
+    # Rounds logged while it was being stopped are not the trial's.
+    assert max(first.intermediate_values) == first.user_attrs["pruned_at_round"]
     assert second.state == optuna.trial.TrialState.COMPLETE
     assert fake.codes == [INTERRUPTED, 0]
     assert math.isclose(second.value, 0.5 + second.params["learning-rate"] * 4)
