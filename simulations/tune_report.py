@@ -3,19 +3,33 @@ plot of the objective per trial, written locally and logged to the search's pare
 
 from __future__ import annotations
 
+import argparse
 import math
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import optuna
 import pandas as pd
 from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
 
-from simulations.tune_space import write_toml
+from simulations.tune_space import Parameter, write_toml
 
-if TYPE_CHECKING:
-    from simulations.tune import Study
+
+class Study(Protocol):
+    """What the results need of a search (``simulations.tune.Study``)."""
+
+    args: argparse.Namespace
+    base: dict[str, Any]
+    space: tuple[Parameter, ...]
+    metric: str
+    higher_is_better: bool
+    client: MlflowClient
+    parent_run_id: str
+
+    def say(self, text: str) -> None: ...
+
 
 TRIALS_FILE = "trials.csv"
 PLOT_FILE = "objective.png"
@@ -105,12 +119,8 @@ def publish(study: Study, optuna_study: optuna.Study) -> bool:
         f"best: trial {best.number + 1}, {study.metric} {best.value:.4f} on validation with "
         + ", ".join(f"{k}={v}" for k, v in best.params.items())
     )
-    study.say(f"written to {output}; run it with:")
-    print(
-        f"radfl simulate --config {study.args.output} {simulate_options(study)}".rstrip(),
-        file=study.console,
-        flush=True,
-    )
+    command = f"radfl simulate --config {study.args.output} {simulate_options(study)}"
+    study.say(f"written to {output}; run it with: {command}")
     return True
 
 

@@ -90,7 +90,7 @@ def test_the_best_config_is_a_toml_that_simulate_config_takes(search: Search):
     assert overrides["batch-size"] == int(best.data.params["batch_size"])
     assert overrides["model"] == "small-cnn" and overrides["image-size"] == 32
     assert "run-key" not in values and "checkpoint-dir" not in values
-    assert "radfl simulate --config tuned.toml --sites 2 --in-memory" in search.output
+    assert "run it with: radfl simulate --config tuned.toml --sites 2 --in-memory" in search.output
 
 
 def test_the_trials_table_and_plot_are_on_the_parent_run(search: Search):
