@@ -328,8 +328,9 @@ class Study:
         self.client.set_tag(run_id, STATE_TAG, state)
         if log_path.exists():
             self.client.log_artifact(run_id, str(log_path), artifact_path="tune")
-        if terminate:
-            # Its ServerApp was stopped mid-run and could not end the run itself.
+        if terminate and self.client.get_run(run_id).info.status == "RUNNING":
+            # Its ServerApp was stopped mid-run and could not end the run itself (a stop that
+            # reached it after its last round leaves the run as the ServerApp ended it).
             self.client.set_terminated(run_id, "KILLED")
 
 
