@@ -219,6 +219,9 @@ class Study:
         except KeyboardInterrupt:
             status = "KILLED"
             self.say("interrupted; results of the trials so far follow")
+        except BaseException:
+            self.client.set_terminated(self.parent_run_id, "FAILED")
+            raise
         from simulations.tune_report import publish
 
         try:
@@ -291,21 +294,24 @@ class Study:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         interrupts.pruning = False
         before = {p.pid for p in psutil.Process().children(recursive=True)}
-        with log_path.open("w") as log, _redirected(log, keep=self.args.verbose):
-            interrupts.in_flight = True
-            watcher.start()
-            try:
-                code = self.simulate(args)
-                interrupts.in_flight = False
-            except KeyboardInterrupt:
-                interrupts.in_flight = False
-                if not interrupts.pruning:
-                    raise
-                # The pruner's interrupt reached the end of the run, past simulate's own handler.
-                code = INTERRUPTED
-            finally:
-                watcher.stop()
-        _stop_new_children(before)
+        try:
+            with log_path.open("w") as log, _redirected(log, keep=self.args.verbose):
+                interrupts.in_flight = True
+                watcher.start()
+                try:
+                    code = self.simulate(args)
+                    interrupts.in_flight = False
+                except KeyboardInterrupt:
+                    interrupts.in_flight = False
+                    if not interrupts.pruning:
+                        raise
+                    # The pruner's interrupt reached the end of the run, past simulate's handler.
+                    code = INTERRUPTED
+                finally:
+                    interrupts.in_flight = False
+                    watcher.stop()
+        finally:
+            _stop_new_children(before)
         return code
 
     def objective(self, run_id: str) -> float:

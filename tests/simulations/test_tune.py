@@ -137,10 +137,11 @@ class PruneFirstTrial(optuna.pruners.BasePruner):
 class FakeSimulation:
     """Stands in for ``simulate.simulate``: logs a federated run tagged with the trial's run
     key, as the ServerApp does, one round a poll interval; like ``radfl simulate``, returns
-    130 when interrupted."""
+    130 when interrupted, and 1 (a run that did not complete) on call ``fail_call``."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_call: int) -> None:
         self.codes: list[int] = []
+        self.fail_call = fail_call
 
     def __call__(self, args: argparse.Namespace) -> int:
         run_key = parse_overrides(args.set)["run-key"]
@@ -158,33 +159,37 @@ class FakeSimulation:
         except KeyboardInterrupt:
             self.codes.append(INTERRUPTED)
             return INTERRUPTED
-        client.set_terminated(run.info.run_id, "FINISHED")
-        self.codes.append(0)
-        return 0
+        code = 1 if len(self.codes) + 1 == self.fail_call else 0
+        client.set_terminated(run.info.run_id, "FAILED" if code else "FINISHED")
+        self.codes.append(code)
+        return code
 
 
-def test_a_pruned_trial_is_interrupted_and_recorded_as_pruned(tmp_path: Path, monkeypatch):
+def test_a_pruned_trial_is_stopped_and_recorded_as_pruned_a_failed_one_as_failed(
+    tmp_path: Path, monkeypatch
+):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     args = _tune_args(
-        *("--trials", "2", "--rounds", "4", "--poll-s", "0.1", "--in-memory"),
+        *("--trials", "3", "--rounds", "4", "--poll-s", "0.1", "--in-memory"),
         *("--workdir", str(tmp_path / "work"), "--range", "learning-rate=0.01:0.02"),
         *("--set", "local-epochs=1", "--set", "batch-size=8"),
     )
-    fake = FakeSimulation()
+    fake = FakeSimulation(fail_call=2)
     study = Study.prepare(args, simulate=fake)
     study.console = io.StringIO()
     optuna_study = optuna.create_study(direction="maximize", pruner=PruneFirstTrial())
     assert study.optimize(optuna_study) == 0
 
-    first, second = optuna_study.trials
+    first, failed, second = optuna_study.trials
     assert first.state == optuna.trial.TrialState.PRUNED
+    assert failed.state == optuna.trial.TrialState.FAIL  # and the study went on
     assert first.user_attrs["pruned_at_round"] < 4  # interrupted before its last round
     # Rounds logged while it was being stopped are not the trial's.
     assert max(first.intermediate_values) == first.user_attrs["pruned_at_round"]
     assert second.state == optuna.trial.TrialState.COMPLETE
-    assert fake.codes == [INTERRUPTED, 0]
+    assert fake.codes == [INTERRUPTED, 1, 0]
     assert math.isclose(second.value, 0.5 + second.params["learning-rate"] * 4)
 
     client = MlflowClient(uri)
@@ -195,14 +200,15 @@ def test_a_pruned_trial_is_interrupted_and_recorded_as_pruned(tmp_path: Path, mo
         [experiment.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'"
     )
     by_trial = {run.data.tags[TRIAL_TAG]: run for run in children}
-    assert sorted(by_trial) == ["1", "2"]
+    assert sorted(by_trial) == ["1", "2", "3"]
     assert by_trial["1"].data.tags[STATE_TAG] == "PRUNED"
     assert by_trial["1"].info.status == "KILLED"
-    assert by_trial["2"].data.tags[STATE_TAG] == "COMPLETE"
+    assert by_trial["2"].data.tags[STATE_TAG] == "FAIL"
+    assert by_trial["3"].data.tags[STATE_TAG] == "COMPLETE"
     assert parent.info.status == "FINISHED"
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "tune/trials.csv"))
-    assert table["state"].tolist() == ["PRUNED", "COMPLETE"]
-    assert table["mlflow_run_id"].tolist() == [by_trial["1"].info.run_id, by_trial["2"].info.run_id]
+    assert table["state"].tolist() == ["PRUNED", "FAIL", "COMPLETE"]
+    assert table["mlflow_run_id"].tolist() == [by_trial[n].info.run_id for n in ("1", "2", "3")]
     log = Path(first.user_attrs["log"]).read_text()
     assert "simulation output of" in log
     console = study.console.getvalue()
