@@ -474,7 +474,9 @@ def _stop_new_children(before: set[int]) -> None:
 
 
 def _best_value(study: optuna.Study, value: float, higher_is_better: bool) -> float:
-    done = [t.value for t in study.trials if t.value is not None] + [value]
+    complete = optuna.trial.TrialState.COMPLETE
+    done = [t.value for t in study.trials if t.state == complete and t.value is not None]
+    done.append(value)
     return max(done) if higher_is_better else min(done)
 
 

@@ -32,6 +32,7 @@ class Study(Protocol):
 
 
 TRIALS_FILE = "trials.csv"
+COMPLETE = optuna.trial.TrialState.COMPLETE
 PLOT_FILE = "objective.png"
 
 
@@ -45,7 +46,8 @@ def trials_table(study: Study, trials: list[optuna.trial.FrozenTrial]) -> pd.Dat
             {
                 "trial": trial.number + 1,
                 "state": trial.state.name,
-                "objective": trial.value if trial.value is not None else math.nan,
+                # Optuna gives a pruned trial its last round's value: not an objective.
+                "objective": trial.value if trial.state == COMPLETE else math.nan,
                 "last_round_value": rounds[max(rounds)] if rounds else math.nan,
                 "pruned_at_round": trial.user_attrs.get("pruned_at_round", ""),
                 **{key: trial.params.get(key, "") for key in (p.key for p in study.space)},
@@ -86,7 +88,7 @@ def publish(study: Study, optuna_study: optuna.Study) -> bool:
     for row in table.itertuples(index=False):
         if row.state == "COMPLETE":
             client.log_metric(parent, "tune/objective", float(row.objective), step=int(row.trial))
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in trials if t.state == COMPLETE]
     counts = table["state"].value_counts().to_dict() if len(table) else {}
     study.say("trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())))
     with tempfile.TemporaryDirectory() as folder:

@@ -208,6 +208,7 @@ def test_a_pruned_trial_is_stopped_and_recorded_as_pruned_a_failed_one_as_failed
     assert parent.info.status == "FINISHED"
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "tune/trials.csv"))
     assert table["state"].tolist() == ["PRUNED", "FAIL", "COMPLETE"]
+    assert table["objective"].isna().tolist() == [True, True, False]
     assert table["mlflow_run_id"].tolist() == [by_trial[n].info.run_id for n in ("1", "2", "3")]
     log = Path(first.user_attrs["log"]).read_text()
     assert "simulation output of" in log
