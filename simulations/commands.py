@@ -1,5 +1,5 @@
 """The commands that run on synthetic hospitals (``radfl simulate``, ``centralized``, ``synth``,
-``bench``), registered in ``pyproject.toml``."""
+``bench``, ``tune``), registered in ``pyproject.toml``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,13 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=module.bench)
 
 
+def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from simulations import tune as module
+
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.tune)
+
+
 simulate = Command(
     help="run a federation of synthetic hospitals on this machine",
     add_arguments=_add_simulate_arguments,
@@ -60,8 +67,15 @@ bench = Command(
     help="benchmarks: federated against pooled and local training, overhead, traffic",
     add_arguments=_add_bench_arguments,
 )
+<<<<<<< HEAD
 ensemble = Command(
     help="evaluate several runs' models, or one run's best rounds, as an ensemble (mean of "
     "probabilities) against its best member",
     add_arguments=_add_ensemble_arguments,
+=======
+tune = Command(
+    help="search learning rate, local epochs, batch size, proximal mu and server learning rate "
+    "over simulated federations (Optuna); writes the best config for simulate --config",
+    add_arguments=_add_tune_arguments,
+>>>>>>> tune
 )

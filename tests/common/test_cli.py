@@ -22,6 +22,7 @@ COMMANDS = {
     "report",
     "models",
     "ensemble",
+    "tune",
 }
 
 
