@@ -67,15 +67,13 @@ bench = Command(
     help="benchmarks: federated against pooled and local training, overhead, traffic",
     add_arguments=_add_bench_arguments,
 )
-<<<<<<< HEAD
 ensemble = Command(
     help="evaluate several runs' models, or one run's best rounds, as an ensemble (mean of "
     "probabilities) against its best member",
     add_arguments=_add_ensemble_arguments,
-=======
+)
 tune = Command(
     help="search learning rate, local epochs, batch size, proximal mu and server learning rate "
     "over simulated federations (Optuna); writes the best config for simulate --config",
     add_arguments=_add_tune_arguments,
->>>>>>> tune
 )
