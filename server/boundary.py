@@ -142,7 +142,7 @@ TRAIN_METRICS: dict[str, float | None] = {
 }
 #: Metrics a training reply may carry (DP-SGD sites, ``common.privacy``): passed on only
 #: when sent, so a run without DP logs no epsilon.
-TRAIN_OPTIONAL = (keys.DP_EPSILON, keys.DP_STUDIES_PER_PATIENT)
+TRAIN_OPTIONAL = (keys.DP_EPSILON, keys.DP_STUDIES_PER_PATIENT, keys.PSEUDO_LABELS)
 #: The largest epsilon a site may report spent (beyond it, a number means nothing).
 MAX_EPSILON = 1e6
 TRAIN_RECORDS = {
@@ -170,6 +170,8 @@ def check_train_metrics(content: RecordDict, max_examples: int) -> MetricRecord:
         if epsilon < 0:
             raise BadReplyError(f"{keys.DP_EPSILON} = {epsilon!r} is negative")
         clean[keys.DP_EPSILON] = epsilon
+    if keys.PSEUDO_LABELS in metrics:  # pseudo-labelled studies (client.pseudo_labels)
+        clean[keys.PSEUDO_LABELS] = count(metrics[keys.PSEUDO_LABELS], keys.PSEUDO_LABELS)
     if keys.DP_STUDIES_PER_PATIENT in metrics:
         clean[keys.DP_STUDIES_PER_PATIENT] = count(
             metrics[keys.DP_STUDIES_PER_PATIENT], keys.DP_STUDIES_PER_PATIENT
