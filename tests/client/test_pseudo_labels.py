@@ -130,9 +130,7 @@ def _train(folder: Path, server_round: int, site_k: int, tmp_path: Path) -> dict
     return dict(reply.content["metrics"])
 
 
-def test_confident_unlabelled_studies_are_trained_on_and_counted_only_from_k(
-    hidden_site, tmp_path
-):
+def test_confident_unlabelled_studies_are_trained_on_and_counted_only_from_k(hidden_site, tmp_path):
     splits = load_site(
         {"data-path": str(hidden_site), "cache-path": str(tmp_path / "cache")}, _config(**PSEUDO)
     )

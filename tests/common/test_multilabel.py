@@ -126,7 +126,9 @@ def test_sigmoid_outputs_bce_loss_and_pseudo_labels():
     labels = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
     probs, target = task.predict(model, {"image": images, "label": labels})
     assert probs.shape == (4, 2) and bool(((probs > 0) & (probs < 1)).all())
-    loss = task.train_step(model, {"image": images, "label": labels}, task.loss_function(None, False))
+    loss = task.train_step(
+        model, {"image": images, "label": labels}, task.loss_function(None, False)
+    )
     assert loss.ndim == 0 and math.isfinite(float(loss.detach()))
     weighted = task.loss_function(torch.tensor([[1, 0], [0, 0], [0, 0], [1, 1]]), True)
     assert weighted.pos_weight.tolist() == [1.0, 3.0]  # negatives / positives per finding
