@@ -189,3 +189,30 @@ def test_the_report_has_per_finding_rows_with_intervals_and_subgroup_tables_per_
     assert len(female) == 1 and math.isfinite(female["gap_to_rest"].iloc[0])
     assert "largest_auc_gap" in report.fairness.columns
     assert len(report.per_class) == K and report.curves[0].label == "pooled (micro)"
+
+
+def test_a_simulated_multilabel_site_trains_and_evaluates_with_the_local_trainer():
+    from client.site import synthetic_site
+    from client.trainer import LocalTrainer
+    from common.config import ClientConfig, default_run_config, from_run_config
+
+    values = {
+        **default_run_config(),
+        "task": "multilabel",
+        "model": "small-cnn",
+        "image-size": 16,
+        "synthetic-samples-per-site": 40,
+        "local-epochs": 1,
+        "batch-size": 8,
+        "augment": True,
+    }
+    config = from_run_config(ClientConfig, values)
+    site = synthetic_site(0, 2, config)
+    assert site.train[0]["label"].shape == (2,)  # one flag per finding
+    task = get_task(config.model_config)
+    trainer = LocalTrainer.for_site(task, config, site)
+    model = task.build_model()
+    result = trainer.fit(model)
+    assert result.num_examples == len(site.train) and math.isfinite(result.train_loss)
+    states = trainer.evaluate(model)
+    assert isinstance(states, MultilabelStates) and states.count == len(site.validation)
