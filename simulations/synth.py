@@ -30,7 +30,11 @@ its width, as in ``monai.data.box_utils``). Instance masks hold ``k`` on lesion 
 masks hold the lesion kind (1 for two classes).
 
 The manifest always has ``label`` (the image's class, 0 = no finding) besides the task's own
-label column; mask and instance files are written only for the tasks that name them.
+label column; mask and instance files are written only for the tasks that name them. The
+``multilabel`` task's sites carry a second planted finding and a ``labels`` column of two 0/1
+flags (``common.synthetic``). ``--hide-labels FRACTION`` leaves the labels of that share of each
+site's training-split patients blank: unlabelled studies for pseudo-labelling
+(``client.pseudo_labels``).
 
 Everything is deterministic in the seed: the same arguments write byte-identical files.
 """
