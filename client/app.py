@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
             # Labelled studies only: the pseudo-labelled count leaves only when >= k (below).
             keys.NUM_EXAMPLES: result.num_examples - (pseudo or 0),
             **pseudo_labels.disclosed_count(
-                pseudo, max(policy.min_cell_size, config.min_cell_size)
+                pseudo, max(policy.min_cell_size, config.min_cell_size), config.pseudo_labelling
             ),
             keys.TRAIN_LOSS: result.train_loss,
             keys.VALIDATION_LOSS: result.validation_loss,

@@ -14,12 +14,14 @@ model labels them afresh.
 
 What leaves the site: the number of pseudo-labelled studies (``pseudo-labels``) only when it
 is at least the site's k (``min-cell-size``, the larger of the run's and the site's), like every
-other count; ``num-examples`` stays the number of labelled studies, so the count cannot be read
-from it either.
+other count, else NaN (every site sends the key: Flower aggregates only replies whose metrics
+have the same keys); ``num-examples`` stays the number of labelled studies, so the count cannot
+be read from it either.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import torch
@@ -113,8 +115,14 @@ def training_set(
     return ConcatLabelled([train, labelled]), len(labelled)
 
 
-def disclosed_count(count: int | None, min_cell_size: int) -> dict[str, int]:
-    """The ``pseudo-labels`` metric a site may send: the count when it is at least k."""
-    if count is None or count < min_cell_size:
+def disclosed_count(
+    count: int | None, min_cell_size: int, pseudo_labelling: bool
+) -> dict[str, float]:
+    """The ``pseudo-labels`` metric a site sends: the count when it is at least k, else NaN
+    (fewer than k, or none this round). Every site of a run with pseudo-labelling sends the
+    key, as Flower aggregates only replies whose metrics have the same keys."""
+    if not pseudo_labelling:
         return {}
-    return {keys.PSEUDO_LABELS: count}
+    if count is None or count < min_cell_size:
+        return {keys.PSEUDO_LABELS: math.nan}
+    return {keys.PSEUDO_LABELS: float(count)}

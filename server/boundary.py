@@ -171,7 +171,9 @@ def check_train_metrics(content: RecordDict, max_examples: int) -> MetricRecord:
             raise BadReplyError(f"{keys.DP_EPSILON} = {epsilon!r} is negative")
         clean[keys.DP_EPSILON] = epsilon
     if keys.PSEUDO_LABELS in metrics:  # pseudo-labelled studies (client.pseudo_labels)
-        clean[keys.PSEUDO_LABELS] = count(metrics[keys.PSEUDO_LABELS], keys.PSEUDO_LABELS)
+        value = metrics[keys.PSEUDO_LABELS]
+        withheld = isinstance(value, float) and math.isnan(value)  # fewer than the site's k
+        clean[keys.PSEUDO_LABELS] = math.nan if withheld else count(value, keys.PSEUDO_LABELS)
     if keys.DP_STUDIES_PER_PATIENT in metrics:
         clean[keys.DP_STUDIES_PER_PATIENT] = count(
             metrics[keys.DP_STUDIES_PER_PATIENT], keys.DP_STUDIES_PER_PATIENT

@@ -4,6 +4,7 @@ their count sent only when it reaches k; bad multi-label values refused by file,
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -155,9 +156,12 @@ def test_confident_unlabelled_studies_are_trained_on_and_counted_only_from_k(hid
 
     # The site's k is one above the count: the count stays at the site.
     withheld = _train(hidden_site, 2, unlabelled + 1, tmp_path)
-    assert "pseudo-labels" not in withheld and withheld["num-examples"] == labelled
-    assert disclosed_count(None, 1) == {} and disclosed_count(0, 1) == {}
-    assert disclosed_count(5, 5) == {"pseudo-labels": 5}
+    assert math.isnan(withheld["pseudo-labels"]) and withheld["num-examples"] == labelled
+    # Every site of a pseudo-labelling run sends the key (Flower needs the same keys).
+    assert math.isnan(disclosed_count(None, 1, True)["pseudo-labels"])
+    assert math.isnan(disclosed_count(0, 1, True)["pseudo-labels"])
+    assert disclosed_count(5, 5, True) == {"pseudo-labels": 5.0}
+    assert disclosed_count(5, 5, False) == {}
 
 
 def test_unsure_predictions_are_not_pseudo_labelled(hidden_site, tmp_path):
@@ -218,3 +222,19 @@ def test_bad_multilabel_values_are_refused_by_file_row_and_column(tmp_path):
     )
     assert list(rows.index) == [2, 5]  # the good row and the unlabelled one
     assert report.class_counts == {"0": 0, "1": 1}  # positives per finding, labelled rows
+
+
+def test_the_server_takes_a_withheld_count_as_nan_and_refuses_a_bad_one_by_key():
+    from flwr.app import MetricRecord
+
+    from server import boundary
+
+    def reply(count: float) -> RecordDict:
+        metrics = {"num-examples": 10, "train-loss": 0.5, "pseudo-labels": count}
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+    assert boundary.check_train_metrics(reply(12), 100)["pseudo-labels"] == 12
+    assert math.isnan(boundary.check_train_metrics(reply(math.nan), 100)["pseudo-labels"])
+    for bad in (-3, 2.5, math.inf):
+        with pytest.raises(boundary.BadReplyError, match="pseudo-labels"):
+            boundary.check_train_metrics(reply(bad), 100)
