@@ -249,11 +249,8 @@ def hidden_patients(patient_ids: list[str], fraction: float, seed: int, index: i
     if fraction <= 0:
         return set()
     config = from_run_config(ClientConfig, default_run_config())
-    fractions = SplitFractions(
-        1.0 - config.validation_fraction - config.test_fraction,
-        config.validation_fraction,
-        config.test_fraction,
-    )
+    validation, test = config.validation_fraction, config.test_fraction
+    fractions = SplitFractions(1.0 - validation - test, validation, test)
     splits = assign_splits(patient_ids, seed=0, fractions=fractions)
     training = sorted({p for p, s in zip(patient_ids, splits, strict=True) if s == TRAIN})
     rng = np.random.default_rng([seed, index, 104729])
