@@ -306,6 +306,11 @@ class ClientConfig:
                 f"{self.pseudo_label_threshold}"
             )
         _check_positive("pseudo-label-start-round", self.pseudo_label_start_round)
+        if self.pseudo_labelling and not task_class(self.task).label_is_target:
+            raise ConfigError(
+                f"run-config key pseudo-label-threshold > 0 needs a task whose targets are "
+                f"image labels (classification, multilabel); task {self.task} has none"
+            )
         if self.private and self.class_balancing == "sampler":
             raise ConfigError(
                 "dp-noise-multiplier > 0 samples each batch by Poisson sampling: it cannot be "

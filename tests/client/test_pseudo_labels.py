@@ -238,3 +238,14 @@ def test_the_server_takes_a_withheld_count_as_nan_and_refuses_a_bad_one_by_key()
     for bad in (-3, 2.5, math.inf):
         with pytest.raises(boundary.BadReplyError, match="pseudo-labels"):
             boundary.check_train_metrics(reply(bad), 100)
+
+
+def test_pseudo_label_keys_are_checked_by_name():
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pseudo-label-threshold must be 0"):
+        _config(**{"pseudo-label-threshold": 0.4})
+    with pytest.raises(ConfigError, match="pseudo-label-start-round must be positive"):
+        _config(**{"pseudo-label-start-round": 0})
+    with pytest.raises(ConfigError, match="task segmentation has none"):
+        _config(**PSEUDO, task="segmentation", model="unet")
