@@ -13,7 +13,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client import audit, disclosure, secagg
+from client import audit, disclosure, pseudo_labels, secagg
 from client.failures import contain_errors
 from client.site import SiteSplits, load_site, site_name
 from client.trainer import LocalTrainer
@@ -33,16 +33,27 @@ def train(msg: Message, context: Context) -> Message:
     config = _config(context)
     task, trainer, model, site = _prepare(msg, context, config)
     settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
+    server_round = int(keys.scalar(settings, keys.SERVER_ROUND, 1))
+    train_set, pseudo = pseudo_labels.training_set(
+        task, model, site.train, site.unlabelled, config, server_round, trainer.device
+    )
+    if pseudo:
+        trainer = LocalTrainer(task, config, train_set, site.validation, device=trainer.device)
     result = trainer.fit(
         model,
-        server_round=int(keys.scalar(settings, keys.SERVER_ROUND, 1)),
+        server_round=server_round,
         num_rounds=int(keys.scalar(settings, keys.NUM_ROUNDS, 1)),
         proximal_mu=keys.scalar(settings, keys.PROXIMAL_MU, 0.0),
         ledger=ledger,
     )
+    policy = disclosure.DisclosurePolicy.from_node_config(context.node_config)
     metrics = MetricRecord(
         {
-            keys.NUM_EXAMPLES: result.num_examples,
+            # Labelled studies only: the pseudo-labelled count leaves only when >= k (below).
+            keys.NUM_EXAMPLES: result.num_examples - (pseudo or 0),
+            **pseudo_labels.disclosed_count(
+                pseudo, max(policy.min_cell_size, config.min_cell_size), config.pseudo_labelling
+            ),
             keys.TRAIN_LOSS: result.train_loss,
             keys.VALIDATION_LOSS: result.validation_loss,
             keys.EPOCHS_RUN: result.epochs_run,

@@ -16,9 +16,11 @@ becomes a ``Problem`` with its CSV line (header = line 1) and file. It reports
   normalise (``client.data.SUPPORTED_MODALITIES``; SR, PR...), and a manifest modality that
   contradicts the DICOM tag;
 * NaN or infinite voxels;
-* labels that are not integers in ``[0, num_classes)``, sex values other than F/M/O, ages that
-  are not numbers; segmentation mask values outside ``[0, num_classes)``; detection boxes that
-  are not ``[x0, y0, (z0,) x1, y1, (z1,) class]`` inside the image;
+* labels that are not integers in ``[0, num_classes)`` (or, multi-label, not one 0/1 flag per
+  finding), blank labels (an unlabelled study: usable only with pseudo-labelling), sex values
+  other than F/M/O, ages that are not numbers; segmentation mask values outside
+  ``[0, num_classes)``; detection boxes that are not ``[x0, y0, (z0,) x1, y1, (z1,) class]``
+  inside the image;
 * masks (``mask``, ``instance_mask`` columns, whenever present, whatever the task) whose shape
   differs from their image's;
 * duplicate rows (every cell equal, or the same image listed twice; the first stays usable);
@@ -42,6 +44,7 @@ counts); this module runs them, stores the result for training and holds the com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -64,7 +67,7 @@ from client.check_report import (
     _short,
     _site_message,
 )
-from client.check_rows import _RowChecker, age_band
+from client.check_rows import UNLABELLED, _RowChecker, age_band
 from client.check_tables import (
     _class_counts,
     _conflict_problems,
@@ -182,6 +185,7 @@ def load_checked_site(
     ct_window_hu: tuple[float, float] = data.DEFAULT_CT_WINDOW_HU,
     spacing_mm: Sequence[float] | None = None,
     progress: Progress | None = None,
+    unlabelled_ok: bool = False,
 ) -> tuple[pd.DataFrame, CheckReport]:
     """The rows training may use, and the check report; refuse a site whose check fails.
 
@@ -191,6 +195,10 @@ def load_checked_site(
     ``ROOT/.radfl-cache``), keyed by the manifest, the stamp of every file it names (size,
     modification time, inode, status-change time) and the settings; later calls with an
     unchanged site reuse it without decoding.
+
+    With ``unlabelled_ok`` (pseudo-labelling on), a row whose only problem is a blank target
+    (an unlabelled study) is usable and returned with its blank target; without it such a row
+    is a problem like any other.
 
     Returns
     -------
@@ -241,6 +249,10 @@ def load_checked_site(
                 spacing_mm,
             )
         report.write_json(stored)
+    if unlabelled_ok:
+        report = dataclasses.replace(
+            report, problems=[p for p in report.problems if p.kind != UNLABELLED]
+        )
 
     if report.site_problems or (report.problems and not skip_bad_rows):
         hint = (

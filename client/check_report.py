@@ -19,13 +19,14 @@ from common import manifest as mf
 REPORT_NAME = "radfl-check.json"
 """Default name of the JSON report, written in the site folder."""
 
-_CHECK_VERSION = 1  # bump when the check changes, so stored results are not reused
+_CHECK_VERSION = 2  # bump when the check changes, so stored results are not reused
 
 _KNOWN_COLUMNS = {
     mf.IMAGE,
     mf.PATIENT_ID,
     mf.STUDY_ID,
     mf.LABEL,
+    mf.LABELS,
     mf.MASK,
     mf.BOXES,
     mf.INSTANCE_MASK,

@@ -25,6 +25,10 @@ from client.check_report import _SEX_VALUES, Problem, _list, _short
 from client.data import SiteDataError
 from common import manifest as mf
 
+#: The kind of problem of a row whose target is blank: an unlabelled study, usable only with
+#: pseudo-labelling (``load_checked_site(unlabelled_ok=True)``).
+UNLABELLED = "unlabelled"
+
 
 class _RowChecker:
     """The checks of one manifest row."""
@@ -42,13 +46,18 @@ class _RowChecker:
             problems.append(Problem(line, file or None, kind, message))
 
         image = row[mf.IMAGE]
+        target = self.task.label_column if self.task.label_is_target else None
         for column in (*mf.REQUIRED_COLUMNS, *self.task.required_columns):
-            if not row[column]:
+            if not row[column] and column == target:
+                # Training refuses it unless pseudo-labelling takes unlabelled studies.
+                add(image, UNLABELLED, f"empty {column}: an unlabelled study")
+            elif not row[column]:
                 add(image, "missing-value", f"empty {column}")
-        if self.task.label_is_target and row[mf.LABEL]:
-            message = _label_problem(row[mf.LABEL], self.num_classes)
-            if message:
-                add(image, "label", message)
+        if target is not None and row[target]:
+            try:
+                self.task.parse_label(row[target], self.num_classes)
+            except ValueError as exc:
+                add(image, "label", str(exc))
         problems += [
             Problem(line, image or None, "subgroup", m) for m in _subgroup_value_problems(row)
         ]
@@ -212,18 +221,6 @@ def _finite(
 def _plain(image: torch.Tensor) -> torch.Tensor:
     # MONAI's MetaTensor tracks metadata through every operation: slow for whole-volume checks.
     return image.as_tensor() if isinstance(image, MetaTensor) else image
-
-
-def _label_problem(value: str, num_classes: int) -> str | None:
-    try:
-        number = float(value)
-    except ValueError:
-        return f"label {value!r} is not an integer"
-    if not math.isfinite(number) or number != int(number):
-        return f"label {value!r} is not an integer"
-    if not 0 <= number < num_classes:
-        return f"label {int(number)} outside [0, {num_classes})"
-    return None
 
 
 def _subgroup_value_problems(row: pd.Series) -> list[str]:

@@ -8,6 +8,7 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 
 from client import data
@@ -87,9 +88,16 @@ def _canonical(column: str, value: str) -> str:
 
 
 def _class_counts(table: pd.DataFrame, task: str, num_classes: int) -> dict[str, int]:
-    if not data.site_task(task).label_is_target:
+    kind = data.site_task(task)
+    if not kind.label_is_target:
         return {}
-    counts = Counter(int(float(v)) for v in table[mf.LABEL])
+    counts: Counter[int] = Counter()
+    for value in table[kind.label_column]:
+        if not value:  # an unlabelled study (pseudo-labelling)
+            continue
+        target = kind.parse_label(value, num_classes)
+        # A class, or one flag per finding (multi-label): count the positives of each.
+        counts.update([target] if isinstance(target, int) else np.flatnonzero(target).tolist())
     return {str(c): counts.get(c, 0) for c in range(num_classes)}
 
 

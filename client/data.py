@@ -281,6 +281,12 @@ class SiteDataset(Dataset[dict[str, Any]]):
         The site folder.
     task
         The task (or its registered name) whose targets the rows hold.
+    num_classes
+        Checked against each target (``Task.parse_label``); ``None``: not checked (the site
+        check did), but a multi-label row's flags are still read.
+    unlabelled
+        The rows are unlabelled studies (blank targets, pseudo-labelling): ``labels`` are 0
+        and only the images are read.
     """
 
     def __init__(
@@ -294,6 +300,8 @@ class SiteDataset(Dataset[dict[str, Any]]):
         cache_dir: Path | None = None,
         ct_window_hu: tuple[float, float] = DEFAULT_CT_WINDOW_HU,
         spacing_mm: Sequence[float] | None = None,
+        num_classes: int | None = None,
+        unlabelled: bool = False,
     ) -> None:
         self.task = site_task(task, "has no site loader") if isinstance(task, str) else task
         self.spatial_dims = spatial_dims
@@ -308,8 +316,11 @@ class SiteDataset(Dataset[dict[str, Any]]):
             column = rows[box_column] if box_column in rows.columns else [""] * len(rows)
             for line, value in zip(self.lines, column, strict=True):
                 self.boxes.append(_parse_boxes(value, line, spatial_dims))
-        if mf.LABEL in rows.columns and self.task.label_is_target:
-            label_values = list(rows[mf.LABEL])
+        target_column = self.task.label_column
+        if unlabelled:
+            label_values = [0] * len(rows)  # not read: pseudo-labelling predicts the targets
+        elif self.task.label_is_target and target_column in rows.columns:
+            label_values = list(rows[target_column])
         elif mf.LABEL in rows.columns:
             label_values = [v if str(v).strip() else 0 for v in rows[mf.LABEL]]
         elif self.boxes:
@@ -317,7 +328,15 @@ class SiteDataset(Dataset[dict[str, Any]]):
             label_values = [int(b[:, -1].max()) if len(b) else 0 for b in self.boxes]
         else:
             label_values = [0] * len(rows)
-        labels = [_parse_label(v, line) for line, v in zip(self.lines, label_values, strict=True)]
+        if self.task.label_is_target and not unlabelled:
+            labels = [
+                _parse_target(self.task, v, line, num_classes)
+                for line, v in zip(self.lines, label_values, strict=True)
+            ]
+        else:
+            labels = [
+                _parse_label(v, line) for line, v in zip(self.lines, label_values, strict=True)
+            ]
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.attributes = attribute_table(rows)
         modalities = rows[mf.MODALITY] if mf.MODALITY in rows.columns else [""] * len(rows)
@@ -396,7 +415,7 @@ class SiteDataset(Dataset[dict[str, Any]]):
 def attribute_table(rows: pd.DataFrame) -> pd.DataFrame:
     """``patient_id`` and every subgroup column of manifest rows (any column that is not an
     image, label or identifier), aligned with the rows, for the bias report."""
-    structural = {mf.IMAGE, mf.STUDY_ID, mf.LABEL, *mf.PATH_COLUMNS, mf.BOXES}
+    structural = {mf.IMAGE, mf.STUDY_ID, mf.LABEL, mf.LABELS, *mf.PATH_COLUMNS, mf.BOXES}
     columns = [mf.PATIENT_ID] + [c for c in rows.columns if c not in structural | {mf.PATIENT_ID}]
     return rows[columns].reset_index(drop=True)
 
@@ -445,6 +464,14 @@ def _parse_boxes(value: Any, line: int, spatial_dims: int) -> np.ndarray:
     if (boxes[:, spatial_dims:-1] <= boxes[:, :spatial_dims]).any():
         raise SiteDataError(f"line {line}: a box is empty or inverted")
     return boxes
+
+
+def _parse_target(task: type[Task], value: Any, line: int, num_classes: int | None) -> Any:
+    """A row's target by its task (``Task.parse_label``); a bad one names its line."""
+    try:
+        return task.parse_label(str(value).strip(), num_classes)
+    except ValueError as exc:
+        raise SiteDataError(f"line {line}: {exc}") from exc
 
 
 def _parse_label(value: Any, line: int) -> int:

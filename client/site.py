@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -42,7 +43,7 @@ from common.config import SIMULATION_DATA_ENV, ClientConfig
 from common.errors import ConfigError
 from common.splits import TEST, TRAIN, VALIDATION, SplitFractions, assign_splits
 from common.synthetic import SiteData, make_site, site_profiles
-from common.tasks import Task, get_task
+from common.tasks import Task, get_task, task_class
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class SiteSplits:
     validation: LabelledDataset
     test: LabelledDataset | None = None
     skipped_rows: int = 0
+    #: Unlabelled studies of the training split (pseudo-labelling; ``client.pseudo_labels``).
+    unlabelled: LabelledDataset | None = None
 
 
 def site_name(node_config: Mapping[str, Any]) -> str:
@@ -110,6 +113,7 @@ def load_site(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSplit
             config.model_config,
             config.validation_fraction,
             config.test_fraction,
+            config.pseudo_labelling,
         )
         if key not in _CACHE:
             _CACHE[key] = site_folder(node_config, config)
@@ -151,6 +155,7 @@ def site_folder(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSpl
         image_size=config.image_size,
         skip_bad_rows=skip_bad_rows,
         cache_dir=cache_dir,
+        unlabelled_ok=config.pseudo_labelling,
     )
     for line in report.problem_lines():
         log.warning("site %s skips %s", name, line)
@@ -159,15 +164,32 @@ def site_folder(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSpl
         seed=int(node_config.get("split-seed", 0)),
         fractions=split_fractions(config),
     ).to_numpy()
+    kind = task_class(config.task)
+    target = kind.label_column
+    # Rows with a blank target are left only with pseudo-labelling on (the check refused them).
+    blank = (
+        (rows[target] == "").to_numpy()
+        if kind.label_is_target and target in rows.columns
+        else np.zeros(len(rows), dtype=bool)
+    )
+    if (blank & (splits != TRAIN)).any():
+        log.info(
+            "site %s: %d unlabelled studies fall into the validation or test split and are left "
+            "out of them",
+            name,
+            int((blank & (splits != TRAIN)).sum()),
+        )
 
-    def part(split: str) -> SiteDataset:
+    def part(split: str, unlabelled: bool = False) -> SiteDataset:
         return SiteDataset(
-            rows[splits == split],
+            rows[(splits == split) & (blank == unlabelled)],
             root,
             task=config.task,
             spatial_dims=config.spatial_dims,
             image_size=config.image_size,
             cache_dir=cache_dir,
+            num_classes=config.num_classes,
+            unlabelled=unlabelled,
         )
 
     train, validation = part(TRAIN), part(VALIDATION)
@@ -177,8 +199,11 @@ def site_folder(node_config: Mapping[str, Any], config: ClientConfig) -> SiteSpl
                 f"site {name} ({root}): no patient falls into the {split} split "
                 f"({len(rows)} usable rows); the site needs more patients"
             )
-    test = part(TEST) if (splits == TEST).any() else None
-    return SiteSplits(name, train, validation, test, skipped_rows=len(report.bad_lines))
+    test = part(TEST) if ((splits == TEST) & ~blank).any() else None
+    unlabelled = part(TRAIN, unlabelled=True) if (blank & (splits == TRAIN)).any() else None
+    return SiteSplits(
+        name, train, validation, test, skipped_rows=len(report.bad_lines), unlabelled=unlabelled
+    )
 
 
 def _flag(value: Any, key: str) -> bool:
@@ -194,6 +219,7 @@ def synthetic_site(index: int, count: int, config: ClientConfig) -> SiteSplits:
     if not 0 <= index < count:
         raise ConfigError(f"partition-id {index} is outside 0..{count - 1}")
     profile = site_profiles(count, config.synthetic_samples_per_site, config.seed)[index]
+    task = get_task(config.model_config)
     data = make_site(
         profile,
         index=index,
@@ -201,8 +227,9 @@ def synthetic_site(index: int, count: int, config: ClientConfig) -> SiteSplits:
         spatial_dims=config.spatial_dims,
         num_classes=config.num_classes,
         seed=config.seed,
+        **task.synthetic_options(),
     )
-    return split_site(data, split_fractions(config), config.seed, get_task(config.model_config))
+    return split_site(data, split_fractions(config), config.seed, task)
 
 
 def split_site(

@@ -242,6 +242,15 @@ class ClientConfig:
     freeze_layers: str
     freeze_rounds: int
     unfreeze_lr_factor: float
+    # Pseudo-labels for unlabelled studies (client.pseudo_labels): off at 0
+    pseudo_label_threshold: float
+    pseudo_label_start_round: int
+
+    @property
+    def pseudo_labelling(self) -> bool:
+        """Whether unlabelled studies are pseudo-labelled (``pseudo-label-threshold > 0``);
+        without it a site with unlabelled rows refuses to train, naming them."""
+        return self.pseudo_label_threshold > 0
 
     @property
     def keeps_local_normalisation(self) -> bool:
@@ -308,6 +317,17 @@ class ClientConfig:
                 "rounds), so the update sent is not bounded by dp-update-clip-norm"
             )
         self._check_freezing()
+        if self.pseudo_labelling and not 0.5 < self.pseudo_label_threshold < 1.0:
+            raise ConfigError(
+                "run-config key pseudo-label-threshold must be 0 (off) or lie in (0.5, 1), got "
+                f"{self.pseudo_label_threshold}"
+            )
+        _check_positive("pseudo-label-start-round", self.pseudo_label_start_round)
+        if self.pseudo_labelling and not task_class(self.task).label_is_target:
+            raise ConfigError(
+                f"run-config key pseudo-label-threshold > 0 needs a task whose targets are "
+                f"image labels (classification, multilabel); task {self.task} has none"
+            )
         if self.private and self.class_balancing == "sampler":
             raise ConfigError(
                 "dp-noise-multiplier > 0 samples each batch by Poisson sampling: it cannot be "

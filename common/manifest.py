@@ -11,6 +11,8 @@ column             required  meaning
 ``patient_id``     yes       pseudonymous patient identifier; splits never divide a patient
 ``study_id``       yes       study identifier (a patient may have several studies)
 ``label``          class.    integer class, 0 = no finding (classification)
+``labels``         multi.    one 0/1 flag per finding, ``;``-separated in the run's finding
+                             order, e.g. ``0;1`` (multilabel); blank: an unlabelled study
 ``mask``           seg.      path of the label mask, same grid as the image (segmentation)
 ``boxes``          det.      JSON list of boxes ``[[x0, y0, x1, y1, class], ...]`` (2D) or
                              ``[[x0, y0, z0, x1, y1, z1, class], ...]`` (3D), voxel indices
@@ -36,6 +38,7 @@ IMAGE = "image"
 PATIENT_ID = "patient_id"
 STUDY_ID = "study_id"
 LABEL = "label"
+LABELS = "labels"
 MASK = "mask"
 BOXES = "boxes"
 INSTANCE_MASK = "instance_mask"

@@ -17,6 +17,13 @@ patient's sex and age and mostly the label. One subgroup is systematically harde
 (``HARDER_SUBGROUP``): its lesions are smaller and have lower contrast, so a per-subgroup report
 has a real gap to find.
 
+With ``second_finding=True`` (the multi-label task) an image may also carry a second finding,
+drawn independently of the first with its own prevalence (``SECOND_FINDING_PREVALENCE`` times
+the site's): one elongated, fainter lesion (``SECOND_LESION_*``) planted on top, so images with
+none, either or both findings occur. ``findings`` then holds each image's two flags. The second
+lesion is in no mask, instance map or box (only image-level flags use it), and it comes from
+its own random stream: every other array is the same with or without it.
+
 The generator is deterministic in ``(seed, site index)`` so every process that asks for site
 ``i`` builds the same data without any of it being sent anywhere.
 """
@@ -59,6 +66,13 @@ MANUFACTURERS = (
     "Fujifilm",
     "Agfa",
 )
+
+# The second finding (multi-label): its prevalence relative to the site's first finding, and
+# its lesion's shape: elongated along axis 0, wider and fainter than a first-finding lesion.
+SECOND_FINDING_PREVALENCE = 0.8
+SECOND_LESION_STRETCH = 2.5
+SECOND_LESION_RADIUS = (0.05, 0.08)
+SECOND_LESION_STRENGTH = (0.12, 0.2)
 
 # Voxels generated at once: bounds memory for large 3D volumes.
 _VOXELS_PER_CHUNK = 1 << 21
@@ -105,6 +119,8 @@ class SiteData:
     instances: torch.Tensor | None = None
     boxes: list[list[list[int]]] = field(default_factory=list)
     body: torch.Tensor | None = None
+    #: ``(N, 2)`` long with ``second_finding``: [a first-kind lesion, the second finding].
+    findings: torch.Tensor | None = None
 
 
 def site_profiles(num_sites: int, samples_per_site: int, seed: int) -> list[SiteProfile]:
@@ -155,6 +171,7 @@ def make_site(
     num_classes: int,
     seed: int,
     follow_up_studies: bool = False,
+    second_finding: bool = False,
 ) -> SiteData:
     """Generate one site's images, labels, lesion masks and boxes, and patient attributes.
 
@@ -168,6 +185,8 @@ def make_site(
         Image classes: 0 is no finding, ``1..num_classes-1`` lesion kinds.
     follow_up_studies
         If true, about a third of patients have 2 or 3 studies; else each image is one patient.
+    second_finding
+        If true, plant the second finding (module docstring) and fill ``findings``.
     """
     if spatial_dims not in (2, 3):
         raise ConfigError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -194,6 +213,11 @@ def make_site(
         bodies.append(body)
     image_batch = torch.cat(images).unsqueeze(1)
     instance_map = torch.cat(instances).unsqueeze(1)
+    second = np.zeros(n, dtype=bool)
+    if second_finding:
+        second_rng = np.random.default_rng([seed, index, 65539])
+        second = second_rng.random(n) < SECOND_FINDING_PREVALENCE * profile.prevalence
+        image_batch += _second_lesions(grid, params, second, harder, second_rng).unsqueeze(1)
 
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
     if profile.blur_sigma > 0:
@@ -217,7 +241,49 @@ def make_site(
         instances=instance_map,
         boxes=_boxes(instance_map[:, 0], cohort["labels"]),
         body=torch.cat(bodies).unsqueeze(1),
+        findings=(
+            torch.from_numpy(np.stack([cohort["labels"] > 0, second], axis=1)).long()
+            if second_finding
+            else None
+        ),
     )
+
+
+def _second_lesions(
+    grid: torch.Tensor,
+    params: dict[str, np.ndarray],
+    present: np.ndarray,
+    harder: np.ndarray,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """``(n, *spatial)``: one elongated lesion inside the body of each image in ``present``
+    (the harder subgroup's smaller and fainter, as for the first finding)."""
+    n, dims = len(present), grid.shape[0]
+    theta = 2 * math.pi * rng.random(n)
+    direction = np.zeros((n, dims))
+    direction[:, 0], direction[:, 1] = np.cos(theta), np.sin(theta)
+    rho = 0.2 + 0.3 * rng.random((n, 1))
+    center = params["body_center"] + params["body_radii"] * rho * direction
+    size = np.where(harder, HARDER_LESION_SIZE_FACTOR, 1.0)
+    contrast = np.where(harder, HARDER_LESION_CONTRAST_FACTOR, 1.0)
+    radius = rng.uniform(*SECOND_LESION_RADIUS, n) * size * LESION_SCALE[dims]
+    strength = rng.uniform(*SECOND_LESION_STRENGTH, n) * contrast * present
+    stretch = np.ones(dims)
+    stretch[0] = SECOND_LESION_STRETCH
+    ones = [1] * dims
+    scale = torch.from_numpy(stretch).float().view(1, dims, *ones)
+    centers = torch.from_numpy(center).float()
+    radii = torch.from_numpy(radius).float()
+    strengths = torch.from_numpy(strength).float()
+    chunk = max(1, _VOXELS_PER_CHUNK // grid[0].numel())
+    parts = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        offset = (grid.unsqueeze(0) - centers[start:stop].view(-1, dims, *ones)) / scale
+        r = radii[start:stop].view(-1, *ones)
+        blob = torch.exp(-(offset**2).sum(1) / (2 * r**2))
+        parts.append(strengths[start:stop].view(-1, *ones) * blob)
+    return torch.cat(parts)
 
 
 def _cohort(

@@ -142,7 +142,7 @@ TRAIN_METRICS: dict[str, float | None] = {
 }
 #: Metrics a training reply may carry (DP-SGD sites, ``common.privacy``): passed on only
 #: when sent, so a run without DP logs no epsilon.
-TRAIN_OPTIONAL = (keys.DP_EPSILON, keys.DP_STUDIES_PER_PATIENT)
+TRAIN_OPTIONAL = (keys.DP_EPSILON, keys.DP_STUDIES_PER_PATIENT, keys.PSEUDO_LABELS)
 #: The largest epsilon a site may report spent (beyond it, a number means nothing).
 MAX_EPSILON = 1e6
 TRAIN_RECORDS = {
@@ -170,6 +170,10 @@ def check_train_metrics(content: RecordDict, max_examples: int) -> MetricRecord:
         if epsilon < 0:
             raise BadReplyError(f"{keys.DP_EPSILON} = {epsilon!r} is negative")
         clean[keys.DP_EPSILON] = epsilon
+    if keys.PSEUDO_LABELS in metrics:  # pseudo-labelled studies (client.pseudo_labels)
+        value = metrics[keys.PSEUDO_LABELS]
+        withheld = isinstance(value, float) and math.isnan(value)  # fewer than the site's k
+        clean[keys.PSEUDO_LABELS] = math.nan if withheld else count(value, keys.PSEUDO_LABELS)
     if keys.DP_STUDIES_PER_PATIENT in metrics:
         clean[keys.DP_STUDIES_PER_PATIENT] = count(
             metrics[keys.DP_STUDIES_PER_PATIENT], keys.DP_STUDIES_PER_PATIENT

@@ -103,8 +103,10 @@ class RoundRecorder:
             out[f"{SITE}/{name}/num-examples"] = keys.scalar(metrics, weighted_by_key)
             out[f"{SITE}/{name}/skipped-rows"] = keys.scalar(metrics, keys.SKIPPED_ROWS, 0.0)
             out[f"{SITE}/{name}/skipped-steps"] = keys.scalar(metrics, keys.SKIPPED_STEPS, 0.0)
-            for key in (keys.DP_EPSILON, keys.DP_STUDIES_PER_PATIENT):
-                if key in metrics:  # DP-SGD: the epsilon the site has spent so far
+            for key in (keys.DP_EPSILON, keys.DP_STUDIES_PER_PATIENT, keys.PSEUDO_LABELS):
+                # DP-SGD: the epsilon the site has spent so far; pseudo-labels when >= k (NaN:
+                # fewer, withheld at the site)
+                if key in metrics and math.isfinite(keys.scalar(metrics, key)):
                     out[f"{SITE}/{name}/{key}"] = keys.scalar(metrics, key)
             self.site_status.setdefault(name, []).append("trained")
         self.pending.update(out)

@@ -30,7 +30,11 @@ its width, as in ``monai.data.box_utils``). Instance masks hold ``k`` on lesion 
 masks hold the lesion kind (1 for two classes).
 
 The manifest always has ``label`` (the image's class, 0 = no finding) besides the task's own
-label column; mask and instance files are written only for the tasks that name them.
+label column; mask and instance files are written only for the tasks that name them. The
+``multilabel`` task's sites carry a second planted finding and a ``labels`` column of two 0/1
+flags (``common.synthetic``). ``--hide-labels FRACTION`` leaves the labels of that share of each
+site's training-split patients blank: unlabelled studies for pseudo-labelling
+(``client.pseudo_labels``).
 
 Everything is deterministic in the seed: the same arguments write byte-identical files.
 """
@@ -60,7 +64,9 @@ from pydicom.uid import (
 )
 
 from common import manifest
+from common.config import ClientConfig, default_run_config, from_run_config
 from common.errors import ConfigError
+from common.splits import TRAIN, SplitFractions, assign_splits
 from common.synthetic import SiteData, SiteProfile, make_site, native_image_size, site_profiles
 from common.tasks import list_tasks, task_class
 
@@ -82,8 +88,13 @@ class FederationSpec:
     samples_per_site: int
     image_size: int
     num_classes: int
+    #: Share of the training split's patients whose labels are left blank (unlabelled studies,
+    #: for pseudo-labelling); ``HIDDEN_LABELS_SPLIT`` says which rows are training.
+    hidden_label_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.hidden_label_fraction < 1.0:
+            raise ConfigError(f"--hide-labels must lie in [0, 1), got {self.hidden_label_fraction}")
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dims not in (2, 3):
@@ -158,6 +169,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-classes", type=int, default=2, help="classes including 0 = no finding"
     )
+    parser.add_argument(
+        "--hide-labels",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="leave the labels of this share of the training split's patients blank: "
+        "unlabelled studies for pseudo-labelling (the split of the default run config and "
+        "split-seed 0; validation and test rows keep theirs)",
+    )
 
 
 def synth(args: argparse.Namespace) -> int:
@@ -170,16 +190,19 @@ def synth(args: argparse.Namespace) -> int:
         samples_per_site=args.samples_per_site,
         image_size=args.image_size,
         num_classes=args.num_classes,
+        hidden_label_fraction=args.hide_labels,
     )
     folders = write_federation(args.out, spec)
     for index, folder in enumerate(folders):
         fmt = site_format(index, args.dims)
         with (folder / manifest.MANIFEST_NAME).open(newline="") as handle:
-            labels = [int(row[manifest.LABEL]) for row in csv.DictReader(handle)]
+            cells = [row[manifest.LABEL] for row in csv.DictReader(handle)]
+        labels = np.asarray([int(c) for c in cells if c])
         note = " (PNG cannot hold 3D)" if fmt.name == "npy" else ""
+        hidden = f", {len(cells) - len(labels)} unlabelled" if len(labels) < len(cells) else ""
         print(
-            f"{folder}  {fmt.name} {fmt.modality}{note}  {len(labels)} rows  "
-            f"prevalence {np.mean(np.asarray(labels) > 0):.2f}"
+            f"{folder}  {fmt.name} {fmt.modality}{note}  {len(cells)} rows{hidden}  "
+            f"prevalence {np.mean(labels > 0):.2f}"
         )
     return 0
 
@@ -206,9 +229,33 @@ def write_federation(out: Path, spec: FederationSpec) -> list[Path]:
             num_classes=spec.num_classes,
             seed=spec.seed,
             follow_up_studies=True,
+            **task_class(spec.task).synthetic_options(),
         )
-        _write_site(folder, data, site_format(index, spec.dims), task=spec.task, seed=spec.seed)
+        hidden = hidden_patients(data.patient_ids, spec.hidden_label_fraction, spec.seed, index)
+        _write_site(
+            folder,
+            data,
+            site_format(index, spec.dims),
+            task=spec.task,
+            seed=spec.seed,
+            hidden=hidden,
+        )
     return folders
+
+
+def hidden_patients(patient_ids: list[str], fraction: float, seed: int, index: int) -> set[str]:
+    """The patients whose labels a site leaves blank: ``fraction`` of those in the training
+    split a site computes with the default run config and ``split-seed`` 0, drawn by seed."""
+    if fraction <= 0:
+        return set()
+    config = from_run_config(ClientConfig, default_run_config())
+    validation, test = config.validation_fraction, config.test_fraction
+    fractions = SplitFractions(1.0 - validation - test, validation, test)
+    splits = assign_splits(patient_ids, seed=0, fractions=fractions)
+    training = sorted({p for p, s in zip(patient_ids, splits, strict=True) if s == TRAIN})
+    rng = np.random.default_rng([seed, index, 104729])
+    chosen = rng.choice(len(training), size=int(round(fraction * len(training))), replace=False)
+    return {training[i] for i in chosen}
 
 
 def ensure_federation(cache_dir: Path, spec: FederationSpec) -> list[Path]:
@@ -217,7 +264,10 @@ def ensure_federation(cache_dir: Path, spec: FederationSpec) -> list[Path]:
     The federation lives in a subfolder named by a hash of the spec. A marker file written last
     says it is complete; a folder without one (an interrupted run) is removed and rewritten.
     """
-    key = json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}, sort_keys=True)
+    fields = asdict(spec)
+    if not spec.hidden_label_fraction:  # federations written before the option keep their key
+        del fields["hidden_label_fraction"]
+    key = json.dumps({"generator_version": GENERATOR_VERSION, **fields}, sort_keys=True)
     root = Path(cache_dir) / f"synth-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     marker = root / COMPLETE_MARKER
     if marker.is_file():
@@ -229,8 +279,17 @@ def ensure_federation(cache_dir: Path, spec: FederationSpec) -> list[Path]:
     return folders
 
 
-def _write_site(folder: Path, data: SiteData, fmt: SiteFormat, *, task: str, seed: int) -> None:
-    """Write one site's files and its manifest (written last)."""
+def _write_site(
+    folder: Path,
+    data: SiteData,
+    fmt: SiteFormat,
+    *,
+    task: str,
+    seed: int,
+    hidden: set[str] | None = None,
+) -> None:
+    """Write one site's files and its manifest (written last); the rows of ``hidden``
+    patients get blank labels (``label``, and ``labels`` with findings)."""
     for sub in ("images", "masks", "instances"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     profile = data.profile
@@ -253,6 +312,12 @@ def _write_site(folder: Path, data: SiteData, fmt: SiteFormat, *, task: str, see
             manifest.STUDY_ID: study,
             manifest.LABEL: int(data.labels[i]),
         }
+        if data.findings is not None:
+            row[manifest.LABELS] = ";".join(str(int(v)) for v in data.findings[i])
+        if hidden and data.patient_ids[i] in hidden:
+            row[manifest.LABEL] = ""
+            if data.findings is not None:
+                row[manifest.LABELS] = ""
         if manifest.MASK in label_columns:
             mask_path = f"masks/{study}{fmt.mask_suffix}"
             _write_mask(folder / mask_path, masks[i], fmt, spacing_mm)

@@ -30,6 +30,7 @@ from common.tasks.instance import (
     mask_boxes,
     masks_in_boxes,
 )
+from common.tasks.multilabel import MultilabelTask
 from common.tasks.segmentation import SegmentationTask
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ClassificationTask",
     "DetectionTask",
     "InstanceTask",
+    "MultilabelTask",
     "MetricStates",
     "Overlay",
     "SegmentationTap",

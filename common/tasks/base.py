@@ -24,6 +24,7 @@ import torch
 from monai import transforms as mt
 from torch import nn
 
+from common import manifest as mf
 from common.errors import ConfigError, RegistryError
 from common.models import build_model, list_models, model_task
 from common.states import MetricInfo, SummableStates
@@ -72,6 +73,9 @@ class Task(ABC):
     #: Whether the manifest's ``label`` column is the target (every row needs a class in
     #: range, and the site check counts the classes); otherwise a blank label reads as 0.
     label_is_target: ClassVar[bool] = False
+    #: The manifest column holding the target when ``label_is_target`` (read by
+    #: :meth:`parse_label`; a blank cell is an unlabelled study).
+    label_column: ClassVar[str] = mf.LABEL
     #: Manifest column naming a mask file the targets are read from (``None``: none).
     mask_column: ClassVar[str | None] = None
     #: Whether that mask numbers instances (1..k) rather than holding classes.
@@ -82,13 +86,17 @@ class Task(ABC):
     default_model: ClassVar[str]
     #: Metrics the simulation summary shows per round beside the primary metric and loss.
     round_metrics: ClassVar[tuple[str, ...]] = ()
+    #: The task whose registered networks (``common.models``) this one trains; ``None``: the
+    #: networks registered under its own name.
+    model_family: ClassVar[str | None] = None
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
-        if model_task(config.model) != self.name:
+        family = self.model_family or self.name
+        if model_task(config.model) != family:
             raise ConfigError(
                 f"model {config.model!r} is a {model_task(config.model)} network; task "
-                f"{self.name} takes {', '.join(list_models(self.name))}"
+                f"{self.name} takes {', '.join(list_models(family))}"
             )
 
     def build_model(self) -> nn.Module:
@@ -166,6 +174,38 @@ class Task(ABC):
         the manifest gave them. Raises ``ValueError`` when preprocessing lost part of the
         target (the loader names the row and file)."""
         return label
+
+    @classmethod
+    def parse_label(cls, text: str, num_classes: int | None) -> Any:
+        """A row's target from its ``label_column`` cell: here an integer class in
+        ``[0, num_classes)`` (any class when ``num_classes`` is ``None``). Raises
+        ``ValueError`` saying what is wrong with the value (the site check and the loader add
+        the file, line and column)."""
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"label {text!r} is not an integer") from None
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError(f"label {text!r} is not an integer")
+        if number < 0 or (num_classes is not None and number >= num_classes):
+            raise ValueError(f"label {int(number)} outside [0, {num_classes})")
+        return int(number)
+
+    def pseudo_label(
+        self, prediction: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets for unlabelled samples from this task's ``predict`` output, and which of
+        them the model is confident about (probability at least ``threshold``): pseudo-labels
+        (``pseudo-label-threshold``). A task without them refuses by name."""
+        raise ConfigError(
+            f"task {self.name} has no pseudo-labels; pseudo-label-threshold must be 0"
+        )
+
+    @classmethod
+    def synthetic_options(cls) -> dict[str, Any]:
+        """Keyword arguments of ``common.synthetic.make_site`` a synthetic site of this
+        task needs (the multi-label task's second finding)."""
+        return {}
 
     def synthetic_targets(self, data: SiteData) -> Any:
         """What a synthetic site's samples are labelled with (a tensor or a list, one item per

@@ -80,6 +80,13 @@ class ClassificationTask(Task):
         logits = model(batch["image"]).float()
         return torch.softmax(logits, dim=1), batch["label"]
 
+    def pseudo_label(
+        self, prediction: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The arg-max class, confident where its probability is at least ``threshold``."""
+        confidence, predicted = prediction.max(dim=1)
+        return predicted, confidence >= threshold
+
     def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
         size = (self.config.image_size,) * self.config.spatial_dims
         crop = tuple(max(8, int(round(s * 0.875))) for s in size)
