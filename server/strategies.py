@@ -224,9 +224,7 @@ _STRATEGIES: dict[str, StrategyFactory] = {
     "fedprox": lambda cfg, common: FedProx(**common, proximal_mu=cfg.proximal_mu),
     "fedadam": lambda cfg, common: FedAdam(**common, eta=cfg.server_learning_rate),
     "fedyogi": lambda cfg, common: FedYogi(**common, eta=cfg.server_learning_rate),
-    "fedavgm": lambda cfg, common: FedAvgM(
-        **common, server_learning_rate=1.0, server_momentum=0.9
-    ),
+    "fedavgm": lambda cfg, common: FedAvgM(**common, server_learning_rate=1.0, server_momentum=0.9),
     "fedmedian": lambda cfg, common: FedMedian(**common),
     "fedtrimmedavg": lambda cfg, common: FedTrimmedAvg(**common, beta=0.2),
     "krum": lambda cfg, common: Krum(**common, num_malicious_nodes=cfg.byzantine_sites),
