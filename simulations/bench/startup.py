@@ -1,6 +1,7 @@
 """``radfl bench --parts startup``: what a run costs before and after its training (issue 22).
 
-Two measurements, each the median of ``startup_repeats`` whole processes:
+Two measurements, each the median of ``startup_repeats`` whole processes, for each way
+``radfl simulate`` can run (``WAYS``):
 
 - the fixed cost of a one-round ``radfl simulate`` of 3 sites with 24 images each, phase by
   phase: each phase ends at the first output line that marks it (``PHASES``), timed as the
@@ -48,14 +49,15 @@ WORKLOAD_MODEL = "small-cnn"
 class PhaseClock:
     """Seconds from start to the first line of each phase; call it with each output line."""
 
-    def __init__(self) -> None:
-        self.started = time.monotonic()
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self.now = now
+        self.started = now()
         self.marks: dict[str, float] = {}
 
     def __call__(self, line: str) -> None:
         for name, pattern in PHASES:
             if pattern is not None and name not in self.marks and pattern.search(line):
-                self.marks[name] = time.monotonic() - self.started
+                self.marks[name] = self.now() - self.started
 
     def durations(self, wall_s: float) -> dict[str, float | None]:
         """Each phase's seconds (``None`` for a phase that did not happen)."""
@@ -71,57 +73,71 @@ class PhaseClock:
         return out
 
 
+#: The two ways ``radfl simulate`` runs a federation, profiled side by side (alternating, so
+#: that a busy spell on a shared machine hits both): ``--superlink`` as before issue 22, and
+#: the default, in this process (``simulations.inprocess``).
+WAYS: dict[str, tuple[str, ...]] = {"superlink_s": ("--superlink",), "in_process_s": ()}
+
+
 def startup(profile: Profile, runner: Runner) -> pd.DataFrame:
-    """The phase profile of the fixed-cost run, its whole-process time, and the workload's
-    federated / centralized wall-time ratio; medians over ``profile.startup_repeats``."""
+    """The phase profile of the fixed-cost run, its whole-process time, each way of running,
+    and the workload's federated / centralized wall-time ratio; medians over
+    ``profile.startup_repeats``."""
     settings = {**profile.run_config(), "synthetic-samples-per-site": STARTUP_SAMPLES}
-    profiles: list[dict[str, float | None]] = []
-    walls: list[float] = []
-    run_ids: list[str] = []
+    profiles: dict[str, list[dict[str, float | None]]] = {way: [] for way in WAYS}
+    walls: dict[str, list[float]] = {way: [] for way in WAYS}
     for _ in range(profile.startup_repeats):
-        clock = PhaseClock()
-        run = _run(runner, "simulate", profile, STARTUP_SITES, 1, settings, on_line=clock)
-        # The runner's clock starts before the process; the phase clock a moment later.
-        profiles.append(clock.durations(run.wall_s))
-        walls.append(run.wall_s)
-        run_ids.append(run.run_id)
+        for way, options in WAYS.items():
+            clock = PhaseClock()
+            run = _run(
+                runner, "simulate", profile, STARTUP_SITES, 1, settings, options=options,
+                on_line=clock,
+            )  # fmt: skip
+            profiles[way].append(clock.durations(run.wall_s))
+            walls[way].append(run.wall_s)
     rows: list[dict[str, Any]] = []
     for name, _ in PHASES:
-        values = [p[name] for p in profiles if p[name] is not None]
-        rows.append(
-            {
-                "measure": f"phase: {name}",
-                "seconds": statistics.median(values) if values else float("nan"),
-                "note": "" if values else "not a step of this way of running",
-                "run_id": run_ids[-1],
-            }
-        )
+        row: dict[str, Any] = {"measure": f"phase: {name}"}
+        for way in WAYS:
+            values = [p[name] for p in profiles[way] if p[name] is not None]
+            row[way] = statistics.median(values) if values else float("nan")
+        row["note"] = ""
+        rows.append(row)
     rows.append(
         {
             "measure": f"whole process: simulate {STARTUP_SITES} sites x {STARTUP_SAMPLES} "
             f"images, 1 round, {profile.classification_model}",
-            "seconds": statistics.median(walls),
-            "note": f"median of {len(walls)}: " + ", ".join(f"{w:.1f}" for w in walls),
-            "run_id": run_ids[-1],
+            **{way: statistics.median(walls[way]) for way in WAYS},
+            "note": "; ".join(
+                f"{way} " + ", ".join(f"{w:.1f}" for w in walls[way]) for way in WAYS
+            ),
         }
     )
     return pd.DataFrame(rows + _workload(profile, runner))
 
 
 def _workload(profile: Profile, runner: Runner) -> list[dict[str, Any]]:
+    """Rows of the small workload: each way of running, and pooled training (its one column
+    holds the same time), with the ratio to pooled training."""
     settings = {**profile.run_config(), "local-epochs": 1}
-    walls: dict[str, list[float]] = {"simulate": [], "centralized": []}
-    last: dict[str, str] = {}
+    walls: dict[str, list[float]] = {way: [] for way in WAYS}
+    central: list[float] = []
     for _ in range(profile.startup_repeats):
-        for command in walls:  # alternating, so that a busy spell hits both
-            run = _run(
-                runner, command, profile, WORKLOAD_SITES, WORKLOAD_ROUNDS, settings,
-                model=WORKLOAD_MODEL,
+        for way, options in WAYS.items():  # alternating with pooled training
+            walls[way].append(
+                _run(
+                    runner, "simulate", profile, WORKLOAD_SITES, WORKLOAD_ROUNDS, settings,
+                    model=WORKLOAD_MODEL, options=options,
+                ).wall_s
             )  # fmt: skip
-            walls[command].append(run.wall_s)
-            last[command] = run.run_id
-    federated = statistics.median(walls["simulate"])
-    central = statistics.median(walls["centralized"])
+        central.append(
+            _run(
+                runner, "centralized", profile, WORKLOAD_SITES, WORKLOAD_ROUNDS, settings,
+                model=WORKLOAD_MODEL,
+            ).wall_s
+        )  # fmt: skip
+    federated = {way: statistics.median(walls[way]) for way in WAYS}
+    pooled = statistics.median(central)
     shape = (
         f"{WORKLOAD_SITES} sites x {profile.samples_per_site} images, {WORKLOAD_ROUNDS} rounds "
         f"of 1 epoch, {WORKLOAD_MODEL}"
@@ -129,21 +145,20 @@ def _workload(profile: Profile, runner: Runner) -> list[dict[str, Any]]:
     return [
         {
             "measure": f"workload: simulate, {shape}",
-            "seconds": federated,
-            "note": ", ".join(f"{w:.1f}" for w in walls["simulate"]),
-            "run_id": last["simulate"],
+            **federated,
+            "note": "; ".join(
+                f"{way} " + ", ".join(f"{w:.1f}" for w in walls[way]) for way in WAYS
+            ),
         },
         {
             "measure": "workload: centralized, the same images and epochs",
-            "seconds": central,
-            "note": ", ".join(f"{w:.1f}" for w in walls["centralized"]),
-            "run_id": last["centralized"],
+            **{way: pooled for way in WAYS},
+            "note": ", ".join(f"{w:.1f}" for w in central),
         },
         {
-            "measure": "workload: simulate / centralized (wall time)",
-            "seconds": federated / central,
-            "note": "a ratio, not seconds",
-            "run_id": "",
+            "measure": "workload: simulate / centralized (wall time, a ratio)",
+            **{way: federated[way] / pooled for way in WAYS},
+            "note": "issue 22 asks at most 1.3",
         },
     ]
 
@@ -157,6 +172,7 @@ def _run(
     settings: dict[str, Any],
     *,
     model: str | None = None,
+    options: tuple[str, ...] = (),
     on_line: Callable[[str], None] | None = None,
 ) -> RunResult:
     return runner.run(
@@ -167,6 +183,6 @@ def _run(
         rounds=rounds,
         seed=profile.seeds[0],
         settings=settings,
-        options=["--verbose"] if command == "simulate" else [],
+        options=[*options, "--verbose"] if command == "simulate" else list(options),
         on_line=on_line,
     )
