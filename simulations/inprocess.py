@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -118,23 +119,48 @@ def run_in_process(
         run_config=get_fused_config_from_dir(app_dir, override_config),
     )
     _quiet(verbose)
+    backend = backend_config(
+        cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site, verbose=verbose
+    )
+    start_ray(backend["init_args"], app_dir)
     _run_simulation(
         num_supernodes=num_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         server_app_attr=server_app,
         client_app_attr=client_app,
         backend_name="ray",
-        backend_config=backend_config(  # type: ignore[arg-type]
-            cpus_per_site=cpus_per_site,
-            gpus_per_site=gpus_per_site,
-            verbose=verbose,
-        ),
+        backend_config=backend,  # type: ignore[arg-type]
         server_app_context=context,
         app_dir=str(app_dir),
         run=run,
         is_app=True,
         verbose_logging=False,
     )
+
+
+def start_ray(init_args: Mapping[str, Any], app_dir: Path) -> None:
+    """Start (or attach to) Ray as Flower's Ray backend would, which then finds it running.
+
+    Started here so that this process keeps its own SIGTERM handler: ``ray.init`` replaces it
+    with one that exits at once (and Ray's crash handler aborts with a stack dump), which
+    would skip ``radfl simulate``'s stopping of the run. The sites' workers import the apps by
+    ``PYTHONPATH``: this process's ``sys.path`` with the app folder on it, as Flower's backend
+    passes it (``RayBackend.init_ray``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if str(app_dir) not in sys.path:
+        sys.path.insert(0, str(app_dir))
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    handler = signal.getsignal(signal.SIGTERM)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    if handler is not None:  # None: not set from Python, nothing to put back
+        signal.signal(signal.SIGTERM, handler)
 
 
 def stop_ray() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import re
 import signal
@@ -228,9 +229,10 @@ def simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
     started = time.monotonic()
-    # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: the SuperLink and everything it
-    # started are stopped on the way out instead of being left running.
+    # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: Ray or the SuperLink and
+    # everything they started are stopped on the way out instead of being left running.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous_sigint = signal.signal(signal.SIGINT, _interrupt)
     in_process = not getattr(args, "superlink", False)
     try:
         if in_process:
@@ -250,6 +252,7 @@ def simulate(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_sigint)
     wall_time_s = time.monotonic() - started
     from server import tracking
     from simulations.overlays import log_overlays
@@ -265,6 +268,9 @@ def simulate(args: argparse.Namespace) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    # From here on, Flower's message threads in this process would report each site's actor,
+    # stopped with Ray on the way out, as an error of the run: it is not one.
+    logging.getLogger("flwr").disabled = True
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -4,12 +4,22 @@ end-to-end tests of this folder run it)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
 
 from simulations import inprocess
-from tests.simulations.conftest import REPO
+from simulations.local_superlink import descendants
+from tests.simulations.conftest import REPO, tiny_simulate_command, tracking_env
 
 
 def test_flowers_internal_run_simulation_still_takes_what_radfl_passes():
@@ -46,3 +56,47 @@ def test_ray_starts_with_only_what_a_simulation_needs():
     assert quiet["init_args"]["log_to_driver"] is False  # the sites' output: --verbose only
     verbose = inprocess.backend_config(cpus_per_site=1, gpus_per_site=0.0, verbose=True)
     assert verbose["init_args"]["log_to_driver"] is True
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path: Path):
+    """Ray's `init` replaces the process's SIGTERM handler (exit at once, or abort with a
+    stack dump); `radfl simulate` puts its own back, so a scheduler's SIGTERM stops the run
+    as Ctrl-C does: exit code 130, the resume hint, and no Ray process left behind."""
+    command = tiny_simulate_command(sites=2, rounds=20)
+    log = tmp_path / "run.out"
+    with log.open("w") as out:
+        run = subprocess.Popen(
+            command, cwd=tmp_path, env=tracking_env(tmp_path), stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and run.poll() is None:
+            if "[radfl] round 1/20" in log.read_text():
+                break
+            time.sleep(0.2)
+        assert run.poll() is None, log.read_text()[-3000:]
+        started = descendants(run.pid)
+        assert started  # Ray's processes, started by this one
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        for pid in [run.pid, *started]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    output = log.read_text()
+    assert "radfl: interrupted; the simulation and its processes were stopped" in output
+    assert "with the same options continues from the last checkpoint" in output
+    assert "SIGTERM received" not in output  # Ray's crash handler did not take it
+    time.sleep(2)
+    alive = [pid for pid in started if psutil.pid_exists(pid) and _not_zombie(pid)]
+    assert not alive, alive
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
