@@ -99,7 +99,7 @@ def startup(profile: Profile, runner: Runner) -> pd.DataFrame:
     for name, _ in PHASES:
         row: dict[str, Any] = {"measure": f"phase: {name}"}
         for way in WAYS:
-            values = [p[name] for p in profiles[way] if p[name] is not None]
+            values = [v for p in profiles[way] if (v := p[name]) is not None]
             row[way] = statistics.median(values) if values else float("nan")
         row["note"] = ""
         rows.append(row)
