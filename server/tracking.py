@@ -11,11 +11,15 @@ The tracking URI comes from ``MLFLOW_TRACKING_URI``; without it, an embedded SQL
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import sqlite3
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,9 +54,62 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+#: Where an empty SQLite store of this MLflow version is kept, to be copied (``ensure_store``).
+STORE_CACHE_ENV = "RADFL_MLFLOW_STORE_CACHE"
+
+
+def ensure_store(uri: str) -> None:
+    """Create the SQLite store ``uri`` names, if it does not exist, as a copy of an empty store
+    of this MLflow version made once (``$RADFL_MLFLOW_STORE_CACHE``, default
+    ``~/.cache/radfl``): MLflow builds a new store by running its whole migration history,
+    10 s here on a busy 2-core machine, once for every run or test with a store of its own.
+    Other URIs are left to MLflow."""
+    if not uri.startswith("sqlite:///"):
+        return
+    target = Path(uri.removeprefix("sqlite:///"))
+    if target.exists():
+        return
+    template = _empty_store()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    try:
+        partial.write_bytes(template.read_bytes())
+        # What MLflow writes into a new store: its Default experiment, under the working folder.
+        now_ms = int(time.time() * 1000)
+        with sqlite3.connect(partial) as db:
+            db.execute(
+                "UPDATE experiments SET artifact_location = ?, creation_time = ?, "
+                "last_update_time = ? WHERE experiment_id = 0",
+                (str(Path.cwd() / "mlruns" / "0"), now_ms, now_ms),
+            )
+        db.close()
+        with contextlib.suppress(FileExistsError):  # another process created it meanwhile
+            os.link(partial, target)  # never over that store
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _empty_store() -> Path:
+    """The empty store of this MLflow version, created on first use (atomically: processes
+    that race each build one and the last rename wins, every one of them complete)."""
+    folder = Path(os.environ.get(STORE_CACHE_ENV) or Path.home() / ".cache" / "radfl")
+    template = folder / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.exists():
+        return template
+    folder.mkdir(parents=True, exist_ok=True)
+    building = folder / f".{template.name}.{uuid.uuid4().hex}"
+    try:
+        MlflowClient(f"sqlite:///{building}").search_experiments()
+        os.replace(building, template)
+    finally:
+        building.unlink(missing_ok=True)
+    return template
+
+
 def ensure_experiment(name: str) -> str:
     """The experiment's id, creating it (with a local artifact folder for SQLite stores)."""
     uri = tracking_uri()
+    ensure_store(uri)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:

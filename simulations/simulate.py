@@ -1,8 +1,10 @@
 """``radfl simulate``: the whole federation on one machine through Flower's simulation engine.
 
-It starts a private SuperLink (see ``local_superlink``), submits the app in this repository with
-``flwr run``, shows progress as rounds finish, and ends with a summary read back from the MLflow
-run, so every number printed can be found in MLflow.
+It runs the app in this repository (or ``--app-dir``) inside this process on Flower's simulation
+runtime (``simulations.inprocess``), or with ``--superlink`` on a private SuperLink (see
+``local_superlink``) through ``flwr run``, as a deployment does; shows progress as rounds finish,
+and ends with a summary read back from the MLflow run, so every number printed can be found in
+MLflow.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import re
 import signal
@@ -33,6 +36,7 @@ from common.config import (
     parse_overrides,
 )
 from common.errors import RadFLError
+from simulations.inprocess import PROGRESS_MARKERS
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -40,9 +44,6 @@ APP_DIR = Path(__file__).resolve().parent.parent
 FAULTS_ENV = "RADFL_FAULTS"
 PRODUCTION_CLIENTAPP = 'clientapp = "client.app:app"'
 FAULTS_CLIENTAPP = 'clientapp = "simulations.faults:app"'
-# Lines shown without --verbose: RadFL's progress, Flower's round headers, errors and the
-# boxed messages the Flower CLI prints.
-PROGRESS_MARKERS = ("[radfl]", "[ROUND", "ERROR", "Error", "Traceback", "Exception", "│", "╰")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +148,13 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         help="simulation only: make sites misbehave, e.g. 'site-1:crash@1,site-2:nan' (runs the "
         f"ClientApp of simulations.faults; default ${FAULTS_ENV})",
     )
+    parser.add_argument(
+        "--superlink",
+        action="store_true",
+        help="run through a private SuperLink and `flwr run`, as a deployment runs (the app "
+        "built, shipped and installed); slower to start than the default, which runs the "
+        "federation inside this process",
+    )
 
 
 def run_config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,21 +229,30 @@ def simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
     started = time.monotonic()
-    # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: the SuperLink and everything it
-    # started are stopped on the way out instead of being left running.
+    # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: Ray or the SuperLink and
+    # everything they started are stopped on the way out instead of being left running.
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous_sigint = signal.signal(signal.SIGINT, _interrupt)
+    in_process = not getattr(args, "superlink", False)
     try:
-        _run_on_local_superlink(args, overrides, env, workdir)
+        if in_process:
+            _run_here(args, overrides, env)
+        else:
+            _run_on_local_superlink(args, overrides, env, workdir)
     except KeyboardInterrupt:
         print(
-            f"\nradfl: interrupted; the local SuperLink and its processes were stopped. "
+            f"\nradfl: interrupted; the simulation and its processes were stopped. "
             f"`--resume {config.run_key}` with the same options continues from the last "
             "checkpoint.",
             file=sys.stderr,
+            flush=True,
         )
+        if in_process:
+            _abandon()
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_sigint)
     wall_time_s = time.monotonic() - started
     from server import tracking
     from simulations.overlays import log_overlays
@@ -251,7 +268,49 @@ def simulate(args: argparse.Namespace) -> int:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    # From here on, Flower's message threads in this process would report each site's actor,
+    # stopped with Ray on the way out, as an error of the run: it is not one.
+    logging.getLogger("flwr").disabled = True
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_here(args: argparse.Namespace, overrides: Mapping[str, Any], env: dict[str, str]) -> None:
+    """The federation in this process (``simulations.inprocess``); a failure of the run is
+    printed, and the summary below says the run did not finish."""
+    from simulations.inprocess import run_in_process
+
+    faults = getattr(args, "faults", "")
+    if faults:
+        env = {**env, FAULTS_ENV: faults}
+    else:
+        env = {k: v for k, v in env.items() if k != FAULTS_ENV}
+    federation_config(args)  # checks the per-site resources, naming the option
+    try:
+        run_in_process(
+            app_dir=args.app_dir.resolve(),
+            overrides=overrides,
+            env=env,
+            num_sites=args.sites,
+            cpus_per_site=args.cpus_per_site,
+            gpus_per_site=getattr(args, "gpus_per_site", 0.0),
+            faults=faults,
+            verbose=args.verbose,
+        )
+    except RadFLError:
+        raise  # a bad option (a fault spec): refused by name, as before the run
+    except Exception as error:  # noqa: BLE001 - reported here; the summary says it failed
+        print(f"radfl: the simulation failed: {error!r}", file=sys.stderr, flush=True)
+
+
+def _abandon() -> None:
+    """Leave at once after an interrupt: Ray is stopped, and the ServerApp's thread, which
+    would wait out its round's timeout for sites that are gone, is not waited for."""
+    from simulations.inprocess import stop_ray
+
+    stop_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _run_on_local_superlink(

@@ -19,6 +19,8 @@ MLflow run in ``--out/mlflow.db`` whose id is in the table.
 - ``privacy-utility``: test AUC and Dice without DP, with DP-SGD and with update-level DP at
   epsilon 1, 3 and 8, and with SecAgg, with the epsilon each run reached
   (``simulations.bench.utility``).
+- ``startup``: the fixed cost of a one-round ``radfl simulate``, phase by phase, and a small
+  workload against ``radfl centralized`` on the same images (``simulations.bench.startup``).
 
 Profiles size the runs (``simulations.bench.runner``, with the runner that launches each one):
 ``quick`` (seconds per run: CI checks that the tables are produced), ``cpu`` (this 2-core
@@ -343,6 +345,13 @@ def privacy_utility(profile: Profile, runner: Runner) -> pd.DataFrame:
     return utility.privacy_utility(profile, runner, runner.modes)
 
 
+def startup(profile: Profile, runner: Runner) -> pd.DataFrame:
+    """Phase profile and whole-process time of a one-round run; small workload / pooled."""
+    from simulations.bench import startup as bench_startup
+
+    return bench_startup.startup(profile, runner)
+
+
 PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {
     "quality": quality,
     "overhead": overhead,
@@ -350,6 +359,7 @@ PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {
     "comm": comm,
     "privacy": privacy,
     "privacy-utility": privacy_utility,
+    "startup": startup,
 }
 SUMMARIES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
     "quality": quality_summary,

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ class Profile:
     inversion_batch_sizes: tuple[int, ...] = (1, 4)
     secagg_sites: int = 3
     privacy_epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
+    #: ``startup``: whole-process runs of each kind, the median is reported (issue 22).
+    startup_repeats: int = 3
     #: Strategies ``scale`` measures: the running mean (fedavg) and two that need every
     #: update at once and hold them on disk (fedmedian, krum; issue 18).
     scale_strategies: tuple[str, ...] = ("fedavg", "fedmedian", "krum")
@@ -114,6 +116,7 @@ PROFILES: dict[str, Profile] = {
         inversion_batch_sizes=(1,),
         privacy_epsilons=(8.0,),
         scale_strategies=("fedavg",),
+        startup_repeats=1,
     ),
     # 64 px: at 32 px neither task learned here (pooled test AUC 0.50 after 30 epochs, Dice
     # 0.05 after 12). Batch 8: federated training is limited by optimiser steps at this budget
@@ -223,9 +226,11 @@ class Runner:
         settings: Mapping[str, Any],
         options: Iterable[str] = (),
         measure_memory: bool = False,
+        on_line: Callable[[str], None] | None = None,
     ) -> RunResult:
         """One run; with ``measure_memory``, also its process tree's peak memory (sampling
-        it costs CPU, so only ``scale`` asks)."""
+        it costs CPU, so only ``scale`` asks); ``on_line`` is called with each line of the
+        run's output as it is printed (``startup`` times the phases by them)."""
         run_key = uuid.uuid4().hex
         values = {**settings, "run-key": run_key, "experiment-name": EXPERIMENT}
         overrides = [part for k, v in values.items() for part in ("--set", f"{k}={v}")]
@@ -242,8 +247,18 @@ class Runner:
         started = time.monotonic()
         with tempfile.TemporaryFile("w+") as log:
             process = subprocess.Popen(
-                argv, cwd=self.out, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+                argv,
+                cwd=self.out,
+                env=env,
+                stdout=log if on_line is None else subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
+            if on_line is not None:
+                assert process.stdout is not None  # guaranteed by stdout=PIPE
+                for line in process.stdout:
+                    on_line(line)
+                    log.write(line)
             peak = _peak_tree_memory(process) if measure_memory else 0
             process.wait()
             wall = time.monotonic() - started

@@ -51,9 +51,12 @@ def _only_run(client: MlflowClient, mode: str):
 
 
 def test_simulate_two_sites_two_rounds_is_tracked_in_mlflow(tmp_path: Path):
+    """Through a private SuperLink and `flwr run` (`--superlink`), as a deployment runs the
+    apps; every other end-to-end test runs the federation in radfl's own process."""
     command = [
         RADFL,
         "simulate",
+        "--superlink",
         "--sites",
         "2",
         "--rounds",

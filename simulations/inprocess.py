@@ -1,0 +1,202 @@
+"""The federation of ``radfl simulate`` run inside this process by Flower's simulation runtime.
+
+What ``flwr run`` against a SuperLink does in three processes (the SuperLink, ``flwr-simulation``
+and the CLI streaming the log), with an app bundle built, shipped and installed for every run,
+is done here in one: the ServerApp runs in a thread, the virtual sites in Ray actors, messages
+pass through Flower's in-memory link state. The profile of issue 22 (``radfl bench --parts
+startup``) put about 9 s of a 30 s one-round run on the SuperLink, the bundle and the log stream.
+
+The ServerApp and ClientApp are the ones ``flwr run`` would load (the app folder's
+``[tool.flwr.app.components]``) and their run config is fused from the app folder's
+``pyproject.toml`` and the overrides exactly as Flower's own simulation process fuses it
+(``flwr.simulation.app``), through the same function, ``_run_simulation``. That function is
+Flower's internal one (the public ``run_simulation`` takes no run config): its use is checked by
+``tests/simulations/test_inprocess.py`` against the installed Flower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.config import format_run_config
+
+#: Lines ``radfl simulate`` shows without ``--verbose``: RadFL's progress, Flower's round
+#: headers, errors and the boxed messages the Flower CLI prints.
+PROGRESS_MARKERS = ("[radfl]", "[ROUND", "ERROR", "Error", "Traceback", "Exception", "│", "╰")
+#: ClientApp of fault injection (``simulations.faults``), in place of the app folder's own.
+FAULTS_CLIENT_APP = "simulations.faults:app"
+
+
+class ProgressFilter(logging.Filter):
+    """Only the log records ``radfl simulate`` shows without ``--verbose``: RadFL's progress,
+    Flower's round headers and errors (``PROGRESS_MARKERS``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return record.levelno >= logging.ERROR or any(m in message for m in PROGRESS_MARKERS)
+
+
+def app_components(app_dir: Path) -> tuple[str, str]:
+    """``(serverapp, clientapp)`` references of the Flower app in ``app_dir``."""
+    from flwr.common.config import get_project_config
+
+    components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
+    return str(components["serverapp"]), str(components["clientapp"])
+
+
+def backend_config(*, cpus_per_site: int, gpus_per_site: float, verbose: bool) -> dict[str, Any]:
+    """Flower's Ray backend config: each virtual site's share, and a Ray started with only what
+    a simulation needs (no dashboard; the sites' output on this terminal only with
+    ``verbose``)."""
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": verbose,
+        "logging_level": "INFO" if verbose else "WARNING",
+    }
+    return {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
+        "init_args": init_args,
+    }
+
+
+def run_in_process(
+    *,
+    app_dir: Path,
+    overrides: Mapping[str, Any],
+    env: Mapping[str, str],
+    num_sites: int,
+    cpus_per_site: int,
+    gpus_per_site: float,
+    faults: str,
+    verbose: bool,
+) -> None:
+    """Run the app in ``app_dir`` on ``num_sites`` virtual sites until its ServerApp returns.
+
+    ``env`` becomes this process's environment first: the ServerApp thread reads it, and the
+    Ray instance started here hands it to the sites' workers (``RAY_ADDRESS`` in it attaches
+    to a running cluster instead). Raises what the ServerApp raised.
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    os.environ.clear()
+    os.environ.update(env)
+    server_app, client_app = app_components(app_dir)
+    if faults:
+        # Imported only now: its ClientApp reads the faults from the environment when the
+        # module is imported, and this process ships that very object to the sites' workers.
+        from simulations.faults import parse_faults
+
+        parse_faults(faults)  # a typo fails here, naming the item
+        client_app = FAULTS_CLIENT_APP
+    # As `flwr run --run-config` parses it, so that a value means the same either way.
+    override_config = parse_config_args([format_run_config(overrides)])
+    run = Run.create_empty(run_id=_run_id())
+    run.override_config = override_config
+    run.primary_task_id = _task_id()
+    run.federation_id = NOOP_FEDERATION_ID
+    # Who the ServerApp's messages come from (flwr.simulation.app sets it from its task).
+    TaskIdentity.task_id = run.primary_task_id
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(
+        run_id=run.run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=get_fused_config_from_dir(app_dir, override_config),
+    )
+    _quiet(verbose)
+    backend = backend_config(
+        cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site, verbose=verbose
+    )
+    start_ray(backend["init_args"], app_dir)
+    _run_simulation(
+        num_supernodes=num_sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        server_app_attr=server_app,
+        client_app_attr=client_app,
+        backend_name="ray",
+        backend_config=backend,  # type: ignore[arg-type]
+        server_app_context=context,
+        app_dir=str(app_dir),
+        run=run,
+        is_app=True,
+        verbose_logging=False,
+    )
+
+
+def start_ray(init_args: Mapping[str, Any], app_dir: Path) -> None:
+    """Start (or attach to) Ray as Flower's Ray backend would, which then finds it running.
+
+    Started here so that this process keeps its own SIGTERM handler: ``ray.init`` replaces it
+    with one that exits at once (and Ray's crash handler aborts with a stack dump), which
+    would skip ``radfl simulate``'s stopping of the run. The sites' workers import the apps by
+    ``PYTHONPATH``: this process's ``sys.path`` with the app folder on it, as Flower's backend
+    passes it (``RayBackend.init_ray``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if str(app_dir) not in sys.path:
+        sys.path.insert(0, str(app_dir))
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    handler = signal.getsignal(signal.SIGTERM)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    if handler is not None:  # None: not set from Python, nothing to put back
+        signal.signal(signal.SIGTERM, handler)
+
+
+def stop_ray() -> None:
+    """Stop the Ray instance this process started (or leave the cluster it attached to)."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
+def _run_id() -> int:
+    from flwr.common.constant import RUN_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+
+    return int(generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+
+
+def _task_id() -> int:
+    from flwr.common.constant import TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+
+    return int(generate_rand_int_from_bytes(TASK_ID_NUM_BYTES))
+
+
+def _quiet(verbose: bool) -> None:
+    """Without ``verbose``, Flower's log shows only progress, and the warnings of libraries
+    (MLflow's store, pandas, torch.export) go to the logging system unshown, as they went to
+    the SuperLink's log before."""
+    # Flower's own handler prints its records; a root handler a library adds (logging's
+    # basicConfig) would print them twice.
+    logging.getLogger("flwr").propagate = False
+    if verbose:
+        return
+    logging.getLogger("flwr").addFilter(ProgressFilter())
+    logging.captureWarnings(True)
+    captured = logging.getLogger("py.warnings")
+    captured.addHandler(logging.NullHandler())
+    captured.propagate = False
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
