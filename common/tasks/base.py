@@ -141,6 +141,12 @@ class Task(ABC):
         """Forward a batch in eval mode: ``(prediction, target)``, both indexed by sample first,
         as the task's metric states take them in ``update``."""
 
+    def final_predict(self, model: nn.Module, batch: Batch) -> tuple[Any, torch.Tensor]:
+        """The final evaluation's forward pass: ``predict`` unless the task's states take
+        more there (classification: logits, uncertainty and Grad-CAM attention). The rows of
+        every tensor it returns (also inside a dict) are its samples."""
+        return self.predict(model, batch)
+
     def eval_step(self, model: nn.Module, batch: Batch, states: MetricStates) -> None:
         """Forward a batch in eval mode and add it to ``states``."""
         states.update(*self.predict(model, batch))

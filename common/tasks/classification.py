@@ -10,8 +10,11 @@ import torch
 from monai import transforms as mt
 from torch import nn
 
+from common import attention as att
 from common import evaluation as ev
 from common import manifest as mf
+from common import selective as sel
+from common import uncertainty as unc
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates
 from common.tasks.base import Batch, MetricStates, Task, inverse_frequency_weights, register_task
 
@@ -79,6 +82,27 @@ class ClassificationTask(Task):
     def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(batch["image"]).float()
         return torch.softmax(logits, dim=1), batch["label"]
+
+    #: How the final evaluation measures each case's uncertainty (``common.uncertainty``).
+    uncertainty: unc.Method = "mc-dropout"
+
+    def final_predict(self, model: nn.Module, batch: Batch) -> tuple[Any, torch.Tensor]:
+        """Probabilities with the trust inputs of ``ClassificationStates.update``: the
+        deterministic logits (calibration), the normalised predictive entropy of
+        ``uncertainty`` (selective prediction) and, where the batch carries a ``lesion``
+        mask, the share of Grad-CAM mass inside it (attention)."""
+        logits, sampled = unc.predictive_probabilities(
+            model, batch["image"], self.uncertainty, seed=self.config.seed
+        )
+        final: dict[str, torch.Tensor] = {
+            "probs": torch.softmax(logits, dim=1),
+            "logits": logits,
+            "entropy": sel.normalised_entropy(sampled),
+        }
+        if "lesion" in batch:
+            maps = att.grad_cam(model, batch["image"])
+            final["attention"] = att.share_inside(maps, batch["lesion"])
+        return final, batch["label"]
 
     def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
         size = (self.config.image_size,) * self.config.spatial_dims
