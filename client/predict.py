@@ -13,7 +13,9 @@ Outputs in ``--out``: ``predictions.csv`` (classification: one probability colum
 the thresholded label and the predictive entropy of the calibrated probabilities),
 ``masks/<name>.nii.gz`` (segmentation: the label map on the input's own grid and affine),
 ``seg/<name>.dcm`` (segmentation of a single-frame DICOM file: DICOM SEG, one segment per
-non-background class) and ``failed.csv``.
+non-background class), ``gradcam/<name>.png`` (classification with ``--gradcam``: the
+Grad-CAM map of the predicted class over the preprocessed image, ``common.attention``; it
+stays in ``--out``, at the site) and ``failed.csv``.
 """
 
 from __future__ import annotations
@@ -219,14 +221,22 @@ def classification_row(model: LoadedModel, probabilities: np.ndarray) -> dict[st
     return row
 
 
-def predict_study(model: LoadedModel, study: Study, out: Path) -> dict[str, Any]:
-    """Predict one study; its CSV row (its mask is written under ``out/masks``)."""
+def predict_study(
+    model: LoadedModel, study: Study, out: Path, *, gradcam: bool = False
+) -> dict[str, Any]:
+    """Predict one study; its CSV row (its mask is written under ``out/masks``, its Grad-CAM
+    overlay under ``out/gradcam`` with ``gradcam``)."""
     image = preprocess(study, model.metadata)
     with torch.no_grad():
         output = model.network(image)
     if model.task == "classification":
         probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
-        return classification_row(model, probabilities)
+        result = classification_row(model, probabilities)
+        if gradcam:
+            path = out / "gradcam" / f"{_safe_stem(study.name)}.png"
+            write_gradcam(model, image, path)
+            result["gradcam"] = str(path)
+        return result
     mask = torch.argmax(output.float(), dim=1)[0].numpy().astype(np.uint8)
     native, affine = predict_outputs.native_mask(mask, study.path)
     stem = _safe_stem(study.name)
@@ -244,13 +254,69 @@ def predict_study(model: LoadedModel, study: Study, out: Path) -> dict[str, Any]
     return row
 
 
+def write_gradcam(model: LoadedModel, image: torch.Tensor, path: Path) -> None:
+    """The Grad-CAM map of the predicted class over the preprocessed image, as a PNG (the
+    middle slice of a volume)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.attention import grad_cam
+
+    cam = grad_cam(_explained_network(model), image)[0, 0].numpy()
+    picture = image[0, 0].numpy()
+    if picture.ndim == 3:
+        middle = picture.shape[2] // 2
+        picture, cam = picture[:, :, middle], cam[:, :, middle]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(picture.T, cmap="gray", origin="lower")
+    ax.imshow(cam.T, cmap="jet", alpha=0.4, origin="lower")
+    ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+_EXPLAINED: dict[int, Any] = {}
+
+
+def _explained_network(model: LoadedModel) -> Any:
+    """The model as a plain network of its registered architecture (Grad-CAM hooks its
+    layers by name; an exported program has none), with the logged weights."""
+    key = id(model)
+    if key not in _EXPLAINED:
+        from common.tasks import get_task
+        from common.tasks.base import ModelConfig
+
+        found = model.metadata
+        config = ModelConfig(
+            task=str(found["task"]),
+            model=str(found["model"]),
+            spatial_dims=int(found["spatial_dims"]),
+            image_size=int(found["image_size"]),
+            num_classes=int(found["num_classes"]),
+            seed=0,
+        )
+        network = get_task(config).build_model()
+        network.load_state_dict(model.network.state_dict())
+        _EXPLAINED[key] = network.eval()
+    return _EXPLAINED[key]
+
+
 def _safe_stem(name: str) -> str:
     stem = re.sub(r"(\.nii\.gz|\.[A-Za-z0-9]+)$", "", name.rstrip("/"))
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "study"
 
 
 def predict(
-    model: LoadedModel, studies: Sequence[Study], out: Path, *, progress: bool = True
+    model: LoadedModel,
+    studies: Sequence[Study],
+    out: Path,
+    *,
+    progress: bool = True,
+    gradcam: bool = False,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Predict every study; the table of results and ``(name, reason)`` of each failure."""
     rows: list[dict[str, Any]] = []
@@ -259,7 +325,7 @@ def predict(
     console = Console(stderr=True)
     for study in track(studies, "predicting", console=console, disable=not progress):
         try:
-            row = predict_study(model, study, out)
+            row = predict_study(model, study, out, gradcam=gradcam)
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the others
             cause = data.transform_error_cause(exc)
             # The first line: MONAI appends every reader's traceback to its message.
@@ -281,6 +347,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--gradcam",
+        action="store_true",
+        help="classification: also write a Grad-CAM overlay PNG per study under OUT/gradcam",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -291,7 +362,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"radfl predict: skipped {name}: {reason}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table, failed_now = predict(model, studies, out, progress=not args.quiet)
+    table, failed_now = predict(
+        model, studies, out, progress=not args.quiet, gradcam=bool(args.gradcam)
+    )
     failed += failed_now
     table.to_csv(out / "predictions.csv", index=False)
     pd.DataFrame(failed, columns=["input", "reason"]).to_csv(out / "failed.csv", index=False)

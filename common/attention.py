@@ -22,28 +22,54 @@ from torch import nn
 
 from common.intervals import MetricWithCI, check_alpha, z_value
 
+#: Grad-CAM's layer is the last convolution whose maps are at least this many voxels on a side:
+#: the last one of a ResNet at 64 px is 2 x 2, too coarse to tell a lesion from a corner.
+MIN_MAP_SIDE = 4
 
-def last_convolution(model: nn.Module) -> str:
-    """The name of the network's last convolution module (Grad-CAM's target layer)."""
-    found = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
-    ]
-    if not found:
+
+def cam_layer(model: nn.Module, images: torch.Tensor) -> str:
+    """The name of Grad-CAM's target layer for ``images``: the network's last convolution
+    whose output is at least :data:`MIN_MAP_SIDE` on every spatial axis (else its last)."""
+    sides: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+
+            def record(_: nn.Module, __: object, out: torch.Tensor, name: str = name) -> None:
+                sides[name] = min(out.shape[2:])
+
+            hooks.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not sides:
         raise ValueError(f"{type(model).__name__} has no convolution for Grad-CAM")
-    return found[-1]
+    fine = [name for name, side in sides.items() if side >= MIN_MAP_SIDE]
+    return fine[-1] if fine else list(sides)[-1]
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM maps ``(N, 1, *spatial)`` in [0, 1] of the predicted class of each image
-    (gradients enabled here, whatever the caller's mode; the model's mode is kept)."""
+    """Grad-CAM maps ``(N, 1, *spatial)`` (non-negative, not rescaled: only their shares
+    matter) of the predicted class of each image (gradients enabled here, whatever the
+    caller's mode; the model's mode is kept)."""
     from monai.visualize import GradCAM
 
-    cam = GradCAM(nn_module=model, target_layers=last_convolution(model))
-    with torch.enable_grad():
-        maps = cam(images.detach().float().requires_grad_(True))
-    return torch.nan_to_num(maps.detach().float(), nan=0.0)
+    images = images.detach().float()
+    # Full precision: MONAI's Grad-CAM goes through NumPy, which has no bfloat16.
+    with torch.autocast(images.device.type, enabled=False):
+        cam = GradCAM(
+            nn_module=model, target_layers=cam_layer(model, images), postprocessing=_identity
+        )
+        with torch.enable_grad():
+            maps = cam(images.requires_grad_(True))
+    return torch.nan_to_num(maps.detach().float(), nan=0.0).clamp(min=0.0)
+
+
+def _identity(maps: torch.Tensor) -> torch.Tensor:
+    return maps
 
 
 def share_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -210,6 +210,8 @@ class ClientConfig:
     augment: bool
     precision: Precision
     synthetic_samples_per_site: int
+    # Synthetic site that gets a corner marker going with the label (-1: none; issue 19)
+    synthetic_shortcut_site: int
     validation_fraction: float
     test_fraction: float
     subgroups: str

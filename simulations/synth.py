@@ -61,13 +61,20 @@ from pydicom.uid import (
 
 from common import manifest
 from common.errors import ConfigError
-from common.synthetic import SiteData, SiteProfile, make_site, native_image_size, site_profiles
+from common.synthetic import (
+    SiteData,
+    SiteProfile,
+    make_site,
+    native_image_size,
+    plant_shortcut,
+    site_profiles,
+)
 from common.tasks import list_tasks, task_class
 
 SITE_FORMATS = ("dicom", "nifti", "png")
 TASKS = tuple(list_tasks())
 # Bump when the generator or the layout changes, so cached federations are rebuilt.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: classification sites carry lesion masks (attention)
 COMPLETE_MARKER = ".complete"
 
 
@@ -82,6 +89,8 @@ class FederationSpec:
     samples_per_site: int
     image_size: int
     num_classes: int
+    #: The site whose images carry a corner marker going with the label (-1: none).
+    shortcut_site: int = -1
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -207,6 +216,8 @@ def write_federation(out: Path, spec: FederationSpec) -> list[Path]:
             seed=spec.seed,
             follow_up_studies=True,
         )
+        if index == spec.shortcut_site:
+            data = plant_shortcut(data, spec.seed)
         _write_site(folder, data, site_format(index, spec.dims), task=spec.task, seed=spec.seed)
     return folders
 
@@ -217,7 +228,10 @@ def ensure_federation(cache_dir: Path, spec: FederationSpec) -> list[Path]:
     The federation lives in a subfolder named by a hash of the spec. A marker file written last
     says it is complete; a folder without one (an interrupted run) is removed and rewritten.
     """
-    key = json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}, sort_keys=True)
+    fields = asdict(spec)
+    if fields["shortcut_site"] < 0:  # the key of a federation without one stays as it was
+        del fields["shortcut_site"]
+    key = json.dumps({"generator_version": GENERATOR_VERSION, **fields}, sort_keys=True)
     root = Path(cache_dir) / f"synth-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     marker = root / COMPLETE_MARKER
     if marker.is_file():
@@ -253,7 +267,7 @@ def _write_site(folder: Path, data: SiteData, fmt: SiteFormat, *, task: str, see
             manifest.STUDY_ID: study,
             manifest.LABEL: int(data.labels[i]),
         }
-        if manifest.MASK in label_columns:
+        if manifest.MASK in label_columns or task_class(task).lesion_masks:
             mask_path = f"masks/{study}{fmt.mask_suffix}"
             _write_mask(folder / mask_path, masks[i], fmt, spacing_mm)
             row[manifest.MASK] = mask_path

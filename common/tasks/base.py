@@ -78,6 +78,9 @@ class Task(ABC):
     numbered_instances: ClassVar[bool] = False
     #: Manifest column holding the boxes as JSON (``None``: none).
     box_column: ClassVar[str | None] = None
+    #: Whether the final evaluation wants each sample's lesion mask (as ``lesion``) where the
+    #: data has one (a synthetic site's masks, a manifest's ``mask`` column), beside its target.
+    lesion_masks: ClassVar[bool] = False
     #: The model ``radfl simulate --task NAME`` trains when no ``--model`` is given.
     default_model: ClassVar[str]
     #: Metrics the simulation summary shows per round beside the primary metric and loss.

@@ -32,6 +32,7 @@ class ClassificationTask(Task):
     #: Classification learns as well at 32 as at 8 here and runs faster.
     default_batch_size = 32
     default_model = "resnet18"
+    lesion_masks = True
     round_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "sensitivity", "specificity")
 
     def output_channels(self) -> int:

@@ -152,10 +152,14 @@ def test_attention_share_by_hand_and_its_interval():
 
 
 def test_grad_cam_maps_of_a_small_cnn_cover_the_image():
+    torch.manual_seed(0)
     model = build_model("small-cnn", spatial_dims=2, in_channels=1, out_channels=2).eval()
-    maps = att.grad_cam(model, torch.randn(3, 1, 32, 32))
-    assert maps.shape == (3, 1, 32, 32) and torch.isfinite(maps).all()
+    maps = att.grad_cam(model, torch.randn(16, 1, 32, 32))
+    assert maps.shape == (16, 1, 32, 32) and torch.isfinite(maps).all()
+    assert (maps >= 0).all() and maps.flatten(1).sum(1).gt(0).any()
     assert not model.training
+    resnet = build_model("resnet18", spatial_dims=2, in_channels=1, out_channels=2).eval()
+    assert att.cam_layer(resnet, torch.randn(1, 1, 64, 64)).startswith("layer3.")
 
 
 def test_mc_dropout_samples_the_head_and_keeps_the_deterministic_logits():
@@ -236,3 +240,55 @@ def test_the_report_fits_the_temperature_on_validation_and_writes_the_trust_file
     assert metadata["threshold"] == pytest.approx(
         cal.calibrated_threshold(report.threshold, report.temperature)
     )
+
+
+def test_a_planted_shortcut_marks_most_positives_few_negatives_and_leaves_the_masks():
+    from common.errors import ConfigError
+    from common.synthetic import make_site, plant_shortcut, site_profiles
+
+    data = make_site(
+        site_profiles(1, 200, 0)[0],
+        index=0,
+        image_size=24,
+        spatial_dims=2,
+        num_classes=2,
+        seed=0,
+    )
+    planted = plant_shortcut(data, seed=0)
+    corner = planted.images[:, 0, :4, :4]
+    marked = (corner == corner[:, :1, :1]).flatten(1).all(1) & (
+        corner[:, 0, 0] > data.images.flatten(1).max(1).values
+    )
+    positives = data.labels > 0
+    assert marked[positives].float().mean() > 0.75 and marked[~positives].float().mean() < 0.25
+    assert torch.equal(planted.masks, data.masks)
+    assert torch.equal(planted.images[~marked], data.images[~marked])
+    with pytest.raises(ConfigError, match="shortcut strength must lie in"):
+        plant_shortcut(data, seed=0, strength=1.5)
+
+
+def test_a_classification_site_folder_hands_its_lesion_masks_to_the_final_evaluation(tmp_path):
+    from client.data import SiteDataset, read_manifest
+    from simulations.synth import FederationSpec, write_federation
+
+    spec = FederationSpec(
+        sites=2,
+        task="classification",
+        dims=2,
+        seed=0,
+        samples_per_site=12,
+        image_size=16,
+        num_classes=2,
+        shortcut_site=1,
+    )
+    for folder in write_federation(tmp_path, spec):
+        rows = read_manifest(folder, "classification")
+        dataset = SiteDataset(rows, folder, task="classification", spatial_dims=2, image_size=16)
+        items = [dataset[i] for i in range(len(dataset))]
+        assert all(item["lesion"].shape == (1, 16, 16) for item in items)
+        # Lesion voxels only where the label says there is a lesion (a tiny one may vanish
+        # when the mask is resampled to 16 px).
+        with_lesion = [bool(item["lesion"].any()) for item in items]
+        labels = [bool(item["label"] > 0) for item in items]
+        assert not any(w and not lab for w, lab in zip(with_lesion, labels, strict=True))
+        assert any(with_lesion)
