@@ -1,14 +1,18 @@
 """Selective prediction: what the model scores when its most uncertain cases are referred.
 
-Each case's uncertainty is its predictive entropy, divided by ``log(C)`` so that it lies in
-[0, 1] (``common.uncertainty`` gives it: MC dropout by default). Sites cannot pool entropy
-*quantiles* exactly, so a site sends a fixed-grid histogram instead (summable):
-``selective[e, h, s]`` counts the cases of entropy bin ``e`` (:data:`ENTROPY_BINS` equal-width
-bins), hit ``h`` (two classes: the label is positive; more: the top class is right) and score
-bin ``s`` (:data:`SCORE_BINS` equal-width bins of the positive class's probability, or of the
-top class's). Referring every case of entropy bin ``e`` and above keeps the lower bins; the
-pooled curve is exact at these cut-offs, and the referred share at each cut-off is whatever
-share of cases lies above it (a share between two cut-offs is not interpolated).
+Each case's uncertainty is its predictive entropy ``H``, divided by ``log(C)`` so that it
+lies in [0, 1] (``common.uncertainty`` gives it: MC dropout by default). Sites cannot pool
+entropy *quantiles* exactly, so a site sends a fixed-grid histogram instead (summable):
+``selective[e, h, s]`` counts the cases of entropy bin ``e``, hit ``h`` (two classes: the
+label is positive; more: the top class is right) and score bin ``s`` (:data:`SCORE_BINS`
+equal-width bins of the positive class's probability, or of the top class's). The entropy
+bins are :data:`ENTROPY_BINS` equal-width bins of ``1 - sqrt(1 - H)``: for two classes
+``sqrt(1 - H)`` is nearly proportional to the margin ``|p - 1/2|``, so the bins are about
+equally wide in probability (equal-width bins of ``H`` itself put every case with ``p`` in
+[0.38, 0.62] into the top bin). Referring every case of entropy bin ``e`` and above keeps the
+lower bins; the pooled curve is exact at these cut-offs, and the referred share at each
+cut-off is whatever share of cases lies above it (a share between two cut-offs is not
+interpolated).
 
 For two classes each point carries the AUC of the kept cases (Mann-Whitney from the score
 histogram, pairs in one bin counted one half) and the sensitivity and specificity at the
@@ -49,11 +53,17 @@ def selective_histogram(
     else:
         score, top = p.max(dim=1)
         hit = top == t
-    e_bin = (entropy.detach().double().cpu() * ENTROPY_BINS).long().clamp(0, ENTROPY_BINS - 1)
+    spread = 1.0 - torch.sqrt(1.0 - entropy.detach().double().cpu().clamp(0.0, 1.0))
+    e_bin = (spread * ENTROPY_BINS).long().clamp(0, ENTROPY_BINS - 1)
     s_bin = (score * SCORE_BINS).long().clamp(0, SCORE_BINS - 1)
     out = np.zeros((ENTROPY_BINS, 2, SCORE_BINS), dtype=np.int64)
     np.add.at(out, (e_bin.numpy(), hit.long().numpy(), s_bin.numpy()), 1)
     return out
+
+
+def entropy_cut(keep: int) -> float:
+    """The normalised entropy below which the lowest ``keep`` bins lie."""
+    return 1.0 - (1.0 - keep / ENTROPY_BINS) ** 2
 
 
 def selective_curve(histogram: np.ndarray, threshold: float, binary: bool) -> list[dict[str, Any]]:
@@ -69,7 +79,7 @@ def selective_curve(histogram: np.ndarray, threshold: float, binary: bool) -> li
         kept = histogram[:keep].sum(axis=0)  # (2, SCORE_BINS)
         n = int(kept.sum())
         row: dict[str, Any] = {
-            "entropy_below": keep / ENTROPY_BINS,
+            "entropy_below": entropy_cut(keep),
             "referred_share": 1.0 - n / total,
             "kept": n,
         }

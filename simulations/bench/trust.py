@@ -68,7 +68,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         trained_s = time.monotonic() - started
         row: dict[str, Any] = {"train_s": round(trained_s, 1)}
         assert site.test is not None
-        for method in unc.METHODS:
+        # What a map spread evenly over the image would put inside the lesion.
+        lesions = torch.stack([site.test[i]["lesion"] for i in range(len(site.test))])
+        lesions = lesions.flatten(1).float()
+        has = lesions.sum(1) > 0
+        row["uniform_map_share"] = float((lesions[has] > 0).float().mean(1).mean())
+        for method in unc.METHODS if args.compare else ("mc-dropout",):
             task.uncertainty = method
             started = time.monotonic()
             validation = trainer.evaluate_cells(model, site.validation, SubgroupSpec(()))
@@ -118,6 +123,9 @@ def main() -> None:
     parser.add_argument("--model", default="small-cnn")
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compare", action="store_true", help="also evaluate the plain entropy (uncertainty)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(json.dumps(measure(args), indent=1))
