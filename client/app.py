@@ -82,6 +82,8 @@ def final_evaluation(msg: Message, context: Context) -> Message:
         return refusal
     config = _config(context)
     task, trainer, model, site = _prepare(msg, context, config)
+    if hasattr(task, "uncertainty"):  # the run's choice (common.uncertainty)
+        task.uncertainty = config.uncertainty
     spec, refused = policy.apply(config.subgroup_spec)
     records: dict[str, dict[str, Any]] = {}
     counts: dict[str, tuple[str, int]] = {}
