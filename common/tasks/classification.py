@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from monai import transforms as mt
 from torch import nn
@@ -16,7 +17,14 @@ from common import manifest as mf
 from common import selective as sel
 from common import uncertainty as unc
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates
-from common.tasks.base import Batch, MetricStates, Task, inverse_frequency_weights, register_task
+from common.tasks.base import (
+    Batch,
+    MetricStates,
+    Overlay,
+    Task,
+    inverse_frequency_weights,
+    register_task,
+)
 
 
 @register_task
@@ -104,6 +112,21 @@ class ClassificationTask(Task):
             maps = att.grad_cam(model, batch["image"])
             final["attention"] = att.share_inside(maps, batch["lesion"])
         return final, batch["label"]
+
+    #: The Grad-CAM region an overlay outlines: where the map reaches this share of its peak.
+    OVERLAY_CAM_LEVEL = 0.5
+
+    def overlay(self, model: nn.Module, sample: dict[str, Any]) -> Overlay | None:
+        """In simulation only (``simulations.overlays``): the lesion mask as truth and the
+        Grad-CAM hot region (the map at half its peak and above) as the prediction; ``None``
+        without a lesion mask."""
+        if "lesion" not in sample:
+            return None
+        cam = att.grad_cam(model, sample["image"][None].float())[0, 0]
+        hot = cam >= self.OVERLAY_CAM_LEVEL * cam.max() if cam.max() > 0 else cam > 0
+        none = np.zeros((0, 2 * self.config.spatial_dims))
+        truth = torch.as_tensor(sample["lesion"])[0].numpy()
+        return Overlay(truth, hot.numpy().astype(np.uint8), none, none)
 
     def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
         size = (self.config.image_size,) * self.config.spatial_dims

@@ -292,3 +292,18 @@ def test_a_classification_site_folder_hands_its_lesion_masks_to_the_final_evalua
         labels = [bool(item["label"] > 0) for item in items]
         assert not any(w and not lab for w, lab in zip(with_lesion, labels, strict=True))
         assert any(with_lesion)
+
+
+def test_the_simulation_overlay_of_a_classifier_outlines_its_grad_cam_against_the_lesion():
+    from common.tasks import get_task
+    from common.tasks.base import ModelConfig
+
+    task = get_task(ModelConfig("classification", "small-cnn", 2, 32, 2, 0))
+    model = task.build_model().eval()
+    lesion = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    lesion[0, 10:14, 10:14] = 1
+    sample = {"image": torch.randn(1, 32, 32), "label": torch.tensor(1), "lesion": lesion}
+    overlay = task.overlay(model, sample)
+    assert overlay is not None and np.array_equal(overlay.truth, lesion[0].numpy())
+    assert overlay.predicted.shape == (32, 32) and set(np.unique(overlay.predicted)) <= {0, 1}
+    assert task.overlay(model, {"image": sample["image"], "label": sample["label"]}) is None
