@@ -10,7 +10,8 @@ numbers match the final evaluation's. An input that cannot be read or predicted 
 by name and skipped; the exit code is 1 when any failed.
 
 Outputs in ``--out``: ``predictions.csv`` (classification: one probability column per class,
-the thresholded label and the predictive entropy of the calibrated probabilities),
+the thresholded label, the predictive entropy of the calibrated probabilities and
+``referral_entropy``, the report's selective-prediction entropy: ``common.selective``),
 ``masks/<name>.nii.gz`` (segmentation: the label map on the input's own grid and affine),
 ``seg/<name>.dcm`` (segmentation of a single-frame DICOM file: DICOM SEG, one segment per
 non-background class), ``gradcam/<name>.png`` (classification with ``--gradcam``: the
@@ -232,6 +233,7 @@ def predict_study(
     if model.task == "classification":
         probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
         result = classification_row(model, probabilities)
+        result["referral_entropy"] = referral_entropy(model, image)
         if gradcam:
             path = out / "gradcam" / f"{_safe_stem(study.name)}.png"
             write_gradcam(model, image, path)
@@ -252,6 +254,25 @@ def predict_study(
         predict_outputs.write_dicom_seg(native, study.path, seg, names)
         row["dicom_seg"] = str(seg)
     return row
+
+
+def referral_entropy(model: LoadedModel, image: torch.Tensor) -> float:
+    """The normalised predictive entropy (0 to 1) of the model's ``uncertainty`` method at
+    T = 1, as each site computed it for the report's selective-prediction curve: a study
+    above the report's cut-off for a referred share is one the report counted as referred.
+    (MC dropout samples the head of a plain network: an exported program cannot.)"""
+    from common import selective, uncertainty
+
+    method = str(model.metadata.get("uncertainty") or "entropy")
+    if method not in uncertainty.METHODS:
+        raise ConfigError(f"model {model.source}: unknown uncertainty method {method!r}")
+    with torch.no_grad():
+        _, sampled = uncertainty.predictive_probabilities(
+            _explained_network(model),
+            image,
+            method,  # type: ignore[arg-type]
+        )
+    return float(selective.normalised_entropy(sampled)[0])
 
 
 def write_gradcam(model: LoadedModel, image: torch.Tensor, path: Path) -> None:

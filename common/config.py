@@ -99,6 +99,8 @@ class ServerConfig:
     secagg_reconstruction_threshold: float
     secagg_clipping_range: float
     secagg_timeout_s: float
+    # The sites' uncertainty method, carried by the registered model for radfl predict
+    uncertainty: Uncertainty
 
     @property
     def model_config(self) -> ModelConfig:

@@ -218,6 +218,9 @@ def model_metadata(
         "spacing_mm": None,
         "threshold": threshold if threshold is not None and math.isfinite(threshold) else None,
         "temperature": fitted,
+        # The final evaluation's uncertainty (common.uncertainty): radfl predict's
+        # referral_entropy column is the quantity the report's selective curve bins.
+        "uncertainty": config.uncertainty,
     }
 
 

@@ -444,7 +444,7 @@ def test_gradcam_writes_an_overlay_per_study_from_the_exported_model(tmp_path: P
         pytorch_model=network,
         serialization_format="pt2",
         input_example=example,
-        metadata={"radfl": METADATA},
+        metadata={"radfl": {**METADATA, "uncertainty": "mc-dropout"}},
         pip_requirements=["torch"],
     )
     study = tmp_path / "study.npy"
@@ -455,3 +455,11 @@ def test_gradcam_writes_an_overlay_per_study_from_the_exported_model(tmp_path: P
     overlay = Path(table.loc[0, "gradcam"])
     assert overlay.parent == out / "gradcam" and overlay.stat().st_size > 1000
     assert 0 <= table.loc[0, "uncertainty"] <= np.log(2)
+    # The report's selective-prediction entropy, by the model's method (MC dropout here).
+    model = predict.load_model(str(folder))
+    image = predict.preprocess(predict.Study(study, "study.npy"), model.metadata)
+    with torch.no_grad():
+        logits = model.network(image)
+    plain = -(torch.softmax(logits, 1) * torch.log_softmax(logits, 1)).sum() / np.log(2)
+    assert 0 <= table.loc[0, "referral_entropy"] <= 1
+    assert table.loc[0, "referral_entropy"] != pytest.approx(float(plain), abs=1e-9)
