@@ -93,21 +93,29 @@ def final_evaluation(msg: Message, context: Context) -> Message:
         return refusal
     config = _config(context)
     task, trainer, model, site = _prepare(msg, context, config)
+    if hasattr(task, "uncertainty"):  # the run's choice (common.uncertainty)
+        task.uncertainty = config.uncertainty
     spec, refused = policy.apply(config.subgroup_spec)
-    content = RecordDict()
+    records: dict[str, dict[str, Any]] = {}
+    counts: dict[str, tuple[str, int]] = {}
     suppressed: dict[str, list[str]] = {}
     for split, dataset in ((VALIDATION, site.validation), (TEST, site.test)):
         if dataset is None or len(dataset) == 0:
             continue
         result = trainer.evaluate_cells(model, dataset, spec)
-        content[split] = MetricRecord(
-            {keys.NUM_EXAMPLES: len(dataset), **result.overall.to_record()}
-        )
+        records[split] = dict(result.overall.to_record())
+        counts[split] = (keys.NUM_EXAMPLES, len(dataset))
         for cell, states in result.cells.items():
-            content[f"{split}/{cell}"] = MetricRecord(
-                {keys.PATIENTS: result.patients[cell], **states.to_record()}
-            )
+            records[f"{split}/{cell}"] = dict(states.to_record())
+            counts[f"{split}/{cell}"] = (keys.PATIENTS, result.patients[cell])
         suppressed[split] = result.suppressed
+    withheld = disclosure.withhold_small_subsets(records, spec.min_cell_size)
+    if withheld is not None:
+        refused[disclosure.SUBSET_REFUSAL] = withheld
+    content = RecordDict()
+    for name, record in records.items():
+        count_key, count = counts[name]
+        content[name] = MetricRecord({count_key: count, **record})
     content[keys.SUPPRESSED] = ConfigRecord(
         {split: cells for split, cells in suppressed.items() if cells}
     )

@@ -309,6 +309,16 @@ class SiteDataset(Dataset[dict[str, Any]]):
         self.lines = [int(line) for line in rows.index]
         self.files = [str(v) for v in rows[mf.IMAGE]]
         self.mask_column = self.task.mask_column
+        # A lesion mask beside an image-level target (Task.lesion_masks): read as the target's
+        # mask is, and handed to the final evaluation as "lesion" (attention inside it).
+        self.lesion_masks = (
+            self.mask_column is None
+            and self.task.lesion_masks
+            and mf.MASK in rows.columns
+            and bool(rows[mf.MASK].astype(str).str.strip().ne("").all())
+        )
+        if self.lesion_masks:
+            self.mask_column = mf.MASK
         box_column = self.task.box_column
         self.with_boxes = box_column is not None
         self.boxes = []
@@ -409,6 +419,8 @@ class SiteDataset(Dataset[dict[str, Any]]):
             target = self.task.site_target(item, self.labels[index], boxes)
         except ValueError as exc:
             raise SiteDataError(f"line {self.lines[index]}: {self.files[index]}: {exc}") from exc
+        if self.lesion_masks:
+            return {"image": image, "label": target, "lesion": torch.as_tensor(item["mask"])}
         return {"image": image, "label": target}
 
 

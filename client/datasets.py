@@ -43,6 +43,7 @@ class SampleDataset(Dataset[dict[str, Any]]):
         labels: torch.Tensor,
         attributes: pd.DataFrame | None = None,
         targets: torch.Tensor | Sequence[Any] | None = None,
+        lesions: torch.Tensor | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -54,13 +55,18 @@ class SampleDataset(Dataset[dict[str, Any]]):
         self.labels = labels
         self.attributes = None if attributes is None else attributes.reset_index(drop=True)
         self.targets = targets
+        #: Lesion masks for the final evaluation's attention (``Task.lesion_masks``).
+        self.lesions = lesions
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         target = self.labels[index] if self.targets is None else self.targets[index]
-        return {"image": self.images[index], "label": target}
+        item = {"image": self.images[index], "label": target}
+        if self.lesions is not None:
+            item["lesion"] = self.lesions[index]
+        return item
 
 
 class ConcatLabelled(ConcatDataset[dict[str, Any]]):

@@ -188,6 +188,51 @@ class DisclosurePolicy:
         return refusal(msg, reason)
 
 
+# -- States that rest on a subset of a population's cases -----------------------------------
+#: The attention inside the lesion (``common.attention``) rests on the cases that have a
+#: lesion mask, a subset of the population's (cell's) cases: a site sends it only where that
+#: subset holds at least k cases, or it would tell a few patients' values however large the
+#: cell. Withheld states are sent as zeros (as a per-round record has them).
+SUBSET_STATES = ("state.attention",)
+#: The ``refused`` entry that names where a subset state was withheld.
+SUBSET_REFUSAL = "attention_in_lesion"
+
+
+def withhold_small_subsets(records: Mapping[str, dict[str, Any]], k: int) -> str | None:
+    """Zero, in place, every subset state of ``records`` (``split`` or ``split/cell`` to
+    record) resting on fewer than ``k`` cases (its first value), and those of every other cell
+    of the same split and attribute (else the split's state minus the kept cells would give
+    it back); the reason to send back, naming where, or ``None``."""
+    small = {
+        _subset_group(name)
+        for name, record in records.items()
+        for key in SUBSET_STATES
+        if 0 < _first(record.get(key)) < k
+    }
+    withheld = []
+    for name, record in records.items():
+        if _subset_group(name) not in small:
+            continue
+        for key in SUBSET_STATES:
+            values = record.get(key)
+            if isinstance(values, list) and _first(values) > 0:
+                record[key] = [0.0] * len(values)
+                withheld.append(name)
+    if not withheld:
+        return None
+    return f"withheld where fewer than k = {k} cases have a lesion mask: {', '.join(withheld)}"
+
+
+def _subset_group(name: str) -> str:
+    """``test/sex=F`` -> ``test/sex`` (the cells that partition a split); a split itself."""
+    split, _, cell = name.partition("/")
+    return f"{split}/{cell.partition('=')[0]}" if cell else split
+
+
+def _first(values: Any) -> float:
+    return float(values[0]) if isinstance(values, list) and values else 0.0
+
+
 # -- Sample-level differential privacy: the site's budget --------------------------------------
 #: ``context.state`` record of every DP-SGD step the site took in the run.
 PRIVACY_LEDGER = "radfl.privacy-ledger"

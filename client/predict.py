@@ -12,7 +12,8 @@ by name and skipped; the exit code is 1 when any failed.
 Outputs in ``--out``:
 
 - ``predictions.csv``: one row per input; classification: one probability column per class,
-  the thresholded label and the predictive entropy of the calibrated probabilities;
+  the thresholded label, the predictive entropy of the calibrated probabilities and
+  ``referral_entropy``, the report's selective-prediction entropy (``common.selective``);
 - ``masks/<name>.nii.gz``: segmentation (the label map) and instance segmentation (the
   instance map), on the input's own grid and affine;
 - ``seg/<name>.dcm``: segmentation of a DICOM file, multi-frame file or series folder as DICOM
@@ -21,6 +22,9 @@ Outputs in ``--out``:
   corners in the input's voxels and in world millimetres (``client.predict_boxes``);
 - ``overlays/<name>.png`` (``--overlays``): the prediction drawn on the input
   (``client.predict_overlays``);
+- ``gradcam/<name>.png`` (classification with ``--gradcam``): the Grad-CAM map of the
+  predicted class over the preprocessed image (``common.attention``); it stays in ``--out``,
+  at the site;
 - ``failed.csv``: each input that failed, with the reason.
 """
 
@@ -42,7 +46,7 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from client import data, predict_boxes, predict_outputs, predict_overlays
+from client import data, predict_boxes, predict_explain, predict_outputs, predict_overlays
 from client.preprocessing import image_transforms
 from common import ensemble
 from common import manifest as mf
@@ -249,15 +253,20 @@ def classification_row(model: LoadedModel, probabilities: np.ndarray) -> dict[st
 
 
 def predict_study(
-    model: LoadedModel, study: Study, out: Path, *, overlays: bool = False
+    model: LoadedModel, study: Study, out: Path, *, overlays: bool = False, gradcam: bool = False
 ) -> dict[str, Any]:
     """Predict one study; its CSV row (masks, boxes, SEG and overlay files are written under
-    ``out``; the overlay only with ``overlays``)."""
+    ``out``; the overlay only with ``overlays``, a classifier's Grad-CAM map only with
+    ``gradcam``)."""
     image = preprocess(study, model.metadata)
     overlay = out / "overlays" / f"{_safe_stem(study.name)}.png" if overlays else None
     row = _WRITERS[model.task](model, study, image, out, overlay)
     if overlay is not None:
         row["overlay"] = str(overlay)
+    if gradcam:
+        path = out / "gradcam" / f"{_safe_stem(study.name)}.png"
+        predict_explain.write_gradcam(model.network, model.metadata, image, path)
+        row["gradcam"] = str(path)
     return row
 
 
@@ -272,6 +281,9 @@ def _classification(
         output = model.network(image)
     probabilities = calibrated_probabilities(output, model.temperature)[0].numpy()
     row = classification_row(model, probabilities)
+    row["referral_entropy"] = predict_explain.referral_entropy(
+        model.network, model.metadata, model.source, image
+    )
     if overlay is not None:
         likeliest = model.class_names[int(np.argmax(probabilities))]
         caption = f"label {row['label']}: p({likeliest}) = {probabilities.max():.3f}"
@@ -382,6 +394,7 @@ def predict(
     *,
     progress: bool = True,
     overlays: bool = False,
+    gradcam: bool = False,
 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Predict every study; the table of results and ``(name, reason)`` of each failure."""
     rows: list[dict[str, Any]] = []
@@ -390,7 +403,7 @@ def predict(
     console = Console(stderr=True)
     for study in track(studies, "predicting", console=console, disable=not progress):
         try:
-            row = predict_study(model, study, out, overlays=overlays)
+            row = predict_study(model, study, out, overlays=overlays, gradcam=gradcam)
         except Exception as exc:  # noqa: BLE001 - one bad study must not stop the others
             cause = data.transform_error_cause(exc)
             # The first line: MONAI appends every reader's traceback to its message.
@@ -421,6 +434,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also draw each prediction on its input as overlays/<input>.png",
     )
+    parser.add_argument(
+        "--gradcam",
+        action="store_true",
+        help="classification: also write a Grad-CAM overlay PNG per study under OUT/gradcam",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -429,13 +447,25 @@ def run(args: argparse.Namespace) -> int:
     model = (
         load_ensemble(source) if "," in source or ensemble.is_folder(source) else load_model(source)
     )
+    if args.gradcam and (
+        model.task != "classification" or isinstance(model.network, ensemble.MeanProbabilities)
+    ):
+        raise ConfigError(
+            f"--gradcam explains one classification network; model {source} is "
+            + ("an ensemble" if model.task == "classification" else f"a {model.task} model")
+        )
     studies, failed = collect_studies(list(args.inputs), model.task)
     for name, reason in failed:
         print(f"radfl predict: skipped {name}: {reason}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table, failed_now = predict(
-        model, studies, out, progress=not args.quiet, overlays=bool(args.overlays)
+        model,
+        studies,
+        out,
+        progress=not args.quiet,
+        overlays=bool(args.overlays),
+        gradcam=bool(args.gradcam),
     )
     failed += failed_now
     table.to_csv(out / "predictions.csv", index=False)

@@ -42,7 +42,7 @@ from common import manifest as mf
 from common.config import SIMULATION_DATA_ENV, ClientConfig
 from common.errors import ConfigError
 from common.splits import TEST, TRAIN, VALIDATION, SplitFractions, assign_splits
-from common.synthetic import SiteData, make_site, site_profiles
+from common.synthetic import SiteData, make_site, plant_shortcut, site_profiles
 from common.tasks import Task, get_task, task_class
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,8 @@ def synthetic_site(index: int, count: int, config: ClientConfig) -> SiteSplits:
         seed=config.seed,
         **task.synthetic_options(),
     )
+    if index == config.synthetic_shortcut_site:
+        data = plant_shortcut(data, config.seed)
     return split_site(data, split_fractions(config), config.seed, task)
 
 
@@ -242,6 +244,7 @@ def split_site(
     """
     images = normalize_intensity(data.images)
     targets = None if task is None else task.synthetic_targets(data)
+    with_lesions = task is not None and task.lesion_masks
     splits = assign_splits(data.patient_ids, seed=seed, fractions=fractions).to_numpy()
 
     attributes = pd.DataFrame(
@@ -261,7 +264,10 @@ def split_site(
             chosen = None if targets is None else targets[index]
         else:
             chosen = [t for t, keep in zip(targets, selected, strict=True) if keep]
-        return SampleDataset(images[index], data.labels[index], attributes[selected], chosen)
+        lesions = data.masks[index] if with_lesions and data.masks is not None else None
+        return SampleDataset(
+            images[index], data.labels[index], attributes[selected], chosen, lesions
+        )
 
     return SiteSplits(
         name=data.profile.name, train=part(TRAIN), validation=part(VALIDATION), test=part(TEST)

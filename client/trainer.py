@@ -317,7 +317,7 @@ class LocalTrainer:
         for batch in loader:
             batch = _to_device(batch, self.device)
             with self._autocast():
-                prediction, target = self.task.predict(model, batch)
+                prediction, target = self.task.final_predict(model, batch)
             overall.update(prediction, target)
             stop = start + len(target)
             for name, mask in kept.items():
@@ -486,4 +486,6 @@ def _rows(values: Any, rows: np.ndarray) -> Any:
     """The samples of a batch selected by a boolean mask: a tensor's rows or a list's items."""
     if isinstance(values, torch.Tensor):
         return values[torch.as_tensor(rows, device=values.device)]
+    if isinstance(values, Mapping):
+        return {key: _rows(value, rows) for key, value in values.items()}
     return [v for v, keep in zip(values, rows, strict=True) if keep]

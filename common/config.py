@@ -36,6 +36,8 @@ Optimizer = Literal["adamw", "sgd"]
 LRSchedule = Literal["cosine", "cyclic", "constant"]
 ClassBalancing = Literal["weighted-loss", "sampler", "none"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+#: How the final evaluation measures each case's uncertainty (common.uncertainty; issue 19).
+Uncertainty = Literal["mc-dropout", "entropy"]
 #: Set by ``radfl simulate`` for its simulated sites: the folder holding ``site-0``,
 #: ``site-1``, ... (unset: each site is generated in memory).
 SIMULATION_DATA_ENV = "RADFL_SIMULATION_DATA"
@@ -101,6 +103,8 @@ class ServerConfig:
     initial_weights: str
     initial_weights_sha256: str
     snapshot_models: int
+    # The sites' uncertainty method, carried by the registered model for radfl predict
+    uncertainty: Uncertainty
 
     @property
     def model_config(self) -> ModelConfig:
@@ -222,6 +226,9 @@ class ClientConfig:
     augment: bool
     precision: Precision
     synthetic_samples_per_site: int
+    # Synthetic site that gets a corner marker going with the label (-1: none; issue 19)
+    synthetic_shortcut_site: int
+    uncertainty: Uncertainty
     validation_fraction: float
     test_fraction: float
     subgroups: str

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common import attention as att
+from common import calibration as cal
 from common import evaluation as ev
+from common import selective as sel
 from common.errors import ConfigError
 from common.intervals import MetricWithCI
 from common.states import (
@@ -29,6 +32,7 @@ from common.states import (
     CurveSet,
     MetricInfo,
     SummableStates,
+    TrustSummary,
     arrays_from_record,
     arrays_to_record,
 )
@@ -84,9 +88,18 @@ class ClassificationStates(SummableStates):
             raise ConfigError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.num_bins < 2:
             raise ConfigError(f"num_bins must be >= 2, got {self.num_bins}")
+        grid = len(cal.TEMPERATURES)
         self.arrays = {
             "histogram": np.zeros((self.num_classes, 2, self.num_bins), dtype=np.int64),
             "confusion": np.zeros((self.num_classes, self.num_classes), dtype=np.int64),
+            # The final evaluation's trust states (zero in the per-round evaluation):
+            # temperature scaling (common.calibration), selective prediction
+            # (common.selective) and attention inside the lesion (common.attention).
+            "calibration_nll": np.zeros(grid, dtype=np.float64),
+            "calibration_counts": np.zeros((grid, cal.RELIABILITY_BINS), dtype=np.int64),
+            "calibration_sums": np.zeros((grid, cal.RELIABILITY_BINS, 2), dtype=np.float64),
+            "selective": np.zeros((sel.ENTROPY_BINS, 2, sel.SCORE_BINS), dtype=np.int64),
+            "attention": np.zeros(3, dtype=np.float64),
         }
 
     @property
@@ -101,8 +114,20 @@ class ClassificationStates(SummableStates):
         return self.arrays["confusion"]
 
     # ----------------------------------------------------------------- update
-    def update(self, probs: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
-        """Add a batch of class probabilities ``(N, C)`` and integer targets ``(N,)``."""
+    def update(
+        self,
+        probs: torch.Tensor | np.ndarray | Mapping[str, torch.Tensor],
+        target: torch.Tensor | np.ndarray,
+    ) -> None:
+        """Add a batch of class probabilities ``(N, C)`` and integer targets ``(N,)``.
+
+        The final evaluation passes a mapping instead (``ClassificationTask.final_predict``):
+        ``probs`` and, for the trust states, ``logits`` ``(N, C)``, ``entropy`` ``(N,)``
+        (normalised, ``common.selective``) and ``attention`` ``(N,)`` (the share of Grad-CAM
+        mass inside the lesion, NaN for a case without a lesion mask)."""
+        if isinstance(probs, Mapping):
+            self._update_trust(probs, torch.as_tensor(target))
+            probs = probs["probs"]
         p = _to_numpy(probs).astype(np.float64)
         t = _to_numpy(target).astype(np.int64).reshape(-1)
         if p.ndim != 2 or p.shape[1] != self.num_classes or p.shape[0] != t.shape[0]:
@@ -127,6 +152,22 @@ class ClassificationStates(SummableStates):
         self.loss_sum += float(-np.log(picked).sum())
         self.count += int(t.size)
 
+    def _update_trust(self, final: Mapping[str, torch.Tensor], target: torch.Tensor) -> None:
+        if "logits" in final:
+            logits = final["logits"].float()
+            self.arrays["calibration_nll"] += cal.nll_by_temperature(logits, target)
+            counts, sums = cal.reliability_by_temperature(logits, target)
+            self.arrays["calibration_counts"] += counts
+            self.arrays["calibration_sums"] += sums
+        if "entropy" in final:
+            self.arrays["selective"] += sel.selective_histogram(
+                final["probs"], target, final["entropy"]
+            )
+        if "attention" in final:
+            share = final["attention"].detach().double().cpu().numpy()
+            share = share[np.isfinite(share)]
+            self.arrays["attention"] += [share.size, share.sum(), (share**2).sum()]
+
     # ------------------------------------------------------------- federation
     def check_totals(self) -> None:
         """Raise ``ValueError`` unless every class's histogram and the confusion matrix hold
@@ -136,6 +177,23 @@ class ClassificationStates(SummableStates):
             raise ValueError(
                 f"metric states disagree: count {self.count}, histogram totals "
                 f"{sorted(set(per_class.tolist()))}, confusion total {int(self.confusion.sum())}"
+            )
+        # Trust states are absent (zero) or cover every case; the attention share is a mean
+        # of shares in [0, 1] over at most every case.
+        reliability = set(self.arrays["calibration_counts"].sum(axis=1).tolist())
+        selective = int(self.arrays["selective"].sum())
+        cases, shares, squares = self.arrays["attention"]
+        if (
+            not reliability <= {0, self.count}
+            or len(reliability) > 1
+            or selective not in (0, self.count)
+            or cases > self.count
+            or shares > cases
+            or squares > shares
+        ):
+            raise ValueError(
+                f"trust states disagree with count {self.count}: reliability totals "
+                f"{sorted(reliability)}, selective total {selective}, attention {cases:g} cases"
             )
 
     @classmethod
@@ -257,6 +315,39 @@ class ClassificationStates(SummableStates):
             observed,
             counts,
             ece,
+        )
+
+    # ------------------------------------------------------------------ trust
+    def fitted_temperature(self) -> float:
+        """The grid temperature of least NLL over these states' cases (1.0 without any)."""
+        return cal.best_temperature(self.arrays["calibration_nll"])
+
+    def trust(
+        self, label: str, temperature: float, threshold: float, confidence: float
+    ) -> TrustSummary | None:
+        """Calibration before and after ``temperature``, the selective curve at
+        ``threshold`` and attention inside the lesion (``None`` without trust states: a
+        per-round record, or states stored by an older RadFL)."""
+        counts, sums = self.arrays["calibration_counts"], self.arrays["calibration_sums"]
+        selective, attention = self.arrays["selective"], self.arrays["attention"]
+        if self.count == 0 or not (counts.any() or selective.any() or attention[0] > 0):
+            return None
+        before, after = (
+            cal.UNIT_INDEX,
+            cal.temperature_index(temperature if math.isfinite(temperature) else 1.0),
+        )
+        return TrustSummary(
+            label=label,
+            count=int(self.count),
+            ece_before=cal.expected_calibration_error(counts[before], sums[before]),
+            ece_after=cal.expected_calibration_error(counts[after], sums[after]),
+            reliability_before=(
+                *cal.reliability_curve(counts[before], sums[before]),
+                counts[before],
+            ),
+            reliability_after=(*cal.reliability_curve(counts[after], sums[after]), counts[after]),
+            selective=sel.selective_curve(selective, threshold, self.num_classes == 2),
+            attention=att.attention_summary(attention, 1.0 - confidence),
         )
 
 

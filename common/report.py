@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from common.intervals import difference_ci
 from common.metrics import ClassificationStates
 from common.report_states import SPLITS, EvaluationStates, SplitStates
 from common.splits import TEST, VALIDATION
-from common.states import CurveSet, SummableStates
+from common.states import CurveSet, SummableStates, TrustSummary
 from common.subgroups import SITE_ATTRIBUTE, parse_cell_name
 
 __all__ = [
@@ -71,6 +71,11 @@ class Report:
     #: The task's primary metric (subgroup gaps centre on it) and the ones shown first.
     primary: str = "auc"
     headline: tuple[str, ...] = ("auc", "sensitivity", "specificity", "ece")
+    #: The calibration temperature fitted on pooled validation (NaN: the task has none).
+    temperature: float = math.nan
+    #: Calibration, selective prediction and attention: pooled test, each site, each
+    #: subgroup cell (``attribute=value``), where the states carry them.
+    trust: list[TrustSummary] = field(default_factory=list)
 
 
 def positive_histograms(states: ClassificationStates) -> tuple[np.ndarray, np.ndarray]:
@@ -98,6 +103,7 @@ def build_report(states: EvaluationStates) -> Report:
         str(settings.get("threshold_method", "youden")),
         float(settings.get("target_sensitivity", 0.9)),
     )
+    temperature = validation.fitted_temperature()
     test = states.splits[TEST]
     task = test.task_type
     pooled_test = test.pooled(internal)
@@ -121,7 +127,31 @@ def build_report(states: EvaluationStates) -> Report:
         states=states,
         primary=task.primary_metric,
         headline=task.headline_metrics,
+        temperature=temperature,
+        trust=_trust(test, internal, pooled_test, temperature, threshold, alpha),
     )
+
+
+def _trust(
+    split: SplitStates,
+    internal: list[str],
+    pooled: SummableStates,
+    temperature: float,
+    threshold: float,
+    alpha: float,
+) -> list[TrustSummary]:
+    """Trust summaries of the pooled internal sites, each site and each subgroup cell."""
+    populations: list[tuple[str, SummableStates]] = [("pooled", pooled)]
+    populations += [(site, split.sites[site]) for site in sorted(split.sites)]
+    for cell in sorted(split.cells):
+        states, _ = split.pooled_cell(cell, internal)
+        populations.append((cell, states))
+    found = []
+    for label, states in populations:
+        summary = states.trust(label, temperature, threshold, 1.0 - alpha)
+        if summary is not None:
+            found.append(summary)
+    return found
 
 
 def _attributes(settings: Mapping[str, Any]) -> list[str]:

@@ -20,6 +20,10 @@
 ``states.json``             the stored states every file above is computed from
 ==========================  ==================================================================
 
+Where the states carry them (classification's final evaluation), the trust files of
+``common.report_trust`` too: ``trust.csv``, ``selective.csv``,
+``calibration_before_after.png`` and ``selective.png``.
+
 ROC and calibration plots exist where the task's states draw curves (binary classification),
 the confusion plot where they have a confusion matrix (classification).
 """
@@ -40,6 +44,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from common.report import SUPPRESSED, Report  # noqa: E402
+from common.report_trust import trust_markdown, write_trust_files  # noqa: E402
 
 FILES = (
     "metrics.csv",
@@ -92,6 +97,7 @@ def write_report(report: Report, folder: Path) -> list[Path]:
         path = folder / name
         draw(report, path)
         written.append(path)
+    written += write_trust_files(report, folder)
     return written
 
 
@@ -236,6 +242,7 @@ def model_card(report: Report) -> str:
         f"Operating threshold: {report.threshold_note}.",
         "",
         metrics_markdown(report.overall),
+        *trust_markdown(report),
         "## Per site",
         "",
         _markdown(_site_display(report.sites, report.headline)),

@@ -48,6 +48,25 @@ class CurveSet:
     ece: float
 
 
+@dataclass(frozen=True)
+class TrustSummary:
+    """Calibration, selective prediction and attention of one population, for the report.
+
+    ``reliability_*`` are ``(mean confidence, observed rate, counts)`` per confidence bin,
+    before (``T = 1``) and after temperature scaling; ``selective`` holds the rows of
+    ``common.selective.selective_curve``; ``attention`` is the mean share of Grad-CAM mass
+    inside the lesion (``common.attention``), NaN where no case had a lesion mask."""
+
+    label: str
+    count: int
+    ece_before: float
+    ece_after: float
+    reliability_before: tuple[np.ndarray, np.ndarray, np.ndarray]
+    reliability_after: tuple[np.ndarray, np.ndarray, np.ndarray]
+    selective: list[dict[str, Any]]
+    attention: MetricWithCI
+
+
 class SummableStates(ABC):
     """Named count arrays, a case count and a loss sum that add up across sites.
 
@@ -113,6 +132,17 @@ class SummableStates(ABC):
 
     def curves(self, label: str, confidence: float) -> CurveSet | None:
         """ROC and reliability curves of these states (``None``: no curves)."""
+        return None
+
+    def fitted_temperature(self) -> float:
+        """The calibration temperature these (validation) states choose (NaN: none)."""
+        return math.nan
+
+    def trust(
+        self, label: str, temperature: float, threshold: float, confidence: float
+    ) -> TrustSummary | None:
+        """Calibration at ``temperature``, selective prediction at ``threshold`` and attention
+        inside the lesion (``None``: the task has no such states, or none was sent)."""
         return None
 
 

@@ -31,7 +31,7 @@ The generator is deterministic in ``(seed, site index)`` so every process that a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -437,3 +437,30 @@ def _boxes(instances: torch.Tensor, labels: np.ndarray) -> list[list[list[int]]]
             if present[i]:
                 boxes[i].append([*corners[i], int(labels[i])])
     return boxes
+
+
+# -- A planted shortcut (issue 19): a corner marker that goes with the label ---------------
+#: Share of positive images that carry the marker; negatives carry it at one minus this.
+SHORTCUT_STRENGTH = 0.9
+#: The marker's side, relative to the image's.
+SHORTCUT_SIZE = 1 / 6
+
+
+def plant_shortcut(data: SiteData, seed: int, strength: float = SHORTCUT_STRENGTH) -> SiteData:
+    """``data`` with a bright square in one corner of ``strength`` of its positive images and
+    ``1 - strength`` of its negatives (as a scanner's laterality marker or a department's
+    burned-in label can go with the finding): a model may learn the marker instead of the
+    lesion, and the report's attention inside the lesion shows it. Lesion masks are unchanged
+    (the marker is no lesion)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"shortcut strength must lie in [0, 1], got {strength}")
+    generator = torch.Generator().manual_seed(int(seed) * 7_919 + 17)
+    draw = torch.rand(len(data.labels), generator=generator)
+    marked = torch.where(data.labels > 0, draw < strength, draw >= strength)
+    side = max(2, int(round(data.images.shape[-1] * SHORTCUT_SIZE)))
+    corner = (slice(None), slice(None)) + (slice(0, side),) * (data.images.ndim - 2)
+    images = data.images.clone()
+    bright = images.flatten(1).quantile(0.999, dim=1) + 1.0
+    for i in torch.nonzero(marked).flatten().tolist():
+        images[i][corner[1:]] = bright[i]
+    return replace(data, images=images)

@@ -246,7 +246,7 @@ def main(grid: Grid, context: Context) -> None:
             site_summary={s.name: s.counts for s in sites.values()},
             cross_site=cross_site,
         )
-        threshold = None
+        threshold = temperature = None
         if splits["test"].sites:
             extra_files = {
                 "sites_by_round.csv": pd.DataFrame(recorder.site_rows).to_csv(index=False)
@@ -257,7 +257,7 @@ def main(grid: Grid, context: Context) -> None:
                     indent=2,
                 )
             report = final.publish_report(states, extra_files=extra_files)
-            threshold = report.threshold
+            threshold, temperature = report.threshold, report.temperature
             log(INFO, "[radfl] test %s", _headline(report))
         else:
             log(WARNING, "[radfl] no site returned test states; no report was written")
@@ -271,6 +271,7 @@ def main(grid: Grid, context: Context) -> None:
             register_as=tracking.registered_model_name(config),
             registered_state=selected,
             threshold=threshold,
+            temperature=temperature,
         )
         if snapshots is not None:
             snapshots.log()

@@ -15,6 +15,7 @@ import mlflow
 from common.config import ServerConfig
 from common.report import EvaluationStates, Report, SplitStates, build_report
 from common.report_files import write_report
+from common.report_trust import trust_metrics
 from server import tracking
 
 
@@ -92,6 +93,7 @@ def report_metrics(report: Report) -> dict[str, float]:
         for column, value in row.items():
             if isinstance(value, int | float) and column != "groups":
                 out[f"test/fairness/{metric_key(row['attribute'])}/{column}"] = value
+    out.update(trust_metrics(report))
     return {k: float(v) for k, v in out.items() if v is not None}
 
 

@@ -32,6 +32,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+from common.calibration import calibrated_threshold
 from common.config import ClientConfig, ServerConfig
 from common.imaging import DEFAULT_CT_WINDOW_HU, PERCENTILES
 from common.transfer import sha256_of
@@ -169,13 +170,15 @@ def log_models(
     register_as: str | None,
     registered_state: Mapping[str, torch.Tensor] | None = None,
     threshold: float | None = None,
+    temperature: float | None = None,
 ) -> None:
     """Log best and final weights as artifacts, and the model the run delivers (registered if
     asked): ``registered_state`` (the evaluated model, best or last), else the final one.
 
     The delivered model carries in its ``MLmodel`` metadata (``model_metadata``) everything
     ``radfl predict`` needs to preprocess as in training and to threshold, without the run's
-    config: ``threshold`` is the report's operating threshold (chosen on pooled validation)."""
+    config: ``threshold`` is the report's operating threshold (chosen on pooled validation),
+    ``temperature`` the calibration temperature fitted there (``None``: 1.0)."""
     with tempfile.TemporaryDirectory() as folder:
         for name, state in (("final", final_state), ("best", best_state)):
             if state is None:
@@ -219,7 +222,7 @@ def log_models(
         name="final-model",
         serialization_format="pt2" if single_tensor else "pickle",
         **described,
-        metadata={MODEL_METADATA_KEY: model_metadata(config, threshold)},
+        metadata={MODEL_METADATA_KEY: model_metadata(config, threshold, temperature)},
         registered_model_name=register_as,
         # Given explicitly: inferring requirements would import the model in a subprocess.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai"],
@@ -256,11 +259,19 @@ def log_weights(state: Mapping[str, torch.Tensor], path: Path) -> None:
     mlflow.set_tag(f"{SHA256_TAG_PREFIX}weights/{path.name}", sha256_of(path))
 
 
-def model_metadata(config: ServerConfig, threshold: float | None) -> dict[str, Any]:
+def model_metadata(
+    config: ServerConfig, threshold: float | None, temperature: float | None = None
+) -> dict[str, Any]:
     """What a logged model carries to be used without its run: the task and network, the
     preprocessing of ``client/preprocessing.py`` (its defaults: the run config sets none of
     them), class names, the operating threshold (``None`` where the task has none or no
-    report was written) and the calibration temperature (1.0 until one is fitted)."""
+    report was written) and the calibration temperature (``common.calibration``: 1.0 where
+    none was fitted). ``radfl predict`` divides the logits by the temperature before the
+    softmax, so the threshold it carries is moved onto the calibrated scale: it makes exactly
+    the decisions the report's ``threshold`` made on the uncalibrated probabilities."""
+    fitted = temperature if temperature is not None and math.isfinite(temperature) else 1.0
+    if threshold is not None and math.isfinite(threshold):
+        threshold = calibrated_threshold(threshold, fitted)
     return {
         "version": MODEL_METADATA_VERSION,
         "task": config.task,
@@ -273,7 +284,10 @@ def model_metadata(config: ServerConfig, threshold: float | None) -> dict[str, A
         "percentiles": list(PERCENTILES),
         "spacing_mm": None,
         "threshold": threshold if threshold is not None and math.isfinite(threshold) else None,
-        "temperature": 1.0,
+        "temperature": fitted,
+        # The final evaluation's uncertainty (common.uncertainty): radfl predict's
+        # referral_entropy column is the quantity the report's selective curve bins.
+        "uncertainty": config.uncertainty,
     }
 
 

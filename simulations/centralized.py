@@ -97,7 +97,7 @@ def centralized(args: argparse.Namespace) -> int:
                     cells.patients,
                     cells.suppressed,
                 )
-        threshold = None
+        threshold = temperature = None
         if splits[TEST].sites:
             report = final.publish_report(
                 final.evaluation_states(
@@ -116,7 +116,7 @@ def centralized(args: argparse.Namespace) -> int:
                     },
                 )
             )
-            threshold = report.threshold
+            threshold, temperature = report.threshold, report.temperature
         wall_time_s = time.monotonic() - started
         tracking.log_metrics({"wall-time-s": wall_time_s}, step=server_config.num_rounds)
         tracking.log_models(
@@ -127,6 +127,7 @@ def centralized(args: argparse.Namespace) -> int:
             config=server_config,
             register_as=None,
             threshold=threshold,
+            temperature=temperature,
         )
         log(INFO, "[radfl] centralized run %s finished", run.info.run_id)
     return print_summary(server_config, wall_time_s=wall_time_s)

@@ -398,6 +398,7 @@ def federation_data(args: argparse.Namespace, overrides: Mapping[str, Any]) -> P
             samples_per_site=config.synthetic_samples_per_site,
             image_size=config.image_size,
             num_classes=config.num_classes,
+            shortcut_site=config.synthetic_shortcut_site,
         ),
     )
     return folders[0].parent

@@ -67,13 +67,20 @@ from common import manifest
 from common.config import ClientConfig, default_run_config, from_run_config
 from common.errors import ConfigError
 from common.splits import TRAIN, SplitFractions, assign_splits
-from common.synthetic import SiteData, SiteProfile, make_site, native_image_size, site_profiles
+from common.synthetic import (
+    SiteData,
+    SiteProfile,
+    make_site,
+    native_image_size,
+    plant_shortcut,
+    site_profiles,
+)
 from common.tasks import list_tasks, task_class
 
 SITE_FORMATS = ("dicom", "nifti", "png")
 TASKS = tuple(list_tasks())
 # Bump when the generator or the layout changes, so cached federations are rebuilt.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # 4: classification sites carry lesion masks (attention)
 COMPLETE_MARKER = ".complete"
 
 
@@ -91,6 +98,8 @@ class FederationSpec:
     #: Share of the training split's patients whose labels are left blank (unlabelled studies,
     #: for pseudo-labelling); ``HIDDEN_LABELS_SPLIT`` says which rows are training.
     hidden_label_fraction: float = 0.0
+    #: The site whose images carry a corner marker going with the label (-1: none).
+    shortcut_site: int = -1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hidden_label_fraction < 1.0:
@@ -231,6 +240,8 @@ def write_federation(out: Path, spec: FederationSpec) -> list[Path]:
             follow_up_studies=True,
             **task_class(spec.task).synthetic_options(),
         )
+        if index == spec.shortcut_site:
+            data = plant_shortcut(data, spec.seed)
         hidden = hidden_patients(data.patient_ids, spec.hidden_label_fraction, spec.seed, index)
         _write_site(
             folder,
@@ -267,6 +278,8 @@ def ensure_federation(cache_dir: Path, spec: FederationSpec) -> list[Path]:
     fields = asdict(spec)
     if not spec.hidden_label_fraction:  # federations written before the option keep their key
         del fields["hidden_label_fraction"]
+    if fields["shortcut_site"] < 0:  # the key of a federation without one stays as it was
+        del fields["shortcut_site"]
     key = json.dumps({"generator_version": GENERATOR_VERSION, **fields}, sort_keys=True)
     root = Path(cache_dir) / f"synth-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     marker = root / COMPLETE_MARKER
@@ -318,7 +331,7 @@ def _write_site(
             row[manifest.LABEL] = ""
             if data.findings is not None:
                 row[manifest.LABELS] = ""
-        if manifest.MASK in label_columns:
+        if manifest.MASK in label_columns or task_class(task).lesion_masks:
             mask_path = f"masks/{study}{fmt.mask_suffix}"
             _write_mask(folder / mask_path, masks[i], fmt, spacing_mm)
             row[manifest.MASK] = mask_path

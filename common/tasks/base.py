@@ -82,6 +82,9 @@ class Task(ABC):
     numbered_instances: ClassVar[bool] = False
     #: Manifest column holding the boxes as JSON (``None``: none).
     box_column: ClassVar[str | None] = None
+    #: Whether the final evaluation wants each sample's lesion mask (as ``lesion``) where the
+    #: data has one (a synthetic site's masks, a manifest's ``mask`` column), beside its target.
+    lesion_masks: ClassVar[bool] = False
     #: The model ``radfl simulate --task NAME`` trains when no ``--model`` is given.
     default_model: ClassVar[str]
     #: Metrics the simulation summary shows per round beside the primary metric and loss.
@@ -148,6 +151,12 @@ class Task(ABC):
     def predict(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward a batch in eval mode: ``(prediction, target)``, both indexed by sample first,
         as the task's metric states take them in ``update``."""
+
+    def final_predict(self, model: nn.Module, batch: Batch) -> tuple[Any, torch.Tensor]:
+        """The final evaluation's forward pass: ``predict`` unless the task's states take
+        more there (classification: logits, uncertainty and Grad-CAM attention). The rows of
+        every tensor it returns (also inside a dict) are its samples."""
+        return self.predict(model, batch)
 
     def eval_step(self, model: nn.Module, batch: Batch, states: MetricStates) -> None:
         """Forward a batch in eval mode and add it to ``states``."""

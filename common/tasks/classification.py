@@ -6,14 +6,25 @@ import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from monai import transforms as mt
 from torch import nn
 
+from common import attention as att
 from common import evaluation as ev
 from common import manifest as mf
+from common import selective as sel
+from common import uncertainty as unc
 from common.metrics import CLASSIFICATION_METRICS, ClassificationStates
-from common.tasks.base import Batch, MetricStates, Task, inverse_frequency_weights, register_task
+from common.tasks.base import (
+    Batch,
+    MetricStates,
+    Overlay,
+    Task,
+    inverse_frequency_weights,
+    register_task,
+)
 
 
 @register_task
@@ -29,6 +40,7 @@ class ClassificationTask(Task):
     #: Classification learns as well at 32 as at 8 here and runs faster.
     default_batch_size = 32
     default_model = "resnet18"
+    lesion_masks = True
     round_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "sensitivity", "specificity")
 
     def output_channels(self) -> int:
@@ -86,6 +98,42 @@ class ClassificationTask(Task):
         """The arg-max class, confident where its probability is at least ``threshold``."""
         confidence, predicted = prediction.max(dim=1)
         return predicted, confidence >= threshold
+
+    #: How the final evaluation measures each case's uncertainty (``common.uncertainty``).
+    uncertainty: unc.Method = "mc-dropout"
+
+    def final_predict(self, model: nn.Module, batch: Batch) -> tuple[Any, torch.Tensor]:
+        """Probabilities with the trust inputs of ``ClassificationStates.update``: the
+        deterministic logits (calibration), the normalised predictive entropy of
+        ``uncertainty`` (selective prediction) and, where the batch carries a ``lesion``
+        mask, the share of Grad-CAM mass inside it (attention)."""
+        logits, sampled = unc.predictive_probabilities(
+            model, batch["image"], self.uncertainty, seed=self.config.seed
+        )
+        final: dict[str, torch.Tensor] = {
+            "probs": torch.softmax(logits, dim=1),
+            "logits": logits,
+            "entropy": sel.normalised_entropy(sampled),
+        }
+        if "lesion" in batch:
+            maps = att.grad_cam(model, batch["image"])
+            final["attention"] = att.share_inside(maps, batch["lesion"])
+        return final, batch["label"]
+
+    #: The Grad-CAM region an overlay outlines: where the map reaches this share of its peak.
+    OVERLAY_CAM_LEVEL = 0.5
+
+    def overlay(self, model: nn.Module, sample: dict[str, Any]) -> Overlay | None:
+        """In simulation only (``simulations.overlays``): the lesion mask as truth and the
+        Grad-CAM hot region (the map at half its peak and above) as the prediction; ``None``
+        without a lesion mask."""
+        if "lesion" not in sample:
+            return None
+        cam = att.grad_cam(model, sample["image"][None].float())[0, 0]
+        hot = cam >= self.OVERLAY_CAM_LEVEL * cam.max() if cam.max() > 0 else cam > 0
+        none = np.zeros((0, 2 * self.config.spatial_dims))
+        truth = torch.as_tensor(sample["lesion"])[0].numpy()
+        return Overlay(truth, hot.numpy().astype(np.uint8), none, none)
 
     def augmentation(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
         size = (self.config.image_size,) * self.config.spatial_dims

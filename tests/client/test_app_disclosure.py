@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client import app, audit
@@ -133,3 +134,33 @@ def test_weights_are_logged_by_shape_and_size_only():
     for name, field in described["fields"].items():
         assert set(field) == {"type", "shape", "bytes"}
         assert field["shape"] == list(weights[name].shape)
+
+
+def test_a_coordinator_asking_for_tiny_cells_gets_no_attention_state_resting_on_few_cases(
+    monkeypatch,
+):
+    # The run asks for k = 1; the site's floor is 30 cases with a lesion mask behind any
+    # attention state. Where fewer have one, it goes as zeros (with its attribute's other
+    # cells), and the refused record says where, by message. (An untrained network's Grad-CAM
+    # is often empty; uniform maps give every lesion case a share.)
+    from common import attention
+
+    monkeypatch.setattr(attention, "grad_cam", lambda model, images: torch.ones_like(images))
+    context = _context({"min-cell-size": 30}, subgroups="sex,site", **{"min-cell-size": 1})
+    reply = app.final_evaluation(_message("evaluate.final"), context)
+    assert not reply.has_error()
+    sent = {
+        name: record["state.attention"]
+        for name, record in reply.content.items()
+        if isinstance(record, MetricRecord)
+    }
+    assert sent and all(values[0] == 0 or values[0] >= 30 for values in sent.values())
+    reason = reply.content["refused"]["attention_in_lesion"]
+    assert reason.startswith("withheld where fewer than k = 30 cases have a lesion mask: ")
+    named = reason.split(": ", 1)[1].split(", ")
+    assert named and all(sent[name] == [0.0, 0.0, 0.0] for name in named)
+    # A site that accepts k = 1 sends them: the states exist and the rule is what withholds.
+    open_reply = app.final_evaluation(
+        _message("evaluate.final"), _context({"min-cell-size": 1}, **{"min-cell-size": 1})
+    )
+    assert any(r["state.attention"][0] > 0 for n, r in open_reply.content.items() if n == "test")

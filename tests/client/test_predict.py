@@ -18,6 +18,7 @@ from pydicom.data import get_testdata_file
 from torch.utils.data import DataLoader
 
 from client import data, predict
+from common.calibration import calibrated_threshold
 from common.errors import ConfigError
 from common.tasks.base import ModelConfig, get_task
 
@@ -107,7 +108,9 @@ def _evaluation_probabilities(
     run: dict[str, Any], metadata: Mapping[str, Any], site: Path
 ) -> dict[str, np.ndarray]:
     """The final evaluation's path on a site's rows: ``SiteDataset`` (cached preprocessing),
-    batches, ``task.predict``, with the run's logged final weights in a fresh network (fp32)."""
+    batches, the network's logits, with the run's logged final weights in a fresh network
+    (fp32), scaled by the calibration temperature the model carries (the evaluation's
+    ``task.predict`` is its softmax at T = 1)."""
     task = get_task(
         ModelConfig(
             task=metadata["task"],
@@ -136,7 +139,8 @@ def _evaluation_probabilities(
     found: list[np.ndarray] = []
     with torch.no_grad():
         for batch in DataLoader(dataset, batch_size=16, collate_fn=task.collate):
-            found += list(task.predict(network, batch)[0].numpy())
+            logits = network(batch["image"])
+            found += list(predict.calibrated_probabilities(logits, metadata["temperature"]).numpy())
     return dict(zip(dataset.files, found, strict=True))
 
 
@@ -167,9 +171,12 @@ def test_predict_matches_the_final_evaluation_and_skips_a_corrupt_file_by_name(
     assert table.set_index("input").loc[str(mr), "modality"] == "MR"
     assert set(table["label"]) <= {"0", "1"}
     assert np.allclose(table[["p_0", "p_1"]].sum(axis=1), 1.0, atol=1e-5)
-    # The threshold the model carries is the one the report chose on pooled validation.
+    # The threshold the model carries is the one the report chose on pooled validation,
+    # moved onto the calibrated scale (the same decisions), with the fitted temperature.
+    metrics = tiny_run["run"].data.metrics
+    assert model.metadata["temperature"] == pytest.approx(metrics["test/temperature"])
     assert model.metadata["threshold"] == pytest.approx(
-        tiny_run["run"].data.metrics["test/threshold"]
+        calibrated_threshold(metrics["test/threshold"], metrics["test/temperature"])
     )
     expected_label = (table["p_1"] >= model.metadata["threshold"]).astype(int).astype(str)
     assert list(table["label"]) == list(expected_label)
@@ -420,3 +427,39 @@ def test_the_pyfunc_takes_paths_uploads_and_arrays_and_names_a_bad_row(tmp_path:
     from_array = model.predict(np.random.default_rng(3).random((50, 70), dtype=np.float32))
     assert np.asarray(from_array.loc[0, "mask"]).shape == (50, 70)
     assert from_array.loc[0, "input"] == "array-0"
+
+
+def test_gradcam_writes_an_overlay_per_study_from_the_exported_model(tmp_path: Path) -> None:
+    from mlflow.models import Model
+
+    from server.tracking import ServedPyTorch
+
+    config = ModelConfig("classification", "small-cnn", 2, 32, 2, 0)
+    network = get_task(config).build_model().eval()
+    folder = tmp_path / "model"
+    example = np.zeros((1, 1, 32, 32), dtype=np.float32)
+    ServedPyTorch.save_model(  # as the coordinator logs it: an exported (pt2) program
+        path=str(folder),
+        mlflow_model=Model(),
+        pytorch_model=network,
+        serialization_format="pt2",
+        input_example=example,
+        metadata={"radfl": {**METADATA, "uncertainty": "mc-dropout"}},
+        pip_requirements=["torch"],
+    )
+    study = tmp_path / "study.npy"
+    np.save(study, np.random.default_rng(0).random((40, 40), dtype=np.float32))
+    out = tmp_path / "out"
+    assert predict.main([str(folder), str(study), "--out", str(out), "--quiet", "--gradcam"]) == 0
+    table = pd.read_csv(out / "predictions.csv")
+    overlay = Path(table.loc[0, "gradcam"])
+    assert overlay.parent == out / "gradcam" and overlay.stat().st_size > 1000
+    assert 0 <= table.loc[0, "uncertainty"] <= np.log(2)
+    # The report's selective-prediction entropy, by the model's method (MC dropout here).
+    model = predict.load_model(str(folder))
+    image = predict.preprocess(predict.Study(study, "study.npy"), model.metadata)
+    with torch.no_grad():
+        logits = model.network(image)
+    plain = -(torch.softmax(logits, 1) * torch.log_softmax(logits, 1)).sum() / np.log(2)
+    assert 0 <= table.loc[0, "referral_entropy"] <= 1
+    assert table.loc[0, "referral_entropy"] != pytest.approx(float(plain), abs=1e-9)

@@ -124,6 +124,12 @@ def test_sites_send_only_weights_fixed_size_states_counts_of_at_least_k_and_conf
         "state.confusion": NUM_CLASSES * NUM_CLASSES,
         "state.loss_sum": 1,
         "state.count": 1,
+        # The trust states (common.calibration, common.selective, common.attention)
+        "state.calibration_nll": 33,
+        "state.calibration_counts": 33 * 10,
+        "state.calibration_sums": 33 * 10 * 2,
+        "state.selective": 20 * 2 * 100,
+        "state.attention": 3,
     }
     counts = {"num-examples", "patients", "train-images", "validation-images", "test-images"}
     summaries = {"train-loss", "validation-loss", "epochs-run", "skipped-steps"}
@@ -136,10 +142,13 @@ def test_sites_send_only_weights_fixed_size_states_counts_of_at_least_k_and_conf
                 assert reply["message_type"] in ("train", "train.local")
                 continue
             if record["type"] == "config":
-                assert name in ("site", "suppressed")
+                assert name in ("site", "suppressed", "refused")
                 for key, value in record["values"].items():
                     if name == "site":
                         assert key == "site-name" and isinstance(value, str)
+                    elif name == "refused":  # attention on fewer than k lesion cases
+                        assert key == "attention_in_lesion"
+                        assert value.startswith(f"withheld where fewer than k = {K} cases")
                     else:
                         assert key in ("validation", "test")
                         assert all(re.match(r"^[a-z_]+=.+$", c) for c in value)
@@ -160,11 +169,42 @@ def test_sites_send_only_weights_fixed_size_states_counts_of_at_least_k_and_conf
                     assert key in summaries, (name, key)
                     assert not isinstance(value, list)
     assert checked_states > 0
-    # The state count of every subgroup cell is at least k too.
+    # The state count of every subgroup cell is at least k too, and so is the count of
+    # cases behind every attention state that is sent.
     for reply in replies:
         for name, record in reply["records"].items():
             if cell.match(name):
                 assert record["values"]["state.count"][0] >= K
+            if record["type"] == "metrics" and "state.attention" in record["values"]:
+                cases = record["values"]["state.attention"][0]
+                assert cases == 0 or cases >= K, (name, cases)
+
+
+def test_the_report_carries_calibration_selective_prediction_and_attention(recorded_run):
+    client, run = recorded_run["client"], recorded_run["run"]
+    metrics = run.data.metrics
+    assert metrics["test/temperature"] > 0
+    assert 0 <= metrics["test/ece-after"] <= 1 and 0 <= metrics["test/ece-before"] <= 1
+    download = recorded_run["tmp"] / "trust-dl"
+    trust = pd.read_csv(client.download_artifacts(run.info.run_id, "report/trust.csv", download))
+    pooled = trust.set_index("population").loc["pooled"]
+    assert pooled["ece_before"] == pytest.approx(metrics["test/ece-before"], rel=1e-5)
+    assert {"site-0", "site-1", "site-2"} <= set(trust["population"])
+    assert any("=" in population for population in trust["population"])  # subgroups
+    selective = pd.read_csv(
+        client.download_artifacts(run.info.run_id, "report/selective.csv", download)
+    )
+    curve = selective[selective["population"] == "pooled"]
+    assert curve["referred_share"].iloc[0] == 0 and curve["kept"].iloc[0] == pooled["n"]
+    assert curve["referred_share"].is_monotonic_increasing
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/calibration_before_after.png", "report/selective.png"} <= names
+    # Attention inside the lesion: a number where k lesion cases stand behind it, else
+    # withheld by the site's message (a 2-round model's Grad-CAM is often empty).
+    refused = [r for r in recorded_run["replies"] if "refused" in r["records"]]
+    assert trust["attention_cases"].max() >= K or refused
+    card = client.download_artifacts(run.info.run_id, "report/model_card.md", download)
+    assert "Calibration, uncertainty and attention" in Path(card).read_text()
 
 
 def test_left_out_site_never_trains_and_is_reported_as_external(recorded_run):
@@ -213,7 +253,10 @@ def test_radfl_report_regenerates_the_logged_report(recorded_run):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(set(FILES) | {"cross_site.csv"})
+    trust_files = {"trust.csv", "selective.csv", "calibration_before_after.png", "selective.png"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        set(FILES) | {"cross_site.csv"} | trust_files
+    )
     for name in ("metrics.csv", "subgroups.csv", "sites.csv"):
         logged = client.download_artifacts(run.info.run_id, f"report/{name}", str(tmp / "dl"))
         assert (out / name).read_text() == Path(logged).read_text(), name
