@@ -70,7 +70,13 @@ class SampleDataset(Dataset[dict[str, Any]]):
 
 
 class ConcatLabelled(ConcatDataset[dict[str, Any]]):
-    """Several labelled datasets as one (pooled data for centralized training)."""
+    """Several labelled datasets as one, for training: pooled sites (centralized training) or a
+    site's labelled and pseudo-labelled studies. Keys only the final evaluation reads
+    (``EVALUATION_ONLY``) are dropped: one part may carry them and another not (a site with
+    lesion masks beside one without, pseudo-labelled studies), and a batch mixing both would
+    not collate."""
+
+    EVALUATION_ONLY = frozenset({"lesion"})
 
     def __init__(self, datasets: list[LabelledDataset]) -> None:
         super().__init__(datasets)  # type: ignore[arg-type]
@@ -79,6 +85,10 @@ class ConcatLabelled(ConcatDataset[dict[str, Any]]):
         self.attributes = (
             None if any(t is None for t in tables) else pd.concat(tables, ignore_index=True)  # type: ignore[arg-type]
         )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        return {k: v for k, v in sample.items() if k not in self.EVALUATION_ONLY}
 
 
 class Augmented(Dataset[dict[str, Any]]):

@@ -25,7 +25,7 @@ def _add_centralized_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    from simulations import synth as module
+    from simulations import synth_command as module
 
     module.add_arguments(parser)
     parser.set_defaults(handler=module.synth)

@@ -436,3 +436,19 @@ def test_a_file_changed_with_size_and_mtime_kept_is_decoded_again_not_read_from_
     fresh = later[0]["image"]
     assert later.decode_count == 1  # decoded again, not the stale cached tensor
     assert not torch.equal(fresh, cached)
+
+
+def test_pooled_training_sets_collate_when_only_some_parts_have_lesion_masks() -> None:
+    """A site with lesion masks pooled with one without (centralized training), or a site's
+    labelled studies with its pseudo-labelled ones: the lesion is the final evaluation's
+    alone, and a batch mixing both must still collate."""
+    from torch.utils.data import DataLoader
+
+    from client.datasets import ConcatLabelled, SampleDataset
+
+    images, labels = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 0, 1])
+    with_lesions = SampleDataset(images, labels, lesions=torch.zeros(4, 1, 8, 8))
+    assert "lesion" in with_lesions[0]
+    pooled = ConcatLabelled([with_lesions, SampleDataset(images, labels)])
+    batch = next(iter(DataLoader(pooled, batch_size=8)))
+    assert set(batch) == {"image", "label"} and len(batch["label"]) == 8

@@ -15,7 +15,7 @@ from common import manifest
 from common.errors import ConfigError
 from common.synthetic import make_site, native_image_size, site_profiles
 from common.tasks import task_class
-from simulations import synth
+from simulations import synth, synth_command
 
 TINY = {"seed": 5, "samples_per_site": 12, "image_size": 32, "num_classes": 2}
 TASKS_3D = ("segmentation", "detection", "instance")  # classification: the same images
@@ -317,7 +317,7 @@ def test_refuses_to_mix_with_an_existing_site_and_bad_arguments(tmp_path):
 
 def test_cli_prints_one_line_per_site(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    synth.add_arguments(parser)
+    synth_command.add_arguments(parser)
     args = parser.parse_args(
         [
             "--out",
@@ -334,7 +334,7 @@ def test_cli_prints_one_line_per_site(tmp_path, capsys):
             "segmentation",
         ]
     )
-    assert synth.synth(args) == 0
+    assert synth_command.synth(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     assert "dicom" in lines[0] and "nifti" in lines[1] and "npy" in lines[2]
