@@ -461,6 +461,12 @@ def plant_shortcut(data: SiteData, seed: int, strength: float = SHORTCUT_STRENGT
     corner = (slice(None), slice(None)) + (slice(0, side),) * (data.images.ndim - 2)
     images = data.images.clone()
     bright = images.flatten(1).quantile(0.999, dim=1) + 1.0
+    # The marker is a dense object, not air: where the body map exists (CT numbers are drawn
+    # from it, ``simulations.synth``) it fills the corner, or a CT site would store the marker
+    # as air-dark numbers below every soft-tissue window and the model would never see it.
+    body = None if data.body is None else data.body.clone()
     for i in torch.nonzero(marked).flatten().tolist():
         images[i][corner[1:]] = bright[i]
-    return replace(data, images=images)
+        if body is not None:
+            body[i][corner[1:]] = 255
+    return replace(data, images=images, body=body)

@@ -79,7 +79,8 @@ from common.tasks import list_tasks, task_class
 SITE_FORMATS = ("dicom", "nifti", "png")
 TASKS = tuple(list_tasks())
 # Bump when the generator or the layout changes, so cached federations are rebuilt.
-GENERATOR_VERSION = 4  # 4: classification sites carry lesion masks (attention)
+# 4: classification sites carry lesion masks; 5: a CT shortcut marker is dense
+GENERATOR_VERSION = 5
 COMPLETE_MARKER = ".complete"
 
 

@@ -4,6 +4,7 @@ installed), the selective curve's AUC against scikit-learn on the kept cases, an
 summed over fake sites equal to the whole."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,3 +308,36 @@ def test_the_simulation_overlay_of_a_classifier_outlines_its_grad_cam_against_th
     assert overlay is not None and np.array_equal(overlay.truth, lesion[0].numpy())
     assert overlay.predicted.shape == (32, 32) and set(np.unique(overlay.predicted)) <= {0, 1}
     assert task.overlay(model, {"image": sample["image"], "label": sample["label"]}) is None
+
+
+@pytest.mark.parametrize("site", [0, 1, 2], ids=["dicom-ct", "nifti-mr", "png-dx"])
+def test_a_planted_shortcut_survives_each_site_formats_preprocessing(tmp_path, site):
+    """The marker must reach the model: a CT site stores it as CT numbers, and a marker drawn
+    as air-dark numbers vanished under the soft-tissue window (it did, at first: the default
+    run with the shortcut trained on the same pixels as without)."""
+    from client.data import SiteDataset, read_manifest
+    from simulations.synth import FederationSpec, write_federation
+
+    def items(shortcut_site: int, out: Path) -> list[dict]:
+        spec = FederationSpec(
+            sites=site + 1,
+            task="classification",
+            dims=2,
+            seed=0,
+            samples_per_site=40,
+            image_size=32,
+            num_classes=2,
+            shortcut_site=shortcut_site,
+        )
+        folder = write_federation(out, spec)[site]
+        rows = read_manifest(folder, "classification")
+        dataset = SiteDataset(rows, folder, task="classification", spatial_dims=2, image_size=32)
+        return [dataset[i] for i in range(len(dataset))]
+
+    plain, planted = items(-1, tmp_path / "plain"), items(site, tmp_path / "planted")
+    positives = [i for i, item in enumerate(plain) if item["label"] > 0]
+    changed = [i for i in positives if not torch.equal(plain[i]["image"], planted[i]["image"])]
+    assert len(changed) >= 0.75 * len(positives), (len(changed), len(positives))
+    for i in changed:
+        corner = (slice(None), slice(0, 3), slice(0, 3))
+        assert planted[i]["image"][corner].mean() > plain[i]["image"][corner].mean() + 0.5
