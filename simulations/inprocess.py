@@ -154,11 +154,21 @@ def start_ray(init_args: Mapping[str, Any], app_dir: Path) -> None:
     if str(app_dir) not in sys.path:
         sys.path.insert(0, str(app_dir))
     pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
+    saved = os.environ.get("PYTHONPATH")
+    if saved:
+        pythonpath = f"{pythonpath}{os.pathsep}{saved}"
     handler = signal.getsignal(signal.SIGTERM)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    # Ray's processes start with this environment; it is put back afterwards, or every later
+    # child of this process (a test's, a tuning search's) would import from this run's path,
+    # including folders gone since (an MLflow model's code, a test's temp folder).
+    os.environ["PYTHONPATH"] = pythonpath
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     if handler is not None:  # None: not set from Python, nothing to put back
         signal.signal(signal.SIGTERM, handler)
 

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from client.site import load_site  # noqa: E402
 from common.config import ClientConfig, ServerConfig  # noqa: E402
+from common.errors import RadFLError  # noqa: E402
 from common.privacy import private_model  # noqa: E402
 from common.tasks import Overlay, Task, get_task  # noqa: E402
 from server import tracking  # noqa: E402
@@ -59,7 +60,13 @@ def log_overlays(
             if data_root is not None
             else {"partition-id": index, "num-partitions": sites}
         )
-        site = load_site(node_config, client_config)
+        try:
+            site = load_site(node_config, client_config)
+        except RadFLError:
+            # The run already left this site out and said why; its error text may name
+            # patients or files, so it is not repeated here.
+            print(f"radfl: no overlay of site-{index}: its data did not load (see its log)")
+            continue
         chosen = [i for i in range(len(site.validation)) if int(site.validation.labels[i]) > 0]
         for i in chosen[:per_site]:
             sample = site.validation[i]

@@ -10,6 +10,7 @@ MLflow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -303,11 +304,18 @@ def _run_here(args: argparse.Namespace, overrides: Mapping[str, Any], env: dict[
 
 
 def _abandon() -> None:
-    """Leave at once after an interrupt: Ray is stopped, and the ServerApp's thread, which
-    would wait out its round's timeout for sites that are gone, is not waited for."""
-    from simulations.inprocess import stop_ray
+    """Leave at once after an interrupt: the Ray processes this one started are killed, and the
+    ServerApp's thread, which would wait out its round's timeout for sites that are gone, is not
+    waited for. Not ``ray.shutdown()``: Flower's threads still call into Ray, and a call after
+    the shutdown makes Ray's core worker end the process with exit code 1 ("The core worker has
+    already been shutdown"), before this one could exit with 130 (seen once in CI)."""
+    import psutil
 
-    stop_ray()
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)

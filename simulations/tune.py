@@ -280,7 +280,11 @@ class Study:
         defaults = vars(parser.parse_args([]))
         own = {k: v for k, v in vars(self.args).items() if k in defaults}
         sets = [*self.args.set, *(f"{k}={v!r}" for k, v in values.items()), f"run-key={run_key}"]
-        return argparse.Namespace(**{**defaults, **own, "set": sets, "faults": ""})
+        # On the SuperLink: a pruned trial is stopped by an interrupt, after which simulate
+        # returns 130 there, whereas the in-process federation leaves the process at once.
+        return argparse.Namespace(
+            **{**defaults, **own, "set": sets, "faults": "", "superlink": True}
+        )
 
     def simulate_watched(
         self,

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,3 +101,23 @@ def _not_zombie(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_starting_ray_leaves_this_processs_pythonpath_as_it_was(monkeypatch, tmp_path: Path):
+    """Ray's processes get the app's path; this process's environment is put back, or every
+    later child (a test's `radfl`, a tuning search's trial) imported from this run's path, and
+    in CI one imported `common` from a deleted MLflow model folder."""
+    import ray
+
+    seen: dict = {}
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(env=os.environ["PYTHONPATH"], **kw))
+    monkeypatch.setenv("PYTHONPATH", "/before")
+    inprocess.start_ray({}, tmp_path)
+    assert os.environ["PYTHONPATH"] == "/before"
+    assert seen["env"].startswith(str(tmp_path)) and seen["env"].endswith("/before")
+    assert seen["runtime_env"] == {"env_vars": {"PYTHONPATH": seen["env"]}}
+    monkeypatch.delenv("PYTHONPATH")
+    inprocess.start_ray({}, tmp_path)
+    assert "PYTHONPATH" not in os.environ
