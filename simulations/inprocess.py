@@ -16,6 +16,7 @@ Flower's internal one (the public ``run_simulation`` takes no run config): its u
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -210,3 +211,21 @@ def _quiet(verbose: bool) -> None:
     captured.addHandler(logging.NullHandler())
     captured.propagate = False
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def abandon() -> None:
+    """Leave at once after an interrupt: the Ray processes this one started are killed, and the
+    ServerApp's thread, which would wait out its round's timeout for sites that are gone, is not
+    waited for. Not ``ray.shutdown()``: Flower's threads still call into Ray, and a call after
+    the shutdown makes Ray's core worker end the process with exit code 1 ("The core worker has
+    already been shutdown"), before this one could exit with 130 (seen once in CI)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)

@@ -10,7 +10,6 @@ MLflow.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import logging
@@ -249,7 +248,9 @@ def simulate(args: argparse.Namespace) -> int:
             flush=True,
         )
         if in_process:
-            _abandon()
+            from simulations.inprocess import abandon
+
+            abandon()
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -301,24 +302,6 @@ def _run_here(args: argparse.Namespace, overrides: Mapping[str, Any], env: dict[
         raise  # a bad option (a fault spec): refused by name, as before the run
     except Exception as error:  # noqa: BLE001 - reported here; the summary says it failed
         print(f"radfl: the simulation failed: {error!r}", file=sys.stderr, flush=True)
-
-
-def _abandon() -> None:
-    """Leave at once after an interrupt: the Ray processes this one started are killed, and the
-    ServerApp's thread, which would wait out its round's timeout for sites that are gone, is not
-    waited for. Not ``ray.shutdown()``: Flower's threads still call into Ray, and a call after
-    the shutdown makes Ray's core worker end the process with exit code 1 ("The core worker has
-    already been shutdown"), before this one could exit with 130 (seen once in CI)."""
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    psutil.wait_procs(children, timeout=10)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
 
 
 def _run_on_local_superlink(
