@@ -429,24 +429,28 @@ def test_the_pyfunc_takes_paths_uploads_and_arrays_and_names_a_bad_row(tmp_path:
     assert from_array.loc[0, "input"] == "array-0"
 
 
-def test_gradcam_writes_an_overlay_per_study_from_the_exported_model(tmp_path: Path) -> None:
+def _export(folder: Path, task: str, model: str) -> None:
+    """Save a fresh ``model`` network of ``task`` as the coordinator logs it: an exported (pt2)
+    program with RadFL's metadata."""
     from mlflow.models import Model
 
     from server.tracking import ServedPyTorch
 
-    config = ModelConfig("classification", "small-cnn", 2, 32, 2, 0)
-    network = get_task(config).build_model().eval()
-    folder = tmp_path / "model"
-    example = np.zeros((1, 1, 32, 32), dtype=np.float32)
-    ServedPyTorch.save_model(  # as the coordinator logs it: an exported (pt2) program
+    config = ModelConfig(task, model, 2, 32, 2, 0)
+    ServedPyTorch.save_model(
         path=str(folder),
         mlflow_model=Model(),
-        pytorch_model=network,
+        pytorch_model=get_task(config).build_model().eval(),
         serialization_format="pt2",
-        input_example=example,
-        metadata={"radfl": {**METADATA, "uncertainty": "mc-dropout"}},
+        input_example=np.zeros((1, 1, 32, 32), dtype=np.float32),
+        metadata={"radfl": {**METADATA, "task": task, "model": model, "uncertainty": "mc-dropout"}},
         pip_requirements=["torch"],
     )
+
+
+def test_gradcam_writes_an_overlay_per_study_from_the_exported_model(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    _export(folder, "classification", "small-cnn")
     study = tmp_path / "study.npy"
     np.save(study, np.random.default_rng(0).random((40, 40), dtype=np.float32))
     out = tmp_path / "out"
@@ -463,3 +467,22 @@ def test_gradcam_writes_an_overlay_per_study_from_the_exported_model(tmp_path: P
     plain = -(torch.softmax(logits, 1) * torch.log_softmax(logits, 1)).sum() / np.log(2)
     assert 0 <= table.loc[0, "referral_entropy"] <= 1
     assert table.loc[0, "referral_entropy"] != pytest.approx(float(plain), abs=1e-9)
+
+
+def test_gradcam_is_refused_by_name_for_an_ensemble_and_a_segmentation_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Grad-CAM explains one classification network: asked of a mean of several networks or of
+    a mask, ``radfl predict --gradcam`` refuses before reading any input, naming the model."""
+    study = tmp_path / "study.npy"
+    np.save(study, np.zeros((40, 40), dtype=np.float32))
+    classifier, segmenter = tmp_path / "classifier", tmp_path / "segmenter"
+    _export(classifier, "classification", "small-cnn")
+    _export(segmenter, "segmentation", "unet")
+    cases = {f"{classifier},{classifier}": "an ensemble", str(segmenter): "a segmentation model"}
+    for source, what in cases.items():
+        out = tmp_path / f"out-{what.split()[-1]}"
+        assert predict.main([source, str(study), "--out", str(out), "--gradcam"]) == 2
+        error = capsys.readouterr().err
+        assert f"--gradcam explains one classification network; model {source} is {what}" in error
+        assert not out.exists()
