@@ -115,8 +115,9 @@ def _row(
             options=["--in-memory"],
         )
     except BenchError as exc:  # one failed cell must not lose the others' hours
-        first = str(exc).splitlines()[0]
-        return {**row, "value": float("nan"), "note": f"failed: {first}"}
+        log = runner.out / f"failed-{task}-{name}.log"
+        log.write_text(str(exc))
+        return {**row, "value": float("nan"), "note": f"failed: {failure_note(str(exc))}; {log}"}
     site_epsilons = [v for k, v in run.metrics.items() if k.endswith("/dp-epsilon")]
     epsilon = (
         run.metrics.get("dp-update/epsilon-final")
@@ -147,3 +148,13 @@ def _client_config(profile: Profile, task: str, model: str) -> ClientConfig:
         "seed": profile.seeds[0],
     }
     return from_run_config(ClientConfig, values)
+
+
+def failure_note(error: str) -> str:
+    """A failed run's command line and its cause: the last output line naming an error (the
+    line a user would look for), else the output's last line."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return lines[0] if lines else "no output"
+    cause = next((line for line in reversed(lines[1:]) if "error" in line.lower()), lines[-1])
+    return f"{lines[0]} {cause}"
