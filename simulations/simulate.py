@@ -422,9 +422,14 @@ def federation_config(args: argparse.Namespace) -> str:
 def ray_env(env: dict[str, str], address: str | None) -> dict[str, str]:
     """``env`` with ``RAY_ADDRESS`` set to ``address``: Flower's Ray backend calls
     ``ray.init()`` without an address, which attaches to the cluster ``RAY_ADDRESS`` names
-    instead of starting a Ray instance of its own."""
+    instead of starting a Ray instance of its own.
+
+    Without ``address`` it is ``local``, a Ray of this run's own: unset (or inherited from the
+    shell), ``ray.init()`` would attach to whichever cluster ``ray start`` last started on
+    this machine (``/tmp/ray/ray_current_cluster``), another user's or a test's, and fail when
+    that one stops. ``--ray-address`` is the one way to run on a cluster."""
     if not address:
-        return env
+        return {**env, "RAY_ADDRESS": "local"}
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise RadFLError(f"--ray-address {address!r}: expected HOST:PORT of the Ray head")
