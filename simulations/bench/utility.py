@@ -15,6 +15,8 @@ largest site's for DP-SGD), wall time and MLflow run id. ``--modes`` picks modes
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,7 @@ from simulations import attacks
 from simulations.bench.privacy import _dp_sgd_noise
 
 if TYPE_CHECKING:
-    from simulations.bench.runner import Profile, Runner
+    from simulations.bench.runner import Profile, Runner, RunResult
 
 #: The secure-aggregation switch of the SecAgg+ branch (issue 17 item 3).
 SECAGG_KEY = "secure-aggregation"
@@ -135,7 +137,7 @@ def _row(
         "delta": settings.get("dp-delta", float("nan")),
         "wall_s": round(run.wall_s, 1),
         "run_id": run.run_id,
-        "note": "",
+        "note": degraded_note(run),
     }
 
 
@@ -158,3 +160,28 @@ def failure_note(error: str) -> str:
         return lines[0] if lines else "no output"
     cause = next((line for line in reversed(lines[1:]) if "error" in line.lower()), lines[-1])
     return f"{lines[0]} {cause}"
+
+
+def degraded_note(run: RunResult) -> str:
+    """What went wrong in a run that still finished, so that its cell is not read as the
+    mode's effect: rounds that failed (the global model kept), sites left out, sites whose
+    final evaluation failed ("" when none). A secagg cell measured while a site's worker was
+    killed for memory read AUC 0.5, an untrained model, with nothing on the table saying so."""
+    notes = []
+    failed = sum(1 for value in run.history("round/failed") if value > 0)
+    if failed:
+        notes.append(f"{failed} round(s) failed, the global model kept")
+    rejections = run.artifact_text("robustness/rejections.csv") or ""
+    left_out = sorted(
+        {
+            row["site"]
+            for row in csv.DictReader(io.StringIO(rejections))
+            if row.get("reason", "").startswith("left out")
+        }
+    )
+    if left_out:
+        notes.append(f"left out: {', '.join(left_out)}")
+    final = run.client.get_run(run.run_id).data.tags.get("radfl.final-evaluation-failed")
+    if final:
+        notes.append(f"final evaluation failed at {final}")
+    return "; ".join(notes) + (" (robustness/rejections.csv of the run)" if notes else "")
