@@ -10,8 +10,14 @@ STAMP := $(VENV)/.radfl-installed
 simulate: $(STAMP)
 	$(BIN)/radfl simulate $(ARGS)
 
+# Two workers (pytest-xdist): an end-to-end test spends much of its time waiting on process
+# start-up, so a second one fills the idle core. A module runs whole on one worker (its shared
+# simulation fixture once); modules with slow tests are handed out first (tests/conftest.py),
+# in that order. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check common client server simulations tests

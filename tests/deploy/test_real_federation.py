@@ -13,6 +13,7 @@ The sites run only app bundles the coordinator signed: the same app submitted un
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -129,12 +130,25 @@ def _wait_for(predicate, what: str, timeout_s: float = 120.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _outsider_flwr(home: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+def _seconds_to_exit(process: subprocess.Popen[bytes], started: float) -> float:
+    """Seconds from ``started`` to ``process``'s exit."""
+    process.wait(timeout=300)
+    return time.monotonic() - started
+
+
+def _outsider_flwr(home: Path, *args: str | Path) -> subprocess.Popen[str]:
+    """The real ``flwr`` CLI as the outsider runs it, started (the attempts run side by side:
+    each is mostly the CLI's own start-up)."""
     env = _env()
     env["FLWR_HOME"] = str(home)
-    return subprocess.run(
-        [FLWR, *map(str, args)], env=env, capture_output=True, text=True, timeout=120
+    return subprocess.Popen(
+        [FLWR, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def _finished(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _refused_by_nginx(done: subprocess.CompletedProcess[str]) -> bool:
@@ -161,8 +175,9 @@ def _play_the_outsider(tmp_path: Path, port: int, local_ports: list[int]) -> Non
         "read logs": ("log", "1", "coordinator"),
         "start a run": ("run", ROOT, "coordinator"),
     }
-    for what, args in attempts.items():
-        done = _outsider_flwr(outsider / "home", *args)
+    started = {what: _outsider_flwr(outsider / "home", *args) for what, args in attempts.items()}
+    for what, process in started.items():
+        done = _finished(process)
         assert _refused_by_nginx(done), (what, done.stdout[-2000:], done.stderr[-2000:])
     base = f"https://{PUBLIC}:{port}"
     with httpx.Client(verify=str(ca), timeout=10.0) as client:
@@ -341,22 +356,28 @@ def test_coordinator_and_three_site_daemons_run_a_federation_over_tls(
             )
         assert revoked.status_code == 401, revoked.text[:300]
 
-        # After the MLflow checks: the refused run leaves an MLflow run of its own.
-        _assert_sites_refuse_an_unsigned_app(tmp_path)
-
-        # Too few sites for a run: a clear error once the start deadline has passed.
+        # Too few sites for a run: a clear error once the start deadline has passed. It
+        # waits for its deadline while the sites refuse an unsigned app (a run of its own;
+        # the ServerApp counts connected sites and sends them nothing).
         started = time.monotonic()
-        short = subprocess.run(
+        short = processes.start(
+            "short-run",
             [
                 RADFL, "coordinator", "run", "--dir", "federation", "--rounds", "1",
                 "--min-sites", "5", "--set", "start-timeout-s=10",
             ],
-            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
-        assert short.returncode == 1, short.stdout[-3000:]
-        assert "3 site(s) connected after 10 s; the run needs 5 (min-sites)" in short.stdout
-        assert "finished:failed" in short.stdout
-        assert time.monotonic() - started < 120
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as waiter:
+            short_s = waiter.submit(_seconds_to_exit, short, started)
+            # After the MLflow checks: the refused run leaves an MLflow run of its own.
+            _assert_sites_refuse_an_unsigned_app(tmp_path)
+            seconds = short_s.result(timeout=300)
+        short_output = processes.output("short-run")
+        assert short.returncode == 1, short_output[-3000:]
+        assert "3 site(s) connected after 10 s; the run needs 5 (min-sites)" in short_output
+        assert "finished:failed" in short_output
+        assert seconds < 120
 
         # The SuperLink refused the unregistered key and the plaintext SuperNode.
         rogue_log = (tmp_path / "hospitals/site-3/.radfl-logs/supernode.log").read_text()

@@ -5,11 +5,16 @@ finite model."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from simulations.local_superlink import descendants
 from tests.simulations.conftest import (
     metric_history,
     rejections,
@@ -43,9 +48,23 @@ def test_bad_replies_are_rejected_and_a_round_below_quorum_keeps_the_model(tmp_p
     benign_dir.mkdir()
     faulty_dir.mkdir()
     command = tiny_simulate_command(sites=5, rounds=4, min_replies=4, max_update_norm_ratio=5.0)
-    # The same federation without faults, for comparison.
-    run_radfl(command, benign_dir, tracking_env(benign_dir))
-    output = run_radfl([*command, "--faults", FAULTS], faulty_dir, tracking_env(faulty_dir))
+    # The same federation without faults, for comparison, alongside the faulty one (each with
+    # its own folder and MLflow store): much of a run is start-up waiting, so they overlap.
+    with (benign_dir / "run.out").open("w") as log:
+        benign = subprocess.Popen(
+            command, cwd=benign_dir, env=tracking_env(benign_dir), stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        output = run_radfl([*command, "--faults", FAULTS], faulty_dir, tracking_env(faulty_dir))
+        benign.wait(timeout=900)
+    finally:
+        if benign.poll() is None:  # the faulty run failed: stop the benign one and its Ray
+            for pid in [*descendants(benign.pid), benign.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            benign.wait()
+    assert benign.returncode == 0, (benign_dir / "run.out").read_text()[-5000:]
     tmp_path = faulty_dir
     client, run = the_run(tmp_path, "federated")
     assert run.info.status == "FINISHED"

@@ -1,4 +1,4 @@
-"""A coordinator killed with SIGKILL after round 3 of 6 and resumed: six rounds in one MLflow
+"""A coordinator killed with SIGKILL after round 3 of 4 and resumed: four rounds in one MLflow
 run, none repeated or missing, ending where an uninterrupted run with the same seed ends."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.simulations.test_simulate_e2e import RADFL, _env
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 6
+ROUNDS = 4  # one round after the crash proves the resume; more only cost time
 
 
 def _command(workdir: Path, *extra: str) -> list[str]:
@@ -105,7 +105,7 @@ def _crash_then_resume(crashed: Path) -> None:
         cwd=crashed, env=_env(crashed), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming after round 3 of 6" in resumed.stdout + resumed.stderr, resumed.stdout
+    assert "resuming after round 3 of 4" in resumed.stdout + resumed.stderr, resumed.stdout
 
 
 def _assert_resumed_run_matches_the_uninterrupted_one(
