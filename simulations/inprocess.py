@@ -163,6 +163,7 @@ def run_in_process(
 
         run_federation(
             num_sites=num_sites,
+            cpus_per_site=cpus_per_site,
             server_app_attr=server_app,
             client_app_attr=client_app,
             server_context=context,

@@ -29,6 +29,7 @@ data cached by ``client.site`` is dropped when the run ends, as it went with the
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Callable
 from queue import Empty, Queue
@@ -49,10 +50,22 @@ class LocalBackend(Backend):
 
     def __init__(self, backend_config: BackendConfig | None = None) -> None:
         super().__init__(backend_config or {})
+        resources = (backend_config or {}).get("client_resources", {})
+        #: torch's threads while the sites run: a site's CPUs, as Ray gives an actor
+        #: (``OMP_NUM_THREADS``). With torch's default (every core) on this shared 2-core
+        #: machine, a round of the bench's one-round run took 148.5 s against 41.5 s in
+        #: Ray's single-threaded actors (medians of 2, load 15-35): idle threads of one
+        #: process waiting on each other whenever another process holds a core.
+        self.threads = int(cast(float, resources.get("num_cpus", 1)))
+        self.threads_before: int | None = None
         self.app_fn: Callable[[], ClientApp] | None = None
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        import torch
+
         self.app_fn = app_fn
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
 
     @property
     def num_workers(self) -> int:
@@ -77,14 +90,19 @@ class LocalBackend(Backend):
         return reply, site_context
 
     def terminate(self) -> None:
+        import torch
+
         from client.site import clear_cache
 
         clear_cache()
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
 
 
 def run_federation(
     *,
     num_sites: int,
+    cpus_per_site: int,
     server_app_attr: str,
     client_app_attr: str,
     server_context: Context,
@@ -92,8 +110,9 @@ def run_federation(
     run: Any,
 ) -> Context:
     """Run the ServerApp ``server_app_attr`` in a thread against ``num_sites`` virtual sites
-    whose ClientApp ``client_app_attr`` runs in ``LocalBackend``, until the ServerApp returns;
-    its final context. Raises what the ServerApp raised."""
+    whose ClientApp ``client_app_attr`` runs in ``LocalBackend`` with ``cpus_per_site`` torch
+    threads, until the ServerApp returns; its final context. Raises what the ServerApp
+    raised."""
     from flwr.clientapp.utils import get_load_client_app_fn
     from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
     from flwr.server.superlink.fleet.vce.metrics import VceMetrics
@@ -139,10 +158,10 @@ def run_federation(
         enable_tf_gpu_growth=False,
         ctx_queue=contexts,
     )
+    resources: BackendConfig = {"client_resources": {"num_cpus": cpus_per_site}}
+    backend = functools.partial(LocalBackend, resources)
     try:
-        run_api(
-            lambda: client_app, LocalBackend, nodes, state_factory, node_stores, stop, VceMetrics()
-        )
+        run_api(lambda: client_app, backend, nodes, state_factory, node_stores, stop, VceMetrics())
     finally:
         stop.set()
     server_thread.join()  # run_api returned: the ServerApp has (stop is set only by it)
