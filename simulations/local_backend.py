@@ -4,8 +4,11 @@ Flower's simulation runtime hands each message to a ``Backend`` (``flwr.server.s
 vce.backend``); its only backend, ``RayBackend``, starts Ray (about 10 s measured here under
 load) and a pool of actors, each of which imports torch and MONAI again (seconds of CPU each, on
 a machine whose cores the sites share). ``LocalBackend`` runs the ClientApp this process has
-already imported, sequentially: the sites share the cores one after another instead of side by
-side, which on a CPU machine is the same work, without the start-up.
+already imported, sequentially, each with its ``--cpus-per-site`` as torch's threads (what Ray
+gives an actor): no start-up, but one site at a time where Ray runs as many side by side as
+the cores hold, so on an idle machine with more cores than a site's CPUs the training itself
+can take longer than in Ray (several sites at once is the next step: RadFL's per-site log
+routing, ``client.failures.site_log``, would first have to allow it).
 
 Flower 1.42 cannot select a backend by name: ``vce_api.start_vce`` takes a ``backend_name`` and
 ignores it, building ``RayBackend`` always. So ``run_federation`` composes the same pieces that
