@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from logging import ERROR, WARNING
 from pathlib import Path
@@ -79,6 +80,10 @@ def site_log(path: Path | None) -> Iterator[None]:
         yield
         return
     handler.setFormatter(logging.Formatter(_FORMAT))
+    # Only this thread's records: in ``radfl simulate``'s own process the ServerApp's thread
+    # logs through the same loggers, and the coordinator's records are not the site's.
+    thread = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == thread)
     loggers = [logging.getLogger(name) for name in SITE_LOGGERS]
     saved = [(logger, logger.propagate, logger.level) for logger in loggers]
     for logger in loggers:

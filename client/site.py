@@ -81,6 +81,12 @@ def site_name(node_config: Mapping[str, Any]) -> str:
 _CACHE: dict[tuple[Any, ...], SiteSplits] = {}
 
 
+def clear_cache() -> None:
+    """Forget every loaded site, as a ClientApp process that ends does (``radfl simulate``'s
+    in-process sites call it when the run ends, so a later run reads its data afresh)."""
+    _CACHE.clear()
+
+
 def data_folder(node_config: Mapping[str, Any]) -> Path | None:
     """The site folder: ``data-path``, or in a simulation on disk ``site-<partition-id>`` of
     ``RADFL_SIMULATION_DATA``; ``None`` for a synthetic hospital generated in memory."""

@@ -2,16 +2,18 @@
 
 What ``flwr run`` against a SuperLink does in three processes (the SuperLink, ``flwr-simulation``
 and the CLI streaming the log), with an app bundle built, shipped and installed for every run,
-is done here in one: the ServerApp runs in a thread, the virtual sites in Ray actors, messages
+is done here in one: the ServerApp runs in a thread, the virtual sites in this process too
+(``simulations.local_backend``, the default) or in Ray actors (``--backend ray``), messages
 pass through Flower's in-memory link state. The profile of issue 22 (``radfl bench --parts
 startup``) put about 9 s of a 30 s one-round run on the SuperLink, the bundle and the log stream.
 
 The ServerApp and ClientApp are the ones ``flwr run`` would load (the app folder's
 ``[tool.flwr.app.components]``) and their run config is fused from the app folder's
 ``pyproject.toml`` and the overrides exactly as Flower's own simulation process fuses it
-(``flwr.simulation.app``), through the same function, ``_run_simulation``. That function is
-Flower's internal one (the public ``run_simulation`` takes no run config): its use is checked by
-``tests/simulations/test_inprocess.py`` against the installed Flower.
+(``flwr.simulation.app``), through the same function, ``_run_simulation`` (Ray), or the same
+pieces of it (local). That function is Flower's internal one (the public ``run_simulation``
+takes no run config): its use is checked by ``tests/simulations/test_inprocess.py`` against
+the installed Flower.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from common.config import format_run_config
+from common.errors import RadFLError
 
 #: Lines ``radfl simulate`` shows without ``--verbose``: RadFL's progress, Flower's round
 #: headers, errors and the boxed messages the Flower CLI prints.
 PROGRESS_MARKERS = ("[radfl]", "[ROUND", "ERROR", "Error", "Traceback", "Exception", "│", "╰")
 #: ClientApp of fault injection (``simulations.faults``), in place of the app folder's own.
 FAULTS_CLIENT_APP = "simulations.faults:app"
+#: The backends that run the sites: in this process (``simulations.local_backend``), or in Ray
+#: actors (Flower's own; a Ray cluster, GPUs, and a site that hangs need it).
+BACKENDS = ("local", "ray")
 
 
 class ProgressFilter(logging.Filter):
@@ -66,6 +72,36 @@ def backend_config(*, cpus_per_site: int, gpus_per_site: float, verbose: bool) -
     }
 
 
+def choose_backend(
+    requested: str | None, *, env: Mapping[str, str], gpus_per_site: float, faults: str
+) -> str:
+    """The backend that runs the sites: ``requested``, or ``local`` unless the run needs Ray
+    (a Ray cluster, GPUs per site, or a fault that hangs a site: the one in-process worker
+    would hang with it, where Ray's other actors serve the other sites and the hung one is
+    killed at the end). A request the run cannot honour is refused, naming the option."""
+    needs_ray = [
+        reason
+        for reason, needed in (
+            ("--ray-address (a Ray cluster)", bool(env.get("RAY_ADDRESS"))),
+            ("--gpus-per-site (GPUs are Ray resources)", gpus_per_site > 0),
+            ("a 'hang' fault (--faults)", ":hang" in faults),
+        )
+        if needed
+    ]
+    if requested is not None and requested not in BACKENDS:
+        raise RadFLError(f"--backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+    if requested == "local" and needs_ray:
+        raise RadFLError(f"--backend local: {needs_ray[0]} needs --backend ray")
+    return requested or ("ray" if needs_ray else "local")
+
+
+def where_sites_run(backend: str, env: Mapping[str, str]) -> str:
+    """Where ``backend`` runs the sites, as ``radfl simulate`` announces it."""
+    if env.get("RAY_ADDRESS"):
+        return f"sites on Ray cluster {env['RAY_ADDRESS']}"
+    return "sites in this process" if backend == "local" else "sites in a private Ray"
+
+
 def run_in_process(
     *,
     app_dir: Path,
@@ -76,12 +112,14 @@ def run_in_process(
     gpus_per_site: float,
     faults: str,
     verbose: bool,
+    backend: str = "local",
 ) -> None:
     """Run the app in ``app_dir`` on ``num_sites`` virtual sites until its ServerApp returns.
 
-    ``env`` becomes this process's environment first: the ServerApp thread reads it, and the
-    Ray instance started here hands it to the sites' workers (``RAY_ADDRESS`` in it attaches
-    to a running cluster instead). Raises what the ServerApp raised.
+    ``env`` becomes this process's environment first: the ServerApp thread reads it, and so do
+    the sites, in this process (``backend`` ``local``) or in the workers of the Ray instance
+    started here (``ray``; ``RAY_ADDRESS`` in ``env`` attaches to a running cluster instead).
+    Raises what the ServerApp raised.
     """
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
@@ -120,17 +158,30 @@ def run_in_process(
         run_config=get_fused_config_from_dir(app_dir, override_config),
     )
     _quiet(verbose)
-    backend = backend_config(
+    if backend == "local":
+        from simulations.local_backend import run_federation
+
+        run_federation(
+            num_sites=num_sites,
+            cpus_per_site=cpus_per_site,
+            server_app_attr=server_app,
+            client_app_attr=client_app,
+            server_context=context,
+            app_dir=str(app_dir),
+            run=run,
+        )
+        return
+    ray_config = backend_config(
         cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site, verbose=verbose
     )
-    start_ray(backend["init_args"], app_dir)
+    start_ray(ray_config["init_args"], app_dir)
     _run_simulation(
         num_supernodes=num_sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         server_app_attr=server_app,
         client_app_attr=client_app,
         backend_name="ray",
-        backend_config=backend,  # type: ignore[arg-type]
+        backend_config=ray_config,  # type: ignore[arg-type]
         server_app_context=context,
         app_dir=str(app_dir),
         run=run,

@@ -36,7 +36,7 @@ from common.config import (
     parse_overrides,
 )
 from common.errors import RadFLError
-from simulations.inprocess import PROGRESS_MARKERS
+from simulations.inprocess import BACKENDS, PROGRESS_MARKERS, choose_backend, where_sites_run
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -114,6 +114,12 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the simulated sites on this running Ray cluster (its head's address, as "
         "`ray start --head` prints it) instead of a private Ray instance on this machine; "
         "--cpus-per-site/--gpus-per-site size each site on the cluster's nodes",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="run the sites in this process (local: the default, no Ray start) or in Ray actors "
+        "(ray: the default with --ray-address, --gpus-per-site or a 'hang' fault)",
     )
     parser.add_argument(
         "--leave-out",
@@ -220,10 +226,14 @@ def simulate(args: argparse.Namespace) -> int:
         from client.disclosure import SIMULATION_NODE_CONFIG_ENV
 
         env[SIMULATION_NODE_CONFIG_ENV] = json.dumps(node_config)
+    args.backend = choose_backend(  # (--superlink runs its sites in Ray whatever the faults)
+        getattr(args, "backend", None), env=env, gpus_per_site=getattr(args, "gpus_per_site", 0.0),
+        faults="" if getattr(args, "superlink", False) else getattr(args, "faults", ""),
+    )  # fmt: skip
     print(
         f"RadFL simulation: {args.sites} sites, {config.num_rounds} rounds, {config.model}, "
         f"{config.strategy}, seed {config.seed}; data {data_root or 'in memory'}; "
-        f"{'Ray cluster ' + env['RAY_ADDRESS'] if 'RAY_ADDRESS' in env else 'private Ray'}; "
+        f"{where_sites_run('ray' if getattr(args, 'superlink', False) else args.backend, env)}; "
         f"tracking to {env['MLFLOW_TRACKING_URI']}; run key {config.run_key} (--resume "
         f"{config.run_key} continues it from its last checkpoint)",
         flush=True,
@@ -297,6 +307,7 @@ def _run_here(args: argparse.Namespace, overrides: Mapping[str, Any], env: dict[
             gpus_per_site=getattr(args, "gpus_per_site", 0.0),
             faults=faults,
             verbose=args.verbose,
+            backend=args.backend,
         )
     except RadFLError:
         raise  # a bad option (a fault spec): refused by name, as before the run

@@ -73,10 +73,15 @@ class PhaseClock:
         return out
 
 
-#: The two ways ``radfl simulate`` runs a federation, profiled side by side (alternating, so
-#: that a busy spell on a shared machine hits both): ``--superlink`` as before issue 22, and
-#: the default, in this process (``simulations.inprocess``).
-WAYS: dict[str, tuple[str, ...]] = {"superlink_s": ("--superlink",), "in_process_s": ()}
+#: The ways ``radfl simulate`` runs a federation, profiled side by side (alternating, so that
+#: a busy spell on a shared machine hits each): ``--superlink`` as before issue 22, in this
+#: process with the sites in Ray actors (``--backend ray``), and the default, sites and all in
+#: this process (``simulations.local_backend``).
+WAYS: dict[str, tuple[str, ...]] = {
+    "superlink_s": ("--superlink",),
+    "in_process_ray_s": ("--backend", "ray"),
+    "in_process_s": (),
+}
 
 
 def startup(profile: Profile, runner: Runner) -> pd.DataFrame:

@@ -60,11 +60,13 @@ def test_ray_starts_with_only_what_a_simulation_needs():
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path: Path):
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path: Path, backend: str):
     """Ray's `init` replaces the process's SIGTERM handler (exit at once, or abort with a
     stack dump); `radfl simulate` puts its own back, so a scheduler's SIGTERM stops the run
-    as Ctrl-C does: exit code 130, the resume hint, and no Ray process left behind."""
-    command = tiny_simulate_command(sites=2, rounds=20)
+    as Ctrl-C does: exit code 130, the resume hint, and no Ray process left behind. With the
+    sites in this process (`local`) there is no process but this one to stop."""
+    command = [*tiny_simulate_command(sites=2, rounds=20), "--backend", backend]
     log = tmp_path / "run.out"
     with log.open("w") as out:
         run = subprocess.Popen(
@@ -80,7 +82,8 @@ def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path: Path):
             time.sleep(0.2)
         assert run.poll() is None, log.read_text()[-3000:]
         started = descendants(run.pid)
-        assert started  # Ray's processes, started by this one
+        if backend == "ray":
+            assert started  # Ray's processes, started by this one
         run.send_signal(signal.SIGTERM)
         assert run.wait(timeout=120) == 130, log.read_text()[-3000:]
     finally:
