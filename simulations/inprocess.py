@@ -35,6 +35,8 @@ from common.errors import RadFLError
 PROGRESS_MARKERS = ("[radfl]", "[ROUND", "ERROR", "Error", "Traceback", "Exception", "│", "╰")
 #: ClientApp of fault injection (``simulations.faults``), in place of the app folder's own.
 FAULTS_CLIENT_APP = "simulations.faults:app"
+#: ``RAY_ADDRESS`` for a Ray instance of the run's own (``ray_env``).
+LOCAL_RAY = "local"
 #: The backends that run the sites: in this process (``simulations.local_backend``), or in Ray
 #: actors (Flower's own; a Ray cluster, GPUs, and a site that hangs need it).
 BACKENDS = ("local", "ray")
@@ -72,6 +74,29 @@ def backend_config(*, cpus_per_site: int, gpus_per_site: float, verbose: bool) -
     }
 
 
+def ray_env(env: dict[str, str], address: str | None) -> dict[str, str]:
+    """``env`` with ``RAY_ADDRESS`` set: Flower's Ray backend calls ``ray.init()`` without an
+    address, which attaches to the cluster ``RAY_ADDRESS`` names instead of starting a Ray
+    instance of its own.
+
+    ``address`` (``--ray-address``) first, then a ``RAY_ADDRESS`` the user set, else ``local``,
+    a Ray of this run's own: unset, ``ray.init()`` would attach to whichever cluster ``ray
+    start`` last started on this machine (``/tmp/ray/ray_current_cluster``), another user's or
+    a test's, and fail when that one stops."""
+    if not address:
+        return {**env, "RAY_ADDRESS": env.get("RAY_ADDRESS") or LOCAL_RAY}
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RadFLError(f"--ray-address {address!r}: expected HOST:PORT of the Ray head")
+    return {**env, "RAY_ADDRESS": address}
+
+
+def ray_cluster(env: Mapping[str, str]) -> str | None:
+    """The Ray cluster ``env`` attaches the sites to, or None for a Ray of the run's own."""
+    address = env.get("RAY_ADDRESS")
+    return address if address and address != LOCAL_RAY else None
+
+
 def choose_backend(
     requested: str | None, *, env: Mapping[str, str], gpus_per_site: float, faults: str
 ) -> str:
@@ -82,7 +107,7 @@ def choose_backend(
     needs_ray = [
         reason
         for reason, needed in (
-            ("--ray-address (a Ray cluster)", bool(env.get("RAY_ADDRESS"))),
+            ("--ray-address (a Ray cluster)", ray_cluster(env) is not None),
             ("--gpus-per-site (GPUs are Ray resources)", gpus_per_site > 0),
             ("a 'hang' fault (--faults)", ":hang" in faults),
         )
@@ -97,8 +122,9 @@ def choose_backend(
 
 def where_sites_run(backend: str, env: Mapping[str, str]) -> str:
     """Where ``backend`` runs the sites, as ``radfl simulate`` announces it."""
-    if env.get("RAY_ADDRESS"):
-        return f"sites on Ray cluster {env['RAY_ADDRESS']}"
+    cluster = ray_cluster(env)
+    if cluster is not None:
+        return f"sites on Ray cluster {cluster}"
     return "sites in this process" if backend == "local" else "sites in a private Ray"
 
 

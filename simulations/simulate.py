@@ -36,7 +36,13 @@ from common.config import (
     parse_overrides,
 )
 from common.errors import RadFLError
-from simulations.inprocess import BACKENDS, PROGRESS_MARKERS, choose_backend, where_sites_run
+from simulations.inprocess import (
+    BACKENDS,
+    PROGRESS_MARKERS,
+    choose_backend,
+    ray_env,
+    where_sites_run,
+)
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -428,23 +434,6 @@ def federation_config(args: argparse.Namespace) -> str:
         f"num-supernodes={args.sites} client-resources-num-cpus={args.cpus_per_site} "
         f"client-resources-num-gpus={gpus}"
     )
-
-
-def ray_env(env: dict[str, str], address: str | None) -> dict[str, str]:
-    """``env`` with ``RAY_ADDRESS`` set to ``address``: Flower's Ray backend calls
-    ``ray.init()`` without an address, which attaches to the cluster ``RAY_ADDRESS`` names
-    instead of starting a Ray instance of its own.
-
-    Without ``address`` it is ``local``, a Ray of this run's own: unset (or inherited from the
-    shell), ``ray.init()`` would attach to whichever cluster ``ray start`` last started on
-    this machine (``/tmp/ray/ray_current_cluster``), another user's or a test's, and fail when
-    that one stops. ``--ray-address`` is the one way to run on a cluster."""
-    if not address:
-        return {**env, "RAY_ADDRESS": "local"}
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise RadFLError(f"--ray-address {address!r}: expected HOST:PORT of the Ray head")
-    return {**env, "RAY_ADDRESS": address}
 
 
 def simulation_env(workdir: Path) -> dict[str, str]:

@@ -6,7 +6,7 @@ import pytest
 from ray._private.services import canonicalize_bootstrap_address
 
 from common.errors import RadFLError
-from simulations.simulate import ray_env
+from simulations.inprocess import choose_backend, ray_env, where_sites_run
 
 
 def test_without_an_address_a_run_starts_its_own_ray_even_where_a_cluster_was_started(
@@ -19,10 +19,20 @@ def test_without_an_address_a_run_starts_its_own_ray_even_where_a_cluster_was_st
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # What Ray does without RadFL's setting: attach to the other cluster.
     assert canonicalize_bootstrap_address(None, str(tmp_path)) is not None
-    for inherited in (None, "10.0.0.9:6379"):  # nothing, or an address left in the shell
-        env = {} if inherited is None else {"RAY_ADDRESS": inherited}
-        monkeypatch.setenv("RAY_ADDRESS", ray_env(env, None)["RAY_ADDRESS"])
-        assert canonicalize_bootstrap_address(None, str(tmp_path)) is None  # start its own
+    env = ray_env({}, None)
+    monkeypatch.setenv("RAY_ADDRESS", env["RAY_ADDRESS"])
+    assert canonicalize_bootstrap_address(None, str(tmp_path)) is None  # start its own
+    # ... and the run is local: neither a Ray backend nor a cluster is chosen for it.
+    assert choose_backend(None, env=env, gpus_per_site=0, faults="") == "local"
+    assert where_sites_run("ray", env) == "sites in a private Ray"
+
+
+def test_a_ray_address_the_user_set_is_kept_and_the_option_comes_first() -> None:
+    assert ray_env({"RAY_ADDRESS": "10.0.0.9:6379"}, None)["RAY_ADDRESS"] == "10.0.0.9:6379"
+    env = ray_env({"RAY_ADDRESS": "10.0.0.9:6379"}, "10.0.0.1:6379")
+    assert env["RAY_ADDRESS"] == "10.0.0.1:6379"
+    assert choose_backend(None, env=env, gpus_per_site=0, faults="") == "ray"
+    assert where_sites_run("ray", env) == "sites on Ray cluster 10.0.0.1:6379"
 
 
 def test_an_address_attaches_and_a_malformed_one_is_refused_by_name() -> None:
