@@ -69,7 +69,7 @@ def steady(profile: Profile, runner: Runner) -> pd.DataFrame:
             CENTRALIZED: runner.run("centralized", seed=seed, **common),
         }
         for training, run in runs.items():
-            for step, value in _curve(run, f"pooled/{metric}"):
+            for step, value in curve(run, f"pooled/{metric}"):
                 curves.append(
                     {"seed": seed, "training": training, "round": step,
                      "pooled_validation": value, "run_id": run.run_id}
@@ -88,7 +88,7 @@ def steady(profile: Profile, runner: Runner) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _curve(run: RunResult, name: str) -> list[tuple[int, float]]:
+def curve(run: RunResult, name: str) -> list[tuple[int, float]]:
     """(round, value) of a metric's history; round 0 is the untrained model."""
     history = run.client.get_metric_history(run.run_id, name)
     return sorted((int(m.step), float(m.value)) for m in history)
@@ -98,8 +98,8 @@ def seed_row(
     profile: Profile, seed: int, federated: RunResult, centralized: RunResult, metric: str
 ) -> dict[str, Any]:
     after = profile.steady_after_round
-    fed_drop, fed_at = largest_drop(_curve(federated, f"pooled/{metric}"), after)
-    central_drop, _ = largest_drop(_curve(centralized, f"pooled/{metric}"), after)
+    fed_drop, fed_at = largest_drop(curve(federated, f"pooled/{metric}"), after)
+    central_drop, _ = largest_drop(curve(centralized, f"pooled/{metric}"), after)
     fed_test = federated.metrics.get(f"test/{metric}", math.nan)
     central_test = centralized.metrics.get(f"test/{metric}", math.nan)
     ratio = fed_test / central_test if central_test else math.nan
