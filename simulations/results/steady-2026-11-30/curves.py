@@ -17,6 +17,8 @@ for spec in sys.argv[2:]:
     label, store = spec.split("=", 1)
     client = MlflowClient(f"sqlite:///{Path(store) / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise SystemExit(f"{store}: no MLflow experiment {EXPERIMENT!r}")
     for run in client.search_runs([experiment.experiment_id]):
         names = [
             k
