@@ -21,6 +21,9 @@ MLflow run in ``--out/mlflow.db`` whose id is in the table.
   (``simulations.bench.utility``).
 - ``startup``: the fixed cost of a one-round ``radfl simulate``, phase by phase, and a small
   workload against ``radfl centralized`` on the same images (``simulations.bench.startup``).
+- ``steady``: per seed, the federated pooled validation curve's largest drop below its running
+  best after round 5, and the final test AUC against ``radfl centralized`` on the same seed
+  (``simulations.bench.steady``).
 
 Profiles size the runs (``simulations.bench.runner``, with the runner that launches each one):
 ``quick`` (seconds per run: CI checks that the tables are produced), ``cpu`` (this 2-core
@@ -352,6 +355,14 @@ def startup(profile: Profile, runner: Runner) -> pd.DataFrame:
     return bench_startup.startup(profile, runner)
 
 
+def steady(profile: Profile, runner: Runner) -> pd.DataFrame:
+    """Per seed: the federated validation curve's largest drop after the first rounds, and
+    the final test AUC against pooled training's on the same seed (issue 22)."""
+    from simulations.bench import steady as bench_steady
+
+    return bench_steady.steady(profile, runner)
+
+
 PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {
     "quality": quality,
     "overhead": overhead,
@@ -360,6 +371,7 @@ PARTS: dict[str, Callable[[Profile, Runner], pd.DataFrame]] = {
     "privacy": privacy,
     "privacy-utility": privacy_utility,
     "startup": startup,
+    "steady": steady,
 }
 SUMMARIES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
     "quality": quality_summary,
@@ -371,6 +383,8 @@ def bench(args: argparse.Namespace) -> int:
     profile = PROFILES[args.profile]
     if args.tasks:
         profile = replace(profile, tasks=tuple(t.strip() for t in args.tasks.split(",")))
+    if args.seeds:
+        profile = replace(profile, seeds=_seeds(args.seeds))
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -395,6 +409,13 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise BenchError(f"--seeds {text!r}: give whole numbers, e.g. 0,1,2") from None
+
+
 def write(out: Path, name: str, table: pd.DataFrame) -> None:
     table.to_csv(out / f"{name}.csv", index=False)
     (out / f"{name}.json").write_text(table.to_json(orient="records", indent=1))
@@ -406,6 +427,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench", help="folder for tables and the MLflow store")
     parser.add_argument("--verbose", action="store_true", help="show each run's output")
     parser.add_argument("--tasks", default="", help="tasks of the profile to run (default: all)")
+    parser.add_argument(
+        "--seeds",
+        default="",
+        help="seeds to run instead of the profile's, e.g. 1,2 (one seed per process runs "
+        "seeds side by side, each with its own --out)",
+    )
     parser.add_argument(
         "--modes",
         default="",

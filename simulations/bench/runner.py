@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 from mlflow.tracking import MlflowClient
 
+from common.config import default_run_config
 from common.errors import RadFLError
 from server import tracking
 
@@ -70,6 +71,9 @@ class Profile:
     #: Strategies ``scale`` measures: the running mean (fedavg) and two that need every
     #: update at once and hold them on disk (fedmedian, krum; issue 18).
     scale_strategies: tuple[str, ...] = ("fedavg", "fedmedian", "krum")
+    #: ``steady``: the largest fall of the validation curve below its running best is
+    #: counted after this round (issue 22: 5).
+    steady_after_round: int = 5
 
     def model(self, task: str) -> str:
         """The network this profile benchmarks ``task`` with: a profile names one per task it
@@ -143,14 +147,17 @@ PROFILES: dict[str, Profile] = {
         inversion_batch_sizes=(1,),
     ),
 }
-#: The default data and image size (``pyproject.toml``), for a GPU machine.
+#: The default run of ``pyproject.toml`` (data, image size, rounds, epochs, batch), for a GPU
+#: machine; read from it, so that a changed default is what this profile measures.
+_DEFAULTS = default_run_config()
 PROFILES["gpu"] = replace(
     PROFILES["cpu"],
     name="gpu",
-    samples_per_site=300,
-    rounds=20,
-    local_epochs=3,
-    batch_size=0,  # the task's own, as in pyproject.toml
+    samples_per_site=int(_DEFAULTS["synthetic-samples-per-site"]),
+    image_size=int(_DEFAULTS["image-size"]),
+    rounds=int(_DEFAULTS["num-rounds"]),
+    local_epochs=int(_DEFAULTS["local-epochs"]),
+    batch_size=int(_DEFAULTS["batch-size"]),  # 0: the task's own
     compressions=("none", "fp16", "int8"),
     inversion_iterations=300,
     inversion_image_size=32,
