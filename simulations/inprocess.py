@@ -295,14 +295,17 @@ def abandon() -> None:
     ServerApp's thread, which would wait out its round's timeout for sites that are gone, is not
     waited for. Not ``ray.shutdown()``: Flower's threads still call into Ray, and a call after
     the shutdown makes Ray's core worker end the process with exit code 1 ("The core worker has
-    already been shutdown"), before this one could exit with 130 (seen once in CI)."""
+    already been shutdown"), before this one could exit with 130 (seen once in CI). Killed Ray
+    processes make the core worker do the same once it notices, so nothing waits between the
+    kills and the exit (waiting for them to end lost that race in CI, 2026-11-30); a SIGKILL
+    cannot be refused, and the killed processes are reaped by init after this one exits."""
     import psutil
 
-    children = psutil.Process().children(recursive=True)
-    for child in children:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-    psutil.wait_procs(children, timeout=10)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)
