@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -291,14 +291,14 @@ def _quiet(verbose: bool) -> None:
 
 
 def abandon() -> None:
-    """Leave at once after an interrupt: the Ray processes this one started are killed, and the
-    ServerApp's thread, which would wait out its round's timeout for sites that are gone, is not
-    waited for. Not ``ray.shutdown()``: Flower's threads still call into Ray, and a call after
-    the shutdown makes Ray's core worker end the process with exit code 1 ("The core worker has
-    already been shutdown"), before this one could exit with 130 (seen once in CI). Killed Ray
-    processes make the core worker do the same once it notices, so nothing waits between the
-    kills and the exit (waiting for them to end lost that race in CI, 2026-11-30); a SIGKILL
-    cannot be refused, and the killed processes are reaped by init after this one exits."""
+    """Leave at once after an interrupt, from its signal handler: the Ray processes this one
+    started are killed, and the ServerApp's thread, which would wait out its round's timeout
+    for sites that are gone, is not waited for. Not ``ray.shutdown()``: Flower's threads still
+    call into Ray, and a call after the shutdown makes Ray's core worker end the process with
+    exit code 1 ("The core worker has already been shutdown") before this one could exit with
+    130. Killed Ray processes make the core worker do the same once it notices, so nothing
+    waits between the kills and the exit; a SIGKILL cannot be refused, and the killed
+    processes are reaped by init after this one exits."""
     import psutil
 
     sys.stdout.flush()
@@ -309,3 +309,32 @@ def abandon() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)
+
+
+def interrupt_handler(*, in_process: bool, run_key: str) -> Callable[[int, object], None]:
+    """The handler of SIGTERM and Ctrl-C during ``radfl simulate``. A run in this process
+    leaves from the handler, at once (``abandon``): an exception unwinding through Flower's
+    simulation runtime reaches its ``finally``, which shuts Ray down while Flower's worker
+    threads still call into it, and Ray's core worker then ends the process with exit code 1
+    before it could say it was interrupted (CI, 2026-11-30, twice). A run on the SuperLink
+    unwinds (``KeyboardInterrupt``), which stops the SuperLink and its processes."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        # From here on, Flower's message threads in this process would report each site's
+        # actor, stopped on the way out, as an error of the run: it is not one.
+        logging.getLogger("flwr").disabled = True
+        if in_process:
+            say_interrupted(run_key)
+            abandon()
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return interrupt
+
+
+def say_interrupted(run_key: str) -> None:
+    print(
+        "\nradfl: interrupted; the simulation and its processes were stopped. "
+        f"`--resume {run_key}` with the same options continues from the last checkpoint.",
+        file=sys.stderr,
+        flush=True,
+    )

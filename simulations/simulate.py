@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import re
 import signal
@@ -40,7 +39,9 @@ from simulations.inprocess import (
     BACKENDS,
     PROGRESS_MARKERS,
     choose_backend,
+    interrupt_handler,
     ray_env,
+    say_interrupted,
     where_sites_run,
 )
 from simulations.local_superlink import CONNECTION_NAME, LocalSuperLink
@@ -247,26 +248,17 @@ def simulate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: Ray or the SuperLink and
     # everything they started are stopped on the way out instead of being left running.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    previous_sigint = signal.signal(signal.SIGINT, _interrupt)
     in_process = not getattr(args, "superlink", False)
+    handler = interrupt_handler(in_process=in_process, run_key=config.run_key)
+    previous = signal.signal(signal.SIGTERM, handler)
+    previous_sigint = signal.signal(signal.SIGINT, handler)
     try:
         if in_process:
             _run_here(args, overrides, env)
         else:
             _run_on_local_superlink(args, overrides, env, workdir)
     except KeyboardInterrupt:
-        print(
-            f"\nradfl: interrupted; the simulation and its processes were stopped. "
-            f"`--resume {config.run_key}` with the same options continues from the last "
-            "checkpoint.",
-            file=sys.stderr,
-            flush=True,
-        )
-        if in_process:
-            from simulations.inprocess import abandon
-
-            abandon()
+        say_interrupted(config.run_key)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -283,13 +275,6 @@ def simulate(args: argparse.Namespace) -> int:
         # Only because every site is synthetic and local: a real site's images never move.
         log_overlays(run.info.run_id, config, client_config, args.sites, data_root)
     return print_summary(config, wall_time_s=wall_time_s)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # From here on, Flower's message threads in this process would report each site's actor,
-    # stopped with Ray on the way out, as an error of the run: it is not one.
-    logging.getLogger("flwr").disabled = True
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _run_here(args: argparse.Namespace, overrides: Mapping[str, Any], env: dict[str, str]) -> None:
