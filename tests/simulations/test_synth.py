@@ -393,3 +393,30 @@ def test_site_folders_load_boxes_and_instances_on_the_training_grid(federations,
     for index in range(len(shrunk)):
         native = _load(folder / rows[index][manifest.INSTANCE_MASK])
         assert len(shrunk[index]["label"]["masks"]) == len(np.unique(native[native > 0]))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_hospitals_storage_format_does_not_set_its_image_level(federations, tmp_path, dims):
+    """CT is windowed in HU, MR and X-ray are percentile-scaled: before the per-image z-score
+    the synthetic hospitals' mean image was 0.19, 0.33 and 0.41 (in the order of their
+    prevalence), a level a pooled model learnt as the hospital. Every format now loads with
+    the level and spread of the in-memory hospitals: mean 0 and unit variance per image."""
+    from client.data import SiteDataset, read_manifest
+
+    levels = []
+    for folder in federations["classification" if dims == 2 else "segmentation", dims]:
+        task = "classification" if dims == 2 else "segmentation"
+        site = SiteDataset(
+            read_manifest(folder, task),
+            folder,
+            task=task,
+            spatial_dims=dims,
+            image_size=16,
+            cache_dir=tmp_path / folder.name,
+        )
+        images = torch.stack([site[index]["image"] for index in range(len(site))])
+        flat = images.reshape(len(images), -1)
+        assert flat.mean(dim=1).abs().max() < 1e-4, folder.name
+        assert (flat.std(dim=1, unbiased=False) - 1).abs().max() < 1e-3, folder.name
+        levels.append(float(flat.mean()))
+    assert len(levels) == 3
