@@ -54,7 +54,12 @@ from common.errors import ConfigError, SiteDataError
 
 #: The ``MLmodel`` metadata key and the version ``server.tracking.model_metadata`` writes.
 METADATA_KEY = "radfl"
-METADATA_VERSION = 1
+METADATA_VERSION = 2
+#: Why a model of an older version is refused (``server.tracking.MODEL_METADATA_VERSION``).
+_OLDER_VERSIONS = {
+    1: "trained before images were z-scored per image after the intensity window, so this "
+    "RadFL would give it other inputs than it learnt from",
+}
 #: Tasks ``radfl predict`` writes outputs for.
 SUPPORTED_TASKS = ("classification", "segmentation", "detection", "instance")
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -118,10 +123,12 @@ def read_metadata(source: str, metadata: Mapping[str, Any] | None) -> dict[str, 
             f"model {source} carries no '{METADATA_KEY}' metadata (logged by a RadFL older than "
             "radfl predict): re-run the federation, or load its weights/ artifacts by hand"
         )
-    if found.get("version") != METADATA_VERSION:
+    version = found.get("version")
+    if version != METADATA_VERSION:
+        why = _OLDER_VERSIONS.get(version) if isinstance(version, int) else None
         raise ConfigError(
-            f"model {source}: metadata version {found.get('version')!r} is not the "
-            f"{METADATA_VERSION} this RadFL reads"
+            f"model {source}: metadata version {version!r} is not the {METADATA_VERSION} this "
+            f"RadFL reads" + (f" ({why}): re-run its federation with this RadFL" if why else "")
         )
     missing = [
         k

@@ -46,8 +46,10 @@ BEST_ROUND_TAG = "radfl.best-round"
 SHA256_TAG_PREFIX = "radfl.sha256."
 #: The key of the logged model's metadata (``MLmodel``) that ``radfl predict`` reads.
 MODEL_METADATA_KEY = "radfl"
-#: Bumped when the metadata's fields change meaning; ``radfl predict`` refuses unknown versions.
-MODEL_METADATA_VERSION = 1
+#: Bumped when the metadata's fields or the preprocessing they name change meaning; ``radfl
+#: predict`` refuses other versions. 2: images are z-scored per image after the intensity
+#: window (``client/preprocessing.py`` step 5), so a version-1 model would get other inputs.
+MODEL_METADATA_VERSION = 2
 
 
 def tracking_uri() -> str:

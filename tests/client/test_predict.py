@@ -23,7 +23,7 @@ from common.errors import ConfigError
 from common.tasks.base import ModelConfig, get_task
 
 METADATA: dict[str, Any] = {
-    "version": 1,
+    "version": 2,
     "task": "classification",
     "model": "small-cnn",
     "spatial_dims": 2,
@@ -47,10 +47,16 @@ def test_model_uri_takes_run_ids_registry_uris_and_folders(tmp_path: Path) -> No
 
 
 def test_a_model_logged_without_radfl_metadata_is_refused_by_name() -> None:
+    from server.tracking import MODEL_METADATA_VERSION
+
+    assert predict.METADATA_VERSION == MODEL_METADATA_VERSION  # predict reads what runs log
     with pytest.raises(ConfigError, match="model old carries no 'radfl' metadata"):
         predict.read_metadata("old", {"other": 1})
-    with pytest.raises(ConfigError, match="metadata version 7 is not the 1"):
+    with pytest.raises(ConfigError, match="metadata version 7 is not the 2 this RadFL reads$"):
         predict.read_metadata("new", {"radfl": {**METADATA, "version": 7}})
+    # A model from before the per-image z-score would be fed other inputs than it learnt from.
+    with pytest.raises(ConfigError, match="version 1 is not the 2 .*trained before images were z-"):
+        predict.read_metadata("old", {"radfl": {**METADATA, "version": 1}})
     with pytest.raises(ConfigError, match="metadata lacks image_size"):
         predict.read_metadata(
             "cut", {"radfl": {k: v for k, v in METADATA.items() if k != "image_size"}}
