@@ -50,16 +50,7 @@ class InputGrid:
 
 def task_of(metadata: Mapping[str, Any]) -> Task:
     """The task the model was trained for, bound to its network configuration."""
-    return get_task(
-        ModelConfig(
-            task=str(metadata["task"]),
-            model=str(metadata["model"]),
-            spatial_dims=int(metadata["spatial_dims"]),
-            image_size=int(metadata["image_size"]),
-            num_classes=int(metadata["num_classes"]),
-            seed=0,
-        )
-    )
+    return get_task(ModelConfig.of_model(metadata))
 
 
 def detect(task: Task, network: torch.nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:

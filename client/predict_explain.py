@@ -80,16 +80,14 @@ def explained_network(network: nn.Module, metadata: Mapping[str, Any]) -> nn.Mod
         from common.tasks import get_task
         from common.tasks.base import ModelConfig
 
-        found = metadata
-        config = ModelConfig(
-            task=str(found["task"]),
-            model=str(found["model"]),
-            spatial_dims=int(found["spatial_dims"]),
-            image_size=int(found["image_size"]),
-            num_classes=int(found["num_classes"]),
-            seed=0,
-        )
+        config = ModelConfig.of_model(metadata)
         plain = get_task(config).build_model()
-        plain.load_state_dict(network.state_dict())
+        try:
+            plain.load_state_dict(network.state_dict())
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"model: its weights do not fit a {config.model} network with "
+                f"{config.normalisation} normalisation, as its metadata describes: {exc}"
+            ) from exc
         _EXPLAINED[key] = plain.eval()
     return _EXPLAINED[key]

@@ -20,7 +20,7 @@ from common.errors import ConfigError
 from common.evaluation import THRESHOLD_METHODS
 from common.subgroups import SubgroupSpec
 from common.tasks import task_class
-from common.tasks.base import ModelConfig
+from common.tasks.base import ModelConfig, Normalisation
 
 ConfigT = TypeVar("ConfigT")
 
@@ -109,6 +109,11 @@ class ServerConfig:
     @property
     def model_config(self) -> ModelConfig:
         return _project(self, ModelConfig)
+
+    @property
+    def normalisation(self) -> Normalisation:
+        """The sites' network has GroupNorm where DP needs it, BatchNorm otherwise."""
+        return "group" if self.private_network else "batch"
 
     @property
     def update_private(self) -> bool:
@@ -267,6 +272,11 @@ class ClientConfig:
     @property
     def model_config(self) -> ModelConfig:
         return _project(self, ModelConfig)
+
+    @property
+    def normalisation(self) -> Normalisation:
+        """The sites' network has GroupNorm where DP needs it, BatchNorm otherwise."""
+        return "group" if self.private_network else "batch"
 
     @property
     def private(self) -> bool:

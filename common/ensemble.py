@@ -134,14 +134,7 @@ def read_folder(folder: Path) -> tuple[MeanProbabilities, dict[str, Any]]:
         raise ConfigError(
             f"ensemble {description}: version {document.get('version')!r} is not {ENSEMBLE_VERSION}"
         )
-    config = ModelConfig(
-        task=str(metadata["task"]),
-        model=str(metadata["model"]),
-        spatial_dims=int(metadata["spatial_dims"]),
-        image_size=int(metadata["image_size"]),
-        num_classes=int(metadata["num_classes"]),
-        seed=0,
-    )
+    config = ModelConfig.of_model(metadata)
     networks = []
     for member in described:
         path = folder / Path(str(member["weights"])).name

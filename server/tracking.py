@@ -281,6 +281,8 @@ def model_metadata(
         "spatial_dims": config.spatial_dims,
         "image_size": config.image_size,
         "num_classes": config.num_classes,
+        # GroupNorm where the run trained with DP (common.privacy.private_model)
+        "normalisation": config.normalisation,
         "class_names": [str(k) for k in range(config.num_classes)],
         "ct_window_hu": list(DEFAULT_CT_WINDOW_HU),
         "percentiles": list(PERCENTILES),

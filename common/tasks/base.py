@@ -17,7 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # the synthetic generator is simulation data; only its type i
     from common.synthetic import SiteData
 
 Batch = dict[str, torch.Tensor]
+#: A network's normalisation layers: BatchNorm as registered, or GroupNorm in its place (the
+#: network DP-SGD and update-level DP train, ``common.privacy.private_model``).
+Normalisation = Literal["batch", "group"]
+NORMALISATIONS: tuple[Normalisation, ...] = ("batch", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,27 @@ class ModelConfig:
     image_size: int
     num_classes: int
     seed: int
+    normalisation: Normalisation = "batch"
+
+    @classmethod
+    def of_model(cls, metadata: Mapping[str, Any]) -> ModelConfig:
+        """The network a logged model's RadFL metadata (``server.tracking.model_metadata``)
+        describes; a model logged before ``normalisation`` was recorded has BatchNorm."""
+        normalisation = str(metadata.get("normalisation") or "batch")
+        if normalisation not in NORMALISATIONS:
+            raise ConfigError(
+                f"model metadata: normalisation {normalisation!r} is not one of "
+                f"{', '.join(NORMALISATIONS)}"
+            )
+        return cls(
+            task=str(metadata["task"]),
+            model=str(metadata["model"]),
+            spatial_dims=int(metadata["spatial_dims"]),
+            image_size=int(metadata["image_size"]),
+            num_classes=int(metadata["num_classes"]),
+            seed=0,
+            normalisation=normalisation,  # type: ignore[arg-type]
+        )
 
 
 #: What a task's ``new_states`` returns: summable states (``common.states``).
@@ -103,14 +128,20 @@ class Task(ABC):
             )
 
     def build_model(self) -> nn.Module:
-        """A fresh network for this task, seeded by the run's seed."""
+        """A fresh network for this task, seeded by the run's seed, with the configuration's
+        normalisation layers."""
         torch.manual_seed(self.config.seed)
-        return build_model(
+        network = build_model(
             self.config.model,
             spatial_dims=self.config.spatial_dims,
             in_channels=1,
             out_channels=self.output_channels(),
         )
+        if self.config.normalisation == "group":
+            from opacus.validators import ModuleValidator
+
+            network = ModuleValidator.fix(network)
+        return network
 
     @abstractmethod
     def output_channels(self) -> int:
