@@ -49,11 +49,13 @@ class RadFLStrategy(CheckpointMixin, ReplyGateMixin, LeaveOutMixin):
 
 
 class AverageBuffersMixin:
-    """Server optimisers (FedAdam, FedYogi) step only floating-point parameters.
+    """Server optimisers (FedAdam, FedYogi, FedAvgM) step only floating-point parameters.
 
-    Flower's FedOpt applies its adaptive step to every array, BatchNorm running variances and
-    batch counters included, which can make a variance negative. Here those buffers take the
-    plain sample-weighted average instead, and every array keeps its original dtype.
+    Flower's FedOpt and FedAvgM apply their step to every array, BatchNorm running variances
+    and batch counters included, which can make a variance negative (FedAvgM's momentum did
+    within two rounds of the default run, and every evaluation after was non-finite). Here
+    those buffers take the plain sample-weighted average instead, and every array keeps its
+    original dtype.
     """
 
     weighted_by_key: str
@@ -89,8 +91,8 @@ class FedProx(RadFLStrategy, flwr_strategy.FedProx):
     """FedProx (Li et al., 2020): FedAvg on the server; sites add the proximal term."""
 
 
-class FedAvgM(RadFLStrategy, flwr_strategy.FedAvgM):
-    """FedAvgM (Hsu et al., 2019)."""
+class FedAvgM(RadFLStrategy, AverageBuffersMixin, flwr_strategy.FedAvgM):
+    """FedAvgM (Hsu et al., 2019) with BatchNorm buffers averaged."""
 
     state_attributes = ("current_arrays", "momentum_vector")
 

@@ -94,6 +94,23 @@ def test_fedadam_averages_buffers_and_keeps_dtypes():
     assert arrays["w"].numpy().dtype == np.float32
 
 
+def test_fedavgm_averages_buffers_and_keeps_its_momentum_on_weights():
+    # Momentum on a running variance that falls two rounds running overshoots below zero:
+    # 4 -> 2 (the average) -> 2 - (0.9 * 2 + 1.5) = -1.3 where the sites say 0.5.
+    keys = ["bn.running_var", "bn.num_batches_tracked"]
+    strategy = _build(buffer_keys=keys, strategy="fedavgm")
+    current = _arrays(0.0, 4.0, 0)
+    strategy.current_arrays = current
+    _started(strategy, current)
+    first, _ = strategy.aggregate_train(1, [_reply(1.0, 2.0, 10, 1), _reply(1.0, 2.0, 30, 2)])
+    _started(strategy, first)
+    second, _ = strategy.aggregate_train(2, [_reply(2.0, 0.5, 10, 1), _reply(2.0, 0.5, 30, 2)])
+    assert second["bn.running_var"].numpy()[0] == pytest.approx(0.5)
+    assert second["bn.num_batches_tracked"].numpy().dtype == np.int64
+    # Weights keep the momentum: 1 + (0.9 * 1 + 1) = 2.9, past the sites' plain average of 2.
+    assert second["w"].numpy()[0] == pytest.approx(2.9)
+
+
 def test_fedprox_sends_proximal_mu():
     strategy = build_strategy(_config(strategy="fedprox", **{"proximal-mu": 0.3}))
     assert strategy.proximal_mu == pytest.approx(0.3)
