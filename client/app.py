@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -62,7 +63,7 @@ def train(msg: Message, context: Context) -> Message:
             **disclosure.privacy_spent(ledger, context, site.train),
         }
     )
-    _keep_local_normalisation(model, context, config)
+    _keep_local_normalisation(model, context, config, server_round)
     reply = _reply(msg, context, metrics, ArrayRecord(_cpu_state(model)))
     return _compress(reply, msg, context, config.update_compression)
 
@@ -185,7 +186,7 @@ def _prepare(
     if config.private_network:
         model = private_model(model)
     model.load_state_dict(keys.array_record(msg.content).to_torch_state_dict())
-    _restore_local_normalisation(model, context, config)
+    _restore_local_normalisation(model, context, config, _model_round(msg))
     trainer = LocalTrainer.for_site(task, config, site)
     return task, trainer, model, site
 
@@ -213,6 +214,8 @@ def update_clipping(msg: Message, context: Context, call_next: ClientAppCallable
 
 
 # -- FedBN: normalisation layers stay at the site -------------------------------------------
+#: ``context.state`` key prefix of the site's normalisation layers after its training in a
+#: round (``radfl.local-normalisation.3``: round 3's).
 LOCAL_NORMALISATION = "radfl.local-normalisation"
 NORMALISATION_LAYERS = (
     torch.nn.modules.batchnorm._BatchNorm,
@@ -232,22 +235,47 @@ def normalisation_keys(model: torch.nn.Module) -> set[str]:
 
 
 def _keep_local_normalisation(
-    model: torch.nn.Module, context: Context, config: ClientConfig
+    model: torch.nn.Module, context: Context, config: ClientConfig, server_round: int
 ) -> None:
-    """After local training: remember this site's normalisation layers for the next rounds."""
+    """After local training in ``server_round``: remember this site's normalisation layers of
+    that round, for the next rounds and for a final evaluation of that round's model."""
     if config.keeps_local_normalisation:
         state = model.state_dict()
         kept = {k: state[k].detach().cpu() for k in normalisation_keys(model)}
-        context.state[LOCAL_NORMALISATION] = ArrayRecord(kept)
+        context.state[f"{LOCAL_NORMALISATION}.{server_round}"] = ArrayRecord(kept)
+
+
+def _model_round(msg: Message) -> int | None:
+    """The round of the global model a final evaluation received (``None``: not said, the
+    latest; a value that is not a finite number counts as not said)."""
+    settings: Mapping[str, Any] = keys.config_record(msg.content, keys.CONFIG) or {}
+    try:
+        value = keys.scalar(settings, keys.MODEL_ROUND)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) else None
 
 
 def _restore_local_normalisation(
-    model: torch.nn.Module, context: Context, config: ClientConfig
+    model: torch.nn.Module, context: Context, config: ClientConfig, model_round: int | None
 ) -> None:
     """Replace the received normalisation layers by this site's own (FedBN), once it has
-    trained: every model this site trains or evaluates uses its own statistics."""
-    if config.keeps_local_normalisation and LOCAL_NORMALISATION in context.state:
-        record = context.state[LOCAL_NORMALISATION]
+    trained: those of the latest round it trained in, up to ``model_round`` when the message
+    names the round of its model. The final evaluation of the best round's model thus uses the
+    layers that round's evaluation used, not the last round's (a mix that scored test AUC 0.267
+    where its validation had scored 0.829); before its first training a site keeps the
+    received layers, as its evaluations then did."""
+    if not config.keeps_local_normalisation:
+        return
+    prefix = f"{LOCAL_NORMALISATION}."
+    kept = [
+        int(key[len(prefix) :])
+        for key in context.state
+        if key.startswith(prefix) and key[len(prefix) :].isdigit()
+    ]
+    rounds = [r for r in kept if model_round is None or r <= model_round]
+    if rounds:
+        record = context.state[f"{prefix}{max(rounds)}"]
         assert isinstance(record, ArrayRecord)
         model.load_state_dict(record.to_torch_state_dict(), strict=False)
 

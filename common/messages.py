@@ -34,6 +34,9 @@ PSEUDO_LABELS = "pseudo-labels"
 the site's min-cell-size; ``client.pseudo_labels``)."""
 SITE_NAME = "site-name"
 SERVER_ROUND = "server-round"
+MODEL_ROUND = "model-round"
+"""The round whose global model a final evaluation evaluates (0: the start model): a FedBN site
+uses its own normalisation layers of that round (``client.app``)."""
 NUM_ROUNDS = "num-rounds"
 PROXIMAL_MU = "proximal-mu"
 

@@ -221,6 +221,7 @@ def main(grid: Grid, context: Context) -> None:
             config.round_timeout_s,
             task=task,
             min_cell_size=config.min_cell_size,
+            model_round=selected_round,
         )
         if failed:
             mlflow.set_tag("radfl.final-evaluation-failed", ", ".join(sorted(failed)))

@@ -17,6 +17,7 @@ from logging import WARNING
 import torch
 from flwr.app import (
     ArrayRecord,
+    ConfigRecord,
     MessageType,
     MetricRecord,
     RecordDict,
@@ -80,14 +81,17 @@ def final_evaluation(
     task: Task,
     *,
     min_cell_size: int,
+    model_round: int | None = None,
 ) -> tuple[dict[str, SplitStates], dict[str, str]]:
     """Validation and test states of the final model from every site, and the sites that
     failed (name to reason); the split states are the run's ``task``'s, and every field of a
     reply is checked against it first (``server.boundary.check_final``). Cells holding fewer than
     ``min_cell_size`` patients are dropped on arrival whatever the site sent
-    (:func:`drop_small_cells`)."""
+    (:func:`drop_small_cells`). ``model_round`` is the round of ``state`` (FedBN sites use
+    their own normalisation layers of that round)."""
     record = ArrayRecord(dict(state))  # one copy shared by every message, not one per site
-    content = {node: RecordDict({keys.ARRAYS: record}) for node in sites}
+    said = ConfigRecord({} if model_round is None else {keys.MODEL_ROUND: int(model_round)})
+    content = {node: RecordDict({keys.ARRAYS: record, keys.CONFIG: said}) for node in sites}
     replies = send(grid, content, f"{MessageType.EVALUATE}.{keys.FINAL_EVALUATION}", timeout)
     splits = {split: SplitStates(num_classes, task) for split in SPLITS}
     failed: dict[str, str] = {}

@@ -100,6 +100,25 @@ def test_final_evaluation_collects_splits_cells_and_suppression_and_names_failed
     assert splits["test"].suppressed == {"sex=O": ["a", "b"]}
 
 
+@pytest.mark.parametrize("model_round", [None, 0, 15])
+def test_the_final_evaluation_names_the_round_of_its_model(model_round):
+    # FedBN sites evaluate the best round's model with their layers of that round (client.app).
+    grid = FakeGrid([1, 2], lambda node, message: _final_reply(f"site-{node}", node))
+    final.final_evaluation(
+        grid,
+        _sites("a", "b"),
+        {"w": torch.zeros(2)},
+        2,
+        timeout=5,
+        min_cell_size=10,
+        task=TASK,
+        model_round=model_round,
+    )
+    for message in grid.sent:
+        said = dict(message.content["config"])
+        assert said == ({} if model_round is None else {"model-round": model_round})
+
+
 def test_a_malformed_final_reply_drops_that_site_with_the_reason():
     def handler(node, message):
         reply = _final_reply(f"s{node}", node)
