@@ -20,7 +20,7 @@ from common.errors import ConfigError
 from common.evaluation import THRESHOLD_METHODS
 from common.subgroups import SubgroupSpec
 from common.tasks import task_class
-from common.tasks.base import ModelConfig, Normalisation
+from common.tasks.base import ModelConfig
 
 ConfigT = TypeVar("ConfigT")
 
@@ -108,12 +108,7 @@ class ServerConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        return _project(self, ModelConfig)
-
-    @property
-    def normalisation(self) -> Normalisation:
-        """The sites' network has GroupNorm where DP needs it, BatchNorm otherwise."""
-        return "group" if self.private_network else "batch"
+        return ModelConfig.of_run(self)
 
     @property
     def update_private(self) -> bool:
@@ -271,12 +266,7 @@ class ClientConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        return _project(self, ModelConfig)
-
-    @property
-    def normalisation(self) -> Normalisation:
-        """The sites' network has GroupNorm where DP needs it, BatchNorm otherwise."""
-        return "group" if self.private_network else "batch"
+        return ModelConfig.of_run(self)
 
     @property
     def private(self) -> bool:
@@ -447,10 +437,6 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"run-config key {key} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config field type {annotation!r} for {key}")
-
-
-def _project(config: Any, cls: type[ConfigT]) -> ConfigT:
-    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -282,7 +282,7 @@ def model_metadata(
         "image_size": config.image_size,
         "num_classes": config.num_classes,
         # GroupNorm where the run trained with DP (common.privacy.private_model)
-        "normalisation": config.normalisation,
+        "normalisation": config.model_config.normalisation,
         "class_names": [str(k) for k in range(config.num_classes)],
         "ct_window_hu": list(DEFAULT_CT_WINDOW_HU),
         "percentiles": list(PERCENTILES),

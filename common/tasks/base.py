@@ -53,6 +53,14 @@ class ModelConfig:
     normalisation: Normalisation = "batch"
 
     @classmethod
+    def of_run(cls, config: Any) -> ModelConfig:
+        """The network an app's run config (``common.config``) builds: GroupNorm in BatchNorm's
+        place where DP needs it (its ``private_network``)."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "normalisation"]
+        normalisation: Normalisation = "group" if config.private_network else "batch"
+        return cls(**{name: getattr(config, name) for name in names}, normalisation=normalisation)
+
+    @classmethod
     def of_model(cls, metadata: Mapping[str, Any]) -> ModelConfig:
         """The network a logged model's RadFL metadata (``server.tracking.model_metadata``)
         describes; a model logged before ``normalisation`` was recorded has BatchNorm."""
