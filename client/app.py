@@ -263,7 +263,7 @@ def _restore_local_normalisation(
     trained: those of the latest round it trained in, up to ``model_round`` when the message
     names the round of its model. The final evaluation of the best round's model thus uses the
     layers that round's evaluation used, not the last round's (a mix that scored test AUC 0.267
-    where its validation had scored 0.829); before its first training a site keeps the
+    where its validation had scored 0.831); before its first training a site keeps the
     received layers, as its evaluations then did."""
     if not config.keeps_local_normalisation:
         return
