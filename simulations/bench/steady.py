@@ -8,7 +8,9 @@ same sites, seed and sample budget (the ``gpu`` profile: the default run of
 - the pooled validation AUC of every round (federated) and every block of ``local-epochs``
   epochs (centralized), written long to ``steady_rounds.csv``;
 - the largest drop of that curve below its running best after round ``steady_after_round``
-  (the best so far includes the earlier rounds);
+  (the best so far includes the earlier rounds), and the same for the mean of the sites' own
+  validation AUCs per round (federated): the pooled AUC also moves with how a model ranks the
+  hospitals, whose prevalences differ;
 - the final test AUC of both runs with their intervals, their ratio, and each site's test AUC
   (the pooled AUC partly rewards telling the hospitals apart, whose prevalence differs).
 
@@ -94,11 +96,20 @@ def curve(run: RunResult, name: str) -> list[tuple[int, float]]:
     return sorted((int(m.step), float(m.value)) for m in history)
 
 
+def mean_curve(run: RunResult, names: Sequence[str]) -> list[tuple[int, float]]:
+    """(round, mean of the metrics ``names``) over the rounds where every one was logged."""
+    curves = [dict(curve(run, name)) for name in names]
+    rounds = set.intersection(*(set(c) for c in curves)) if curves else set()
+    return [(r, sum(c[r] for c in curves) / len(curves)) for r in sorted(rounds)]
+
+
 def seed_row(
     profile: Profile, seed: int, federated: RunResult, centralized: RunResult, metric: str
 ) -> dict[str, Any]:
     after = profile.steady_after_round
     fed_drop, fed_at = largest_drop(curve(federated, f"pooled/{metric}"), after)
+    sites = [f"site/site-{site}/{metric}" for site in range(profile.sites)]
+    per_hospital_drop, _ = largest_drop(mean_curve(federated, sites), after)
     central_drop, _ = largest_drop(curve(centralized, f"pooled/{metric}"), after)
     fed_test = federated.metrics.get(f"test/{metric}", math.nan)
     central_test = centralized.metrics.get(f"test/{metric}", math.nan)
@@ -108,6 +119,7 @@ def seed_row(
         f"max_drop_after_round_{after}": fed_drop,
         "drop_round": fed_at,
         f"central_max_drop_after_round_{after}": central_drop,
+        f"per_hospital_max_drop_after_round_{after}": per_hospital_drop,
         "fed_test": fed_test,
         "fed_test_low": federated.metrics.get(f"test/{metric}-low", math.nan),
         "fed_test_high": federated.metrics.get(f"test/{metric}-high", math.nan),

@@ -72,6 +72,16 @@ def test_steady_part_reads_the_drop_and_the_ratio_from_the_runs_mlflow_metrics(
     values = np.array([m.value for m in history])
     falls = np.maximum.accumulate(values)[:-1] - values[1:]
     assert row["max_drop_after_round_0"] == pytest.approx(max(0.0, float(falls.max())))
+    # The same rule on the mean of the sites' own validation AUCs, each round.
+    sites = [
+        [m.value for m in sorted(client.get_metric_history(row["fed_run_id"], f"site/site-{s}/auc"),
+                                 key=lambda m: m.step)]
+        for s in (0, 1)
+    ]  # fmt: skip
+    mean = np.mean(sites, axis=0)
+    assert len(mean) == 3 and np.isfinite(mean).all()
+    falls = np.maximum.accumulate(mean)[:-1] - mean[1:]
+    assert row["per_hospital_max_drop_after_round_0"] == pytest.approx(max(0.0, float(falls.max())))
 
     fed_test = federated.data.metrics["test/auc"]
     central_test = centralized.data.metrics["test/auc"]
